@@ -1,0 +1,25 @@
+"""latentattn: DeepSeek's Multi-head Latent Attention (MLA), MHA/GQA/MQA baselines and their caches."""
+
+from latentattn.attention import GQAAttention, MLA, build_attention, choose_mla_path, mla_path_flops
+from latentattn.cache import KVCache, LatentCache
+from latentattn.config import GQAConfig, MLAConfig, RopeConfig, YarnConfig
+from latentattn.layers import RMSNorm
+from latentattn.rope import RotaryEmbedding
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MLA",
+    "GQAAttention",
+    "GQAConfig",
+    "KVCache",
+    "LatentCache",
+    "MLAConfig",
+    "RMSNorm",
+    "RopeConfig",
+    "RotaryEmbedding",
+    "YarnConfig",
+    "build_attention",
+    "choose_mla_path",
+    "mla_path_flops",
+]

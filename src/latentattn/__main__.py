@@ -1,0 +1,3 @@
+from latentattn.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,272 @@
+"""MLA (naive | absorbed) and the MHA/GQA/MQA family behind one call signature.
+
+    layer(x, cache=None, *, n_new=None, mode="auto") -> y
+
+x, y: [B, T, d]. Without a cache the T tokens sit at positions 0..T-1 under a causal mask (training,
+a fresh prompt). With a cache, sequence b's tokens sit at `cache.lengths[b] + t`, are appended to the
+cache, and attend to everything cached before them (decode, chunked prefill, ragged batches);
+`n_new[b]` marks how many of the T tokens of sequence b are real (right padding after them).
+
+Notation: B batch, T new tokens, S keys (cached + new), H heads, C kv_lora_rank (d_c),
+R qk_rope_head_dim (d_h^R), N qk_nope_head_dim (d_h), V v_head_dim, G kv heads, D head_dim.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from latentattn.cache import KVCache, LatentCache
+from latentattn.config import AttentionConfig, GQAConfig, MLAConfig
+from latentattn.layers import RMSNorm, fp32_or_wider
+from latentattn.rope import RotaryEmbedding
+
+Mode = Literal["auto", "naive", "absorbed"]
+MODES: tuple[Mode, ...] = ("auto", "naive", "absorbed")
+
+
+def mla_path_flops(config: MLAConfig, n_queries: int, n_keys: int) -> dict[str, int]:
+    """Multiply-add FLOPs of each MLA path for T queries over S keys (per layer, projections excluded).
+
+    naive:    2·H·(N + R + V) per query·key pair, plus decompressing every key: 2·C·H·(N + V) per key.
+    absorbed: 2·H·(2C + R) per pair, plus folding W_UK into each query and W_UV into each output:
+              2·C·H·(N + V) per query.
+    """
+    h, c, r = config.n_heads, config.kv_lora_rank, config.qk_rope_head_dim
+    n, v = config.qk_nope_head_dim, config.v_head_dim
+    pairs = n_queries * n_keys
+    fold = 2 * c * h * (n + v)
+    return {
+        "naive": 2 * h * (n + r + v) * pairs + fold * n_keys,
+        "absorbed": 2 * h * (2 * c + r) * pairs + fold * n_queries,
+    }
+
+
+def choose_mla_path(config: MLAConfig, mode: Mode, n_queries: int, n_keys: int, cached: bool) -> str:
+    """The path `mode` asks for; `auto` takes naive without a cache, else whichever costs fewer FLOPs.
+
+    Decode (T = 1 over a long prefix) and short chunks go absorbed; fresh prompts go naive. The
+    crossover is near T ≈ 170 new tokens for DeepSeek-V2/V3's shapes over a long prefix.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown attention mode {mode!r}; choose one of {', '.join(MODES)}")
+    if mode != "auto":
+        return mode
+    if not cached:
+        return "naive"
+    flops = mla_path_flops(config, n_queries, n_keys)
+    return "absorbed" if flops["absorbed"] < flops["naive"] else "naive"
+
+
+def _check_input(x: Tensor, d_model: int, name: str) -> None:
+    if x.dim() != 3 or x.shape[-1] != d_model:
+        raise ValueError(f"{name} expects x of shape [batch, tokens, d_model={d_model}], got {tuple(x.shape)}")
+    if x.shape[1] == 0:
+        raise ValueError(f"{name} got zero tokens (x has shape {tuple(x.shape)})")
+
+
+def _positions(x: Tensor, cache: LatentCache | KVCache | None, n_new: Tensor | None) -> Tensor:
+    """Token positions `[B, T]`: from the cache's per-sequence lengths, else 0..T-1."""
+    batch, n_tokens = x.shape[:2]
+    if cache is None:
+        if n_new is not None:
+            raise ValueError("n_new (right padding per sequence) needs a cache; without one the mask is causal")
+        return torch.arange(n_tokens, device=x.device).expand(batch, n_tokens)
+    return cache.positions(n_tokens)
+
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention, DeepSeek-V2/V3 numerics.
+
+    Weights, named after the paper (HF names in `latentattn.hf`):
+        w_q  [H·(N+R), d]            W_Q, when q_lora_rank is None; else
+        w_dq [d'_c, d], q_norm, w_uq [H·(N+R), d'_c]   W_DQ, RMSNorm on c_Q, W_UQ
+        w_dkv [C + R, d]             W_DKV stacked with W_KR (the decoupled RoPE key, shared by all heads)
+        kv_norm                      RMSNorm on c_KV only
+        w_ukv [H·(N+V), C]           W_UK and W_UV, per head laid out as [k_nope | v]
+        w_o  [d, H·V]                W_O
+    """
+
+    def __init__(
+        self,
+        config: MLAConfig,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = c = config
+        factory = {"device": device, "dtype": dtype, "bias": False}
+        q_width = c.n_heads * c.qk_head_dim
+        if c.q_lora_rank is None:
+            self.w_q = nn.Linear(c.d_model, q_width, **factory)
+        else:
+            self.w_dq = nn.Linear(c.d_model, c.q_lora_rank, **factory)
+            self.q_norm = RMSNorm(c.q_lora_rank, c.norm_eps, device=device, dtype=dtype)
+            self.w_uq = nn.Linear(c.q_lora_rank, q_width, **factory)
+        self.w_dkv = nn.Linear(c.d_model, c.cache_width, **factory)
+        self.kv_norm = RMSNorm(c.kv_lora_rank, c.norm_eps, device=device, dtype=dtype)
+        self.w_ukv = nn.Linear(c.kv_lora_rank, c.n_heads * (c.qk_nope_head_dim + c.v_head_dim), **factory)
+        self.w_o = nn.Linear(c.n_heads * c.v_head_dim, c.d_model, **factory)
+        self.rope = RotaryEmbedding(c.qk_rope_head_dim, c.rope, device=device)
+
+    def new_cache(self, batch_size: int, max_len: int) -> LatentCache:
+        """An empty latent cache on this layer's device, in its dtype."""
+        weight = self.w_dkv.weight
+        return LatentCache(self.config, batch_size, max_len, device=weight.device, dtype=weight.dtype)
+
+    def forward(
+        self,
+        x: Tensor,
+        cache: LatentCache | None = None,
+        *,
+        n_new: Tensor | None = None,
+        mode: Mode = "auto",
+    ) -> Tensor:
+        """x: [B, T, d] → [B, T, d]; see the module docstring for the cache protocol."""
+        _check_input(x, self.config.d_model, "MLA")
+        if cache is not None and not isinstance(cache, LatentCache):
+            raise ValueError(f"MLA needs a LatentCache, got {type(cache).__name__}")
+        positions = _positions(x, cache, n_new)
+        q_nope, q_pe = self.queries(x, positions)
+        latent = self.latent(x, positions)
+        kv, mask = (latent, None) if cache is None else cache.update(latent, n_new)
+        path = choose_mla_path(self.config, mode, x.shape[1], kv.shape[1], cached=cache is not None)
+        attend = self.attend_naive if path == "naive" else self.attend_absorbed
+        o = attend(q_nope, q_pe, kv, mask)  # [B, T, H, V]
+        return self.w_o(o.flatten(2))
+
+    def queries(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """`q_nope: [B, T, H, N]` and RoPE'd `q_pe: [B, T, H, R]`."""
+        c = self.config
+        q = self.w_q(x) if c.q_lora_rank is None else self.w_uq(self.q_norm(self.w_dq(x)))
+        q = q.view(*x.shape[:2], c.n_heads, c.qk_head_dim)  # [B, T, H, N + R]
+        q_nope, q_pe = q.split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
+        return q_nope, self.rope(q_pe, positions)
+
+    def latent(self, x: Tensor, positions: Tensor) -> Tensor:
+        """What the cache stores: `[RMSNorm(c_KV) | RoPE(k_pe)]`, shape [B, T, C + R]."""
+        c_kv, k_pe = self.w_dkv(x).split([self.config.kv_lora_rank, self.config.qk_rope_head_dim], dim=-1)
+        k_pe = self.rope(k_pe[:, :, None, :], positions)[:, :, 0, :]  # one RoPE key for all heads
+        return torch.cat([self.kv_norm(c_kv), k_pe], dim=-1)
+
+    def attend_naive(self, q_nope: Tensor, q_pe: Tensor, kv: Tensor, mask: Tensor | None) -> Tensor:
+        """Decompress per-head K/V from the latent `kv: [B, S, C + R]` and run SDPA → [B, T, H, V]."""
+        c = self.config
+        batch, n_keys = kv.shape[:2]
+        c_kv, k_pe = kv.split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
+        kv_up = self.w_ukv(c_kv).view(batch, n_keys, c.n_heads, -1)  # [B, S, H, N + V]
+        k_nope, v = kv_up.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
+        k_pe = k_pe[:, :, None, :].expand(-1, -1, c.n_heads, -1)  # [B, S, H, R]
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B, H, T, N + R]
+        k = torch.cat([k_nope, k_pe], dim=-1).transpose(1, 2)  # [B, H, S, N + R]
+        o = F.scaled_dot_product_attention(
+            q,
+            k,
+            v.transpose(1, 2),
+            attn_mask=None if mask is None else mask[:, None],
+            is_causal=mask is None,
+            scale=c.softmax_scale,
+        )
+        return o.transpose(1, 2)  # [B, T, H, V]
+
+    def attend_absorbed(self, q_nope: Tensor, q_pe: Tensor, kv: Tensor, mask: Tensor | None) -> Tensor:
+        """Attend in latent space: MQA with one (C + R)-wide key per token whose value is c_KV.
+
+        `q_lat = q_nope · W_UK` per head; scores are `[q_lat | q_pe] · [c_KV | k_pe]` — one GEMM of
+        [B, T·H, C + R] against the cache [B, S, C + R]; `o = (softmax · c_KV) · W_UV` per head.
+        """
+        c = self.config
+        batch, n_tokens, heads = q_nope.shape[:3]
+        n_keys = kv.shape[1]
+        w_ukv = self.w_ukv.weight.view(heads, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
+        w_uk, w_uv = w_ukv.split([c.qk_nope_head_dim, c.v_head_dim], dim=1)  # [H, N, C], [H, V, C]
+        q_lat = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)  # [B, T, H, C]
+        q = torch.cat([q_lat, q_pe], dim=-1).view(batch, n_tokens * heads, c.cache_width)
+        scores = torch.matmul(q, kv.transpose(1, 2))  # [B, T·H, S]
+        scores = scores.to(fp32_or_wider(kv.dtype)).view(batch, n_tokens, heads, n_keys) * c.softmax_scale
+        if mask is None:
+            mask = torch.ones(n_tokens, n_keys, dtype=torch.bool, device=kv.device).tril(n_keys - n_tokens)[None]
+        scores = scores.masked_fill(~mask[:, :, None, :], float("-inf"))
+        probs = scores.softmax(dim=-1).to(kv.dtype).view(batch, n_tokens * heads, n_keys)
+        o_lat = torch.matmul(probs, kv[..., : c.kv_lora_rank]).view(batch, n_tokens, heads, -1)  # [B, T, H, C]
+        return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # [B, T, H, V]
+
+
+class GQAAttention(nn.Module):
+    """Grouped-query attention with RoPE: MHA (G = H), GQA (1 < G < H) or MQA (G = 1).
+
+    Weights: w_q [H·D, d], w_k [G·D, d], w_v [G·D, d], w_o [d, H·D]. The cache holds RoPE'd K and V.
+    """
+
+    def __init__(
+        self,
+        config: GQAConfig,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = c = config
+        factory = {"device": device, "dtype": dtype, "bias": False}
+        self.w_q = nn.Linear(c.d_model, c.n_heads * c.head_dim, **factory)
+        self.w_k = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, **factory)
+        self.w_v = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, **factory)
+        self.w_o = nn.Linear(c.n_heads * c.head_dim, c.d_model, **factory)
+        self.rope = RotaryEmbedding(c.head_dim, c.rope, device=device)
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty K/V cache on this layer's device, in its dtype."""
+        weight = self.w_k.weight
+        return KVCache(self.config, batch_size, max_len, device=weight.device, dtype=weight.dtype)
+
+    def forward(
+        self,
+        x: Tensor,
+        cache: KVCache | None = None,
+        *,
+        n_new: Tensor | None = None,
+        mode: Mode = "auto",
+    ) -> Tensor:
+        """x: [B, T, d] → [B, T, d]. One execution path: `mode` may be "auto" or "naive"."""
+        c = self.config
+        _check_input(x, c.d_model, c.kind.upper())
+        if mode not in ("auto", "naive"):
+            raise ValueError(f"{c.kind.upper()} has one execution path; mode must be 'auto' or 'naive', not {mode!r}")
+        if cache is not None and not isinstance(cache, KVCache):
+            raise ValueError(f"{c.kind.upper()} needs a KVCache, got {type(cache).__name__}")
+        batch, n_tokens = x.shape[:2]
+        positions = _positions(x, cache, n_new)
+        q = self.rope(self.w_q(x).view(batch, n_tokens, c.n_heads, c.head_dim), positions)  # [B, T, H, D]
+        k = self.rope(self.w_k(x).view(batch, n_tokens, c.n_kv_heads, c.head_dim), positions)  # [B, T, G, D]
+        v = self.w_v(x).view(batch, n_tokens, c.n_kv_heads, c.head_dim)
+        mask = None
+        if cache is not None:
+            k, v, mask = cache.update(k, v, n_new)  # [B, S, G, D] each, mask [B, T, S]
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=None if mask is None else mask[:, None],
+            is_causal=mask is None,
+            scale=c.softmax_scale,
+            enable_gqa=c.n_kv_heads != c.n_heads,
+        )  # [B, H, T, D]
+        return self.w_o(o.transpose(1, 2).flatten(2))
+
+
+def build_attention(
+    config: AttentionConfig,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> MLA | GQAAttention:
+    """The layer for `config`: `MLA` for an `MLAConfig`, `GQAAttention` for a `GQAConfig`."""
+    if isinstance(config, MLAConfig):
+        return MLA(config, device=device, dtype=dtype)
+    if isinstance(config, GQAConfig):
+        return GQAAttention(config, device=device, dtype=dtype)
+    raise TypeError(f"build_attention takes an MLAConfig or a GQAConfig, got {type(config).__name__}")

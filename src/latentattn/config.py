@@ -1,0 +1,189 @@
+"""Typed, frozen configs for the attention layers.
+
+Paper symbols (DeepSeek-V2 §2.1) next to the field names used here and in HF configs:
+
+    d      d_model            hidden_size
+    n_h    n_heads            num_attention_heads
+    d'_c   q_lora_rank        q_lora_rank (None: plain query projection W_Q)
+    d_c    kv_lora_rank       kv_lora_rank
+    d_h    qk_nope_head_dim   qk_nope_head_dim   (content part of q/k)
+    d_h^R  qk_rope_head_dim   qk_rope_head_dim   (decoupled RoPE part, one key shared by all heads)
+    d_v    v_head_dim         v_head_dim
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+AttentionKind = Literal["mha", "gqa", "mqa", "mla"]
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _positive(owner: str, **fields: int | float) -> None:
+    for name, value in fields.items():
+        _require(value > 0, f"{owner}.{name} must be positive, got {value!r}")
+
+
+def yarn_mscale(factor: float, m: float) -> float:
+    """YaRN's attention temperature `0.1·m·ln(factor) + 1` (1 when not extending)."""
+    return 1.0 if factor <= 1.0 else 0.1 * m * math.log(factor) + 1.0
+
+
+@dataclass(frozen=True)
+class YarnConfig:
+    """YaRN context extension (Peng et al. 2023) as DeepSeek-V2/V3 configure it.
+
+    `mscale_all_dim` sets the softmax-scale factor `mscale²`; `mscale / mscale_all_dim` scales cos/sin
+    (1 for DeepSeek, where both are equal). With `mscale_all_dim == 0`, plain YaRN: cos/sin are scaled
+    by `yarn_mscale(factor, 1)` and the softmax scale is left alone (HF's rule).
+    """
+
+    factor: float
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 1.0
+    truncate: bool = True
+
+    def __post_init__(self) -> None:
+        _positive("YarnConfig", factor=self.factor, beta_fast=self.beta_fast, beta_slow=self.beta_slow)
+        _positive("YarnConfig", original_max_position_embeddings=self.original_max_position_embeddings)
+        _require(
+            self.beta_fast > self.beta_slow,
+            f"YarnConfig.beta_fast ({self.beta_fast}) must exceed beta_slow ({self.beta_slow})",
+        )
+
+    @property
+    def softmax_factor(self) -> float:
+        """Multiplier of the softmax scale: `mscale(factor, mscale_all_dim)²`, or 1."""
+        if self.mscale and self.mscale_all_dim:
+            return yarn_mscale(self.factor, self.mscale_all_dim) ** 2
+        return 1.0
+
+    @property
+    def rope_amplitude(self) -> float:
+        """Multiplier of cos/sin (HF's `attention_factor`)."""
+        if self.mscale and self.mscale_all_dim:
+            return yarn_mscale(self.factor, self.mscale) / yarn_mscale(self.factor, self.mscale_all_dim)
+        return yarn_mscale(self.factor, 1.0)
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary position embedding.
+
+    `interleave=True` rotates adjacent pairs (x0, x1), (x2, x3), … as DeepSeek's reference does;
+    `False` rotates the two halves (x_i, x_{i+d/2}) as Llama/HF `rotate_half` does. Queries and cached
+    keys always share one convention, so scores match either reference on the same weights.
+    """
+
+    theta: float = 10000.0
+    interleave: bool = True
+    yarn: YarnConfig | None = None
+
+    def __post_init__(self) -> None:
+        _positive("RopeConfig", theta=self.theta)
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head Latent Attention (DeepSeek-V2 §2.1.2-2.1.3). Defaults: DeepSeek-V2-Lite's layer."""
+
+    d_model: int = 2048
+    n_heads: int = 16
+    kv_lora_rank: int = 512
+    q_lora_rank: int | None = None
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _positive(
+            "MLAConfig",
+            d_model=self.d_model,
+            n_heads=self.n_heads,
+            kv_lora_rank=self.kv_lora_rank,
+            qk_nope_head_dim=self.qk_nope_head_dim,
+            qk_rope_head_dim=self.qk_rope_head_dim,
+            v_head_dim=self.v_head_dim,
+            norm_eps=self.norm_eps,
+        )
+        if self.q_lora_rank is not None:
+            _positive("MLAConfig", q_lora_rank=self.q_lora_rank)
+        _require(
+            self.qk_rope_head_dim % 2 == 0,
+            f"MLAConfig.qk_rope_head_dim must be even for RoPE, got {self.qk_rope_head_dim}",
+        )
+
+    @property
+    def kind(self) -> AttentionKind:
+        return "mla"
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Query/key width per head in the naive path: d_h + d_h^R (192 in DeepSeek-V2)."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def cache_width(self) -> int:
+        """Cached numbers per token per layer: d_c + d_h^R (576 in DeepSeek-V2)."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        """`(d_h + d_h^R)^-0.5`, times YaRN's `mscale²` when context extension is on."""
+        factor = self.rope.yarn.softmax_factor if self.rope.yarn else 1.0
+        return self.qk_head_dim**-0.5 * factor
+
+
+@dataclass(frozen=True)
+class GQAConfig:
+    """Grouped-query attention: MHA when `n_kv_heads == n_heads`, MQA when `n_kv_heads == 1`."""
+
+    d_model: int = 2048
+    n_heads: int = 16
+    n_kv_heads: int = 16
+    head_dim: int = 128
+    rope: RopeConfig = field(default_factory=lambda: RopeConfig(interleave=False))
+
+    def __post_init__(self) -> None:
+        _positive(
+            "GQAConfig",
+            d_model=self.d_model,
+            n_heads=self.n_heads,
+            n_kv_heads=self.n_kv_heads,
+            head_dim=self.head_dim,
+        )
+        _require(
+            self.n_heads % self.n_kv_heads == 0,
+            f"GQAConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})",
+        )
+        _require(self.head_dim % 2 == 0, f"GQAConfig.head_dim must be even for RoPE, got {self.head_dim}")
+
+    @property
+    def kind(self) -> AttentionKind:
+        if self.n_kv_heads == self.n_heads:
+            return "mha"
+        return "mqa" if self.n_kv_heads == 1 else "gqa"
+
+    @property
+    def cache_width(self) -> int:
+        """Cached numbers per token per layer: 2·n_kv_heads·head_dim (K and V)."""
+        return 2 * self.n_kv_heads * self.head_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        factor = self.rope.yarn.softmax_factor if self.rope.yarn else 1.0
+        return self.head_dim**-0.5 * factor
+
+
+AttentionConfig = MLAConfig | GQAConfig

@@ -1,0 +1,74 @@
+"""Rotary position embedding (RoPE) with optional YaRN context extension.
+
+Notation: B batch, T tokens, H heads, R rotary width (even). Angles, cos/sin and the rotation itself
+are computed in fp32 (fp64 for fp64 inputs) and cast back to the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from latentattn.config import RopeConfig, YarnConfig
+from latentattn.layers import fp32_or_wider
+
+
+def _yarn_correction_dim(rotations: float, dim: int, theta: float, original_length: int) -> float:
+    """Rotary dimension index whose wavelength fits `rotations` times into `original_length`."""
+    return dim * math.log(original_length / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+
+def rope_inv_freq(dim: int, theta: float, yarn: YarnConfig | None = None) -> Tensor:
+    """Inverse frequencies `theta^(-2i/dim)`, i < dim/2, in fp32; YaRN-blended when `yarn` is given.
+
+    YaRN keeps the high frequencies (dims below the correction range computed from `beta_fast`),
+    divides the low ones by `factor` (dims above the range from `beta_slow`), and ramps linearly
+    between, the range computed from the *original* pre-training context length.
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    if yarn is None:
+        return inv_freq.float()
+    low = _yarn_correction_dim(yarn.beta_fast, dim, theta, yarn.original_max_position_embeddings)
+    high = _yarn_correction_dim(yarn.beta_slow, dim, theta, yarn.original_max_position_embeddings)
+    if yarn.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    # ramp 0 → keep the original frequency (extrapolate); ramp 1 → interpolate by `factor`.
+    return (inv_freq * (1 - ramp) + inv_freq / yarn.factor * ramp).float()
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotates the last dimension of `x: [B, T, H, R]` by angles `positions[b, t] · inv_freq`."""
+
+    inv_freq: Tensor
+
+    def __init__(self, dim: int, config: RopeConfig, *, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.dim = dim
+        self.interleave = config.interleave
+        self.amplitude = config.yarn.rope_amplitude if config.yarn else 1.0
+        freqs = rope_inv_freq(dim, config.theta, config.yarn).to(device)
+        self.register_buffer("inv_freq", freqs, persistent=False)
+
+    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+        """x: [B, T, H, R]; positions: [B, T] integer token positions. Returns x rotated, same dtype."""
+        compute_dtype = fp32_or_wider(x.dtype)
+        angles = positions.to(compute_dtype)[..., None] * self.inv_freq.to(compute_dtype)  # [B, T, R/2]
+        cos = (angles.cos() * self.amplitude)[:, :, None, :]  # [B, T, 1, R/2]
+        sin = (angles.sin() * self.amplitude)[:, :, None, :]
+        xf = x.to(compute_dtype)
+        if self.interleave:
+            x1, x2 = xf[..., 0::2], xf[..., 1::2]
+            rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+        else:
+            x1, x2 = xf.chunk(2, dim=-1)
+            rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return rotated.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, interleave={self.interleave}, amplitude={self.amplitude:.4f}"
