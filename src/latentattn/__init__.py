@@ -1,6 +1,6 @@
 """latentattn: DeepSeek's Multi-head Latent Attention (MLA), MHA/GQA/MQA baselines and their caches."""
 
-from latentattn.attention import GQAAttention, MLA, build_attention, choose_mla_path, mla_path_flops
+from latentattn.attention import MLA, GQAAttention, build_attention, choose_mla_path, mla_path_flops
 from latentattn.cache import KVCache, LatentCache
 from latentattn.config import GQAConfig, MLAConfig, RopeConfig, YarnConfig
 from latentattn.layers import RMSNorm

@@ -63,7 +63,9 @@ def choose_mla_path(config: MLAConfig, mode: Mode, n_queries: int, n_keys: int, 
 
 def _check_input(x: Tensor, d_model: int, name: str) -> None:
     if x.dim() != 3 or x.shape[-1] != d_model:
-        raise ValueError(f"{name} expects x of shape [batch, tokens, d_model={d_model}], got {tuple(x.shape)}")
+        raise ValueError(
+            f"{name} expects x of shape [batch, tokens, d_model={d_model}], got {tuple(x.shape)}"
+        )
     if x.shape[1] == 0:
         raise ValueError(f"{name} got zero tokens (x has shape {tuple(x.shape)})")
 
@@ -73,7 +75,9 @@ def _positions(x: Tensor, cache: LatentCache | KVCache | None, n_new: Tensor | N
     batch, n_tokens = x.shape[:2]
     if cache is None:
         if n_new is not None:
-            raise ValueError("n_new (right padding per sequence) needs a cache; without one the mask is causal")
+            raise ValueError(
+                "n_new (right padding per sequence) needs a cache; without one the mask is causal"
+            )
         return torch.arange(n_tokens, device=x.device).expand(batch, n_tokens)
     return cache.positions(n_tokens)
 
@@ -189,10 +193,14 @@ class MLA(nn.Module):
         scores = torch.matmul(q, kv.transpose(1, 2))  # [B, T·H, S]
         scores = scores.to(fp32_or_wider(kv.dtype)).view(batch, n_tokens, heads, n_keys) * c.softmax_scale
         if mask is None:
-            mask = torch.ones(n_tokens, n_keys, dtype=torch.bool, device=kv.device).tril(n_keys - n_tokens)[None]
+            mask = torch.ones(n_tokens, n_keys, dtype=torch.bool, device=kv.device).tril(n_keys - n_tokens)[
+                None
+            ]
         scores = scores.masked_fill(~mask[:, :, None, :], float("-inf"))
         probs = scores.softmax(dim=-1).to(kv.dtype).view(batch, n_tokens * heads, n_keys)
-        o_lat = torch.matmul(probs, kv[..., : c.kv_lora_rank]).view(batch, n_tokens, heads, -1)  # [B, T, H, C]
+        o_lat = torch.matmul(probs, kv[..., : c.kv_lora_rank]).view(
+            batch, n_tokens, heads, -1
+        )  # [B, T, H, C]
         return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # [B, T, H, V]
 
 
@@ -235,7 +243,9 @@ class GQAAttention(nn.Module):
         c = self.config
         _check_input(x, c.d_model, c.kind.upper())
         if mode not in ("auto", "naive"):
-            raise ValueError(f"{c.kind.upper()} has one execution path; mode must be 'auto' or 'naive', not {mode!r}")
+            raise ValueError(
+                f"{c.kind.upper()} has one execution path; mode must be 'auto' or 'naive', not {mode!r}"
+            )
         if cache is not None and not isinstance(cache, KVCache):
             raise ValueError(f"{c.kind.upper()} needs a KVCache, got {type(cache).__name__}")
         batch, n_tokens = x.shape[:2]

@@ -115,10 +115,14 @@ class _PreallocatedCache:
                 f"[batch={expected[0]}, new_tokens, {', '.join(map(str, expected[2:]))}]"
             )
         if value.dtype != buffer.dtype:
-            raise ValueError(f"{type(self).__name__}: '{name}' is {value.dtype}, the cache holds {buffer.dtype}")
+            raise ValueError(
+                f"{type(self).__name__}: new '{name}' entries are {value.dtype} but the cache holds "
+                f"{buffer.dtype} (build it with the layer's new_cache())"
+            )
         if value.device != buffer.device:
             raise ValueError(
-                f"{type(self).__name__}: '{name}' is on {value.device}, the cache is on {buffer.device}"
+                f"{type(self).__name__}: new '{name}' entries are on {value.device} but the cache is on "
+                f"{buffer.device}"
             )
 
     def _check_n_new(self, n_new: Tensor | None, n_tokens: int) -> Tensor:

@@ -39,9 +39,10 @@ def yarn_mscale(factor: float, m: float) -> float:
 class YarnConfig:
     """YaRN context extension (Peng et al. 2023) as DeepSeek-V2/V3 configure it.
 
-    `mscale_all_dim` sets the softmax-scale factor `mscale²`; `mscale / mscale_all_dim` scales cos/sin
-    (1 for DeepSeek, where both are equal). With `mscale_all_dim == 0`, plain YaRN: cos/sin are scaled
-    by `yarn_mscale(factor, 1)` and the softmax scale is left alone (HF's rule).
+    The softmax scale is multiplied by `yarn_mscale(factor, mscale_all_dim)²` (by 1 when
+    `mscale_all_dim` is 0). cos/sin are multiplied by `yarn_mscale(factor, mscale) /
+    yarn_mscale(factor, mscale_all_dim)` when both are set (1 for DeepSeek, where they are equal),
+    else by plain YaRN's `yarn_mscale(factor, 1)` — the rules of DeepSeek's and HF's code.
     """
 
     factor: float
@@ -63,9 +64,7 @@ class YarnConfig:
     @property
     def softmax_factor(self) -> float:
         """Multiplier of the softmax scale: `mscale(factor, mscale_all_dim)²`, or 1."""
-        if self.mscale and self.mscale_all_dim:
-            return yarn_mscale(self.factor, self.mscale_all_dim) ** 2
-        return 1.0
+        return yarn_mscale(self.factor, self.mscale_all_dim) ** 2 if self.mscale_all_dim else 1.0
 
     @property
     def rope_amplitude(self) -> float:

@@ -1,0 +1,61 @@
+"""Shared strategies and helpers for the test suite."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import strategies as st
+
+from latentattn import GQAConfig, MLAConfig, RopeConfig, YarnConfig
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual − expected| / max |expected| (computed in fp64)."""
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+def relative_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """‖actual − expected‖₂ / ‖expected‖₂ (computed in fp64)."""
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+yarn_configs = st.one_of(
+    st.none(),
+    st.builds(
+        YarnConfig,
+        factor=st.sampled_from([2.0, 8.0, 40.0]),
+        original_max_position_embeddings=st.sampled_from([8, 64]),
+        mscale=st.sampled_from([0.707, 1.0]),
+        mscale_all_dim=st.sampled_from([0.0, 0.707, 1.0]),
+    ),
+)
+rope_configs = st.builds(
+    RopeConfig, theta=st.sampled_from([10000.0, 500.0]), interleave=st.booleans(), yarn=yarn_configs
+)
+mla_configs = st.builds(
+    MLAConfig,
+    d_model=st.integers(4, 40),
+    n_heads=st.integers(1, 4),
+    kv_lora_rank=st.integers(2, 24),
+    q_lora_rank=st.one_of(st.none(), st.integers(2, 16)),
+    qk_nope_head_dim=st.integers(1, 12),
+    qk_rope_head_dim=st.sampled_from([2, 4, 8]),
+    v_head_dim=st.integers(1, 12),
+    rope=rope_configs,
+)
+
+
+@st.composite
+def gqa_configs(draw) -> GQAConfig:
+    n_kv_heads = draw(st.integers(1, 3))
+    return GQAConfig(
+        d_model=draw(st.integers(4, 40)),
+        n_heads=n_kv_heads * draw(st.integers(1, 3)),
+        n_kv_heads=n_kv_heads,
+        head_dim=draw(st.sampled_from([2, 4, 8, 12])),
+        rope=draw(rope_configs),
+    )
+
+
+attention_configs = st.one_of(mla_configs, gqa_configs())

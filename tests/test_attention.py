@@ -1,0 +1,254 @@
+"""MLA's two paths against each other, caches against full forwards, and errors.
+
+Oracles: the naive path (decompressed K/V, torch SDPA) for the absorbed one; one full causal forward
+without a cache for every cached schedule. Tolerances: fp64 1e-10 and fp32 1e-5, max error relative to
+the output's max; bf16 2e-2 relative L2.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import attention_configs, mla_configs, relative_error, relative_l2
+from latentattn import (
+    MLA,
+    GQAAttention,
+    GQAConfig,
+    LatentCache,
+    MLAConfig,
+    RopeConfig,
+    YarnConfig,
+    build_attention,
+    choose_mla_path,
+)
+
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+SMALL_MLA = MLAConfig(
+    d_model=32,
+    n_heads=4,
+    kv_lora_rank=16,
+    q_lora_rank=12,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=6,
+)
+SMALL = {
+    "mla": SMALL_MLA,
+    "mla-yarn": MLAConfig(
+        d_model=32,
+        n_heads=2,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+        rope=RopeConfig(yarn=YarnConfig(factor=8.0, original_max_position_embeddings=8)),
+    ),
+    "mha": GQAConfig(d_model=32, n_heads=4, n_kv_heads=4, head_dim=8),
+    "gqa": GQAConfig(d_model=32, n_heads=4, n_kv_heads=2, head_dim=8),
+    "mqa": GQAConfig(d_model=32, n_heads=4, n_kv_heads=1, head_dim=8),
+}
+PATHS = {"mla": ["naive", "absorbed", "auto"], "mla-yarn": ["naive", "absorbed", "auto"]}
+
+
+def make_layer(config, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    layer = build_attention(config, dtype=dtype)
+    with torch.no_grad():  # norms start at 1: randomise so RMSNorm weights are exercised
+        for name, param in layer.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5)
+    return layer
+
+
+def layer_modes(name):
+    return PATHS.get(name, ["auto"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(config=mla_configs, batch=st.integers(1, 3), tokens=st.integers(1, 12), data=st.data())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_naive_equals_absorbed_fresh_and_decode(dtype, config, batch, tokens, data):
+    layer = make_layer(config, dtype)
+    x = torch.randn(batch, tokens, config.d_model, dtype=dtype)
+    with torch.no_grad():
+        naive, absorbed = layer(x, mode="naive"), layer(x, mode="absorbed")
+        assert relative_error(absorbed, naive) <= TOLERANCE[dtype]
+        # The same on a decode step over a cached prefix: both paths read one latent cache.
+        prefix = data.draw(st.integers(1, tokens)) if tokens > 1 else 1
+        cache_naive, cache_absorbed = layer.new_cache(batch, tokens + 1), layer.new_cache(batch, tokens + 1)
+        layer(x[:, :prefix], cache_naive, mode="naive")
+        layer(x[:, :prefix], cache_absorbed, mode="naive")
+        step = torch.randn(batch, 1, config.d_model, dtype=dtype)
+        naive, absorbed = layer(step, cache_naive, mode="naive"), layer(step, cache_absorbed, mode="absorbed")
+        assert relative_error(absorbed, naive) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("q_lora_rank", [None, 48])
+@pytest.mark.parametrize(
+    "yarn",
+    [None, YarnConfig(factor=40.0, original_max_position_embeddings=32, mscale=0.707, mscale_all_dim=0.707)],
+)
+def test_bf16_paths_close_to_fp64_truth(q_lora_rank, yarn):
+    """bf16 is ~1e-2 from the truth per path; compare by relative L2, each path against fp64."""
+    config = MLAConfig(
+        d_model=128,
+        n_heads=4,
+        kv_lora_rank=64,
+        q_lora_rank=q_lora_rank,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        rope=RopeConfig(yarn=yarn),
+    )
+    truth_layer = make_layer(config, torch.float64)
+    layer = make_layer(config, torch.bfloat16)
+    layer.load_state_dict(truth_layer.state_dict())
+    x = torch.randn(2, 96, 128, dtype=torch.float64)
+    with torch.no_grad():
+        truth = truth_layer(x)
+        for mode in ("naive", "absorbed"):
+            out = layer(x.bfloat16(), mode=mode)
+            assert out.dtype == torch.bfloat16
+            assert relative_l2(out, truth) <= 2e-2, mode
+        assert relative_l2(layer(x.bfloat16(), mode="absorbed"), layer(x.bfloat16(), mode="naive")) <= 2e-2
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_prefill_then_token_by_token_decode_equals_full_forward(name):
+    config = SMALL[name]
+    layer = make_layer(config)
+    x = torch.randn(2, 17, config.d_model, dtype=torch.float64)
+    with torch.no_grad():
+        full = layer(x)
+        for mode in layer_modes(name):
+            cache = layer.new_cache(batch_size=2, max_len=20)
+            steps = [layer(x[:, :5], cache, mode=mode)]
+            steps += [layer(x[:, t : t + 1], cache, mode=mode) for t in range(5, 17)]
+            assert relative_error(torch.cat(steps, dim=1), full) <= 1e-10, mode
+            assert cache.lengths.tolist() == [17, 17]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    config=attention_configs,
+    chunks=st.lists(st.integers(1, 6), min_size=1, max_size=5),
+    batch=st.integers(1, 3),
+)
+def test_uneven_chunked_prefill_equals_full_forward(config, chunks, batch):
+    layer = make_layer(config)
+    total = sum(chunks)
+    x = torch.randn(batch, total, config.d_model, dtype=torch.float64)
+    modes = ["naive", "absorbed", "auto"] if isinstance(layer, MLA) else ["auto"]
+    with torch.no_grad():
+        full = layer(x)
+        for mode in modes:
+            cache = layer.new_cache(batch, total)
+            bounds = torch.tensor([0, *chunks]).cumsum(0).tolist()
+            outs = [layer(x[:, a:b], cache, mode=mode) for a, b in itertools.pairwise(bounds)]
+            out = torch.cat(outs, dim=1)
+            assert relative_error(out, full) <= 1e-10
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_ragged_batch_equals_each_sequence_alone(name):
+    """Prompts of lengths 7, 3, 5 prefilled together (right padding, `n_new`), then decoded together:
+    every real output equals that sequence run alone without a cache."""
+    config = SMALL[name]
+    layer = make_layer(config)
+    lengths = [7, 3, 5]
+    sequences = [torch.randn(1, n + 4, config.d_model, dtype=torch.float64) for n in lengths]
+    prompts = torch.zeros(3, max(lengths), config.d_model, dtype=torch.float64)
+    for b, (seq, n) in enumerate(zip(sequences, lengths, strict=True)):
+        prompts[b, :n] = seq[0, :n]
+    with torch.no_grad():
+        alone = [layer(seq) for seq in sequences]
+        for mode in layer_modes(name):
+            cache = layer.new_cache(batch_size=3, max_len=12)
+            prefill = layer(prompts, cache, n_new=torch.tensor(lengths), mode=mode)
+            assert cache.lengths.tolist() == lengths
+            for b, n in enumerate(lengths):
+                assert relative_error(prefill[b, :n], alone[b][0, :n]) <= 1e-10
+            for step in range(4):
+                tokens = [seq[0, n + step] for seq, n in zip(sequences, lengths, strict=True)]
+                token = torch.stack(tokens)[:, None]
+                out = layer(token, cache, mode=mode)
+                for b, n in enumerate(lengths):
+                    assert relative_error(out[b, 0], alone[b][0, n + step]) <= 1e-10, (mode, step, b)
+
+
+def test_auto_routes_decode_to_absorbed_and_prefill_to_naive():
+    v3 = MLAConfig(d_model=7168, n_heads=128, kv_lora_rank=512, q_lora_rank=1536)
+    assert choose_mla_path(v3, "auto", n_queries=4096, n_keys=4096, cached=False) == "naive"
+    assert choose_mla_path(v3, "auto", n_queries=1, n_keys=4096, cached=True) == "absorbed"
+    assert choose_mla_path(v3, "auto", n_queries=4096, n_keys=4096, cached=True) == "naive"
+    # A chunk over a long cached prefix: absorbed below the crossover (~170 new tokens), naive above.
+    assert choose_mla_path(v3, "auto", n_queries=128, n_keys=65536, cached=True) == "absorbed"
+    assert choose_mla_path(v3, "auto", n_queries=256, n_keys=65536, cached=True) == "naive"
+    assert choose_mla_path(v3, "naive", n_queries=1, n_keys=4096, cached=True) == "naive"
+    with pytest.raises(ValueError, match="unknown attention mode 'fast'"):
+        choose_mla_path(v3, "fast", 1, 1, cached=True)
+
+
+def test_auto_mode_really_takes_the_absorbed_path_for_decode(monkeypatch):
+    layer = make_layer(SMALL_MLA)
+    cache = layer.new_cache(1, 40)
+    layer(torch.randn(1, 30, 32, dtype=torch.float64), cache)
+    taken = []
+    monkeypatch.setattr(
+        MLA, "attend_absorbed", lambda self, *a: taken.append("absorbed") or MLA.attend_naive(self, *a)
+    )
+    layer(torch.randn(1, 1, 32, dtype=torch.float64), cache)
+    assert taken == ["absorbed"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("name", SMALL)
+def test_any_dtype_and_meta_device(name, dtype):
+    layer = build_attention(SMALL[name], dtype=dtype)
+    cache = layer.new_cache(2, 8)
+    out = layer(torch.randn(2, 3, 32, dtype=dtype), cache)
+    assert out.dtype == dtype and cache.dtype == dtype and torch.isfinite(out).all()
+    meta = build_attention(SMALL[name], device="meta", dtype=dtype)  # device-agnostic: no CPU-only ops
+    assert meta(torch.empty(2, 3, 32, device="meta", dtype=dtype)).device.type == "meta"
+
+
+def test_training_gradients_flow_through_both_paths():
+    layer = make_layer(SMALL_MLA, torch.float64)
+    x = torch.randn(2, 6, 32, dtype=torch.float64)
+    grads = {}
+    for mode in ("naive", "absorbed"):
+        layer.zero_grad()
+        layer(x, mode=mode).square().sum().backward()
+        grads[mode] = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    for name, grad in grads["naive"].items():
+        assert grad.abs().sum() > 0, name
+        assert relative_error(grads["absorbed"][name], grad) <= 1e-10, name
+
+
+def test_bad_inputs_raise_clear_errors():
+    mla = make_layer(SMALL_MLA)
+    gqa = make_layer(SMALL["gqa"])
+    with pytest.raises(
+        ValueError, match=r"expects x of shape \[batch, tokens, d_model=32\], got \(2, 3, 31\)"
+    ):
+        mla(torch.randn(2, 3, 31, dtype=torch.float64))
+    with pytest.raises(ValueError, match="got zero tokens"):
+        mla(torch.randn(2, 0, 32, dtype=torch.float64))
+    with pytest.raises(ValueError, match="MLA needs a LatentCache, got KVCache"):
+        mla(torch.randn(2, 3, 32, dtype=torch.float64), gqa.new_cache(2, 8))
+    with pytest.raises(ValueError, match="GQA needs a KVCache, got LatentCache"):
+        gqa(torch.randn(2, 3, 32, dtype=torch.float64), mla.new_cache(2, 8))
+    with pytest.raises(ValueError, match="one execution path"):
+        gqa(torch.randn(2, 3, 32, dtype=torch.float64), mode="absorbed")
+    with pytest.raises(ValueError, match="n_new .* needs a cache"):
+        mla(torch.randn(2, 3, 32, dtype=torch.float64), n_new=torch.tensor([3, 2]))
+    with pytest.raises(ValueError, match="entries are torch.float64 but the cache holds torch.float32"):
+        mla(torch.randn(2, 3, 32, dtype=torch.float64), LatentCache(SMALL_MLA, 2, 8, dtype=torch.float32))
+    with pytest.raises(TypeError, match="MLAConfig or a GQAConfig"):
+        build_attention({"kind": "mla"})
+    assert isinstance(build_attention(SMALL["mqa"]), GQAAttention)

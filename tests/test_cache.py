@@ -1,0 +1,110 @@
+"""The caches: per-sequence lengths and positions, masks, byte accounting, and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from latentattn import GQAConfig, KVCache, LatentCache, MLAConfig
+
+V2 = MLAConfig(d_model=5120, n_heads=128, kv_lora_rank=512, q_lora_rank=1536)
+TINY_MLA = MLAConfig(
+    d_model=16, n_heads=2, kv_lora_rank=6, qk_nope_head_dim=4, qk_rope_head_dim=2, v_head_dim=4
+)
+TINY_GQA = GQAConfig(d_model=16, n_heads=4, n_kv_heads=2, head_dim=4)
+
+
+def test_latent_cache_stores_576_numbers_per_token_for_deepseek_v2():
+    cache = LatentCache(V2, batch_size=2, max_len=10, dtype=torch.bfloat16)
+    assert cache.latent.shape == (2, 10, 576)
+    assert cache.bytes_per_token == 576 * 2
+    assert cache.nbytes == 2 * 10 * 576 * 2
+    assert cache.used_bytes == 0
+
+
+def test_kv_cache_bytes():
+    cache = KVCache(TINY_GQA, batch_size=3, max_len=5, dtype=torch.float32)
+    assert cache.bytes_per_token == 2 * 2 * 4 * 4
+    assert cache.nbytes == 3 * 5 * cache.bytes_per_token
+
+
+def test_update_writes_at_per_sequence_offsets_and_masks_causally():
+    cache = LatentCache(TINY_MLA, batch_size=2, max_len=6)
+    first = torch.randn(2, 3, 8)
+    cache.update(first, n_new=torch.tensor([3, 1]))  # sequence 1 holds one token, two of padding
+    assert cache.lengths.tolist() == [3, 1]
+    assert cache.positions(2).tolist() == [[3, 4], [1, 2]]
+    second = torch.randn(2, 2, 8)
+    cached, mask = cache.update(second)
+    assert cache.lengths.tolist() == [5, 3]
+    assert cached.shape == (2, 5, 8)  # keys read: up to the longest sequence
+    torch.testing.assert_close(cached[0, :3], first[0])
+    torch.testing.assert_close(cached[0, 3:5], second[0])
+    torch.testing.assert_close(cached[1, 0], first[1, 0])  # padding was never written
+    torch.testing.assert_close(cached[1, 1:3], second[1])
+    assert mask.tolist() == [
+        [[True, True, True, True, False], [True, True, True, True, True]],
+        [[True, True, False, False, False], [True, True, True, False, False]],
+    ]
+    assert cache.used_bytes == 8 * cache.bytes_per_token
+
+
+def test_kv_cache_update_returns_keys_and_values():
+    cache = KVCache(TINY_GQA, batch_size=1, max_len=4)
+    k, v = torch.randn(1, 3, 2, 4), torch.randn(1, 3, 2, 4)
+    keys, values, mask = cache.update(k, v)
+    torch.testing.assert_close(keys, k)
+    torch.testing.assert_close(values, v)
+    assert mask[0].tolist() == torch.ones(3, 3, dtype=torch.bool).tril().tolist()
+
+
+def test_reset_forgets_all_sequences():
+    cache = LatentCache(TINY_MLA, batch_size=2, max_len=4)
+    cache.update(torch.randn(2, 4, 8))
+    cache.reset()
+    assert cache.lengths.tolist() == [0, 0]
+    cache.update(torch.randn(2, 4, 8))  # the full length is available again
+
+
+def test_overflow_names_the_sequence_and_lengths():
+    cache = LatentCache(TINY_MLA, batch_size=2, max_len=4)
+    cache.update(torch.randn(2, 3, 8), n_new=torch.tensor([1, 3]))
+    with pytest.raises(
+        ValueError, match="cache overflow: sequence 1 holds 3 tokens and gets 2 more, past max_len=4"
+    ):
+        cache.update(torch.randn(2, 2, 8))
+    assert cache.lengths.tolist() == [1, 3]  # a refused update changes nothing
+    cache.update(torch.randn(2, 2, 8), n_new=torch.tensor([2, 1]))  # padding past the end is fine
+    assert cache.lengths.tolist() == [3, 4]
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        (torch.randn(2, 3, 7), r"'latent' has shape \(2, 3, 7\), expected \[batch=2, new_tokens, 8\]"),
+        (torch.randn(3, 3, 8), r"'latent' has shape \(3, 3, 8\), expected \[batch=2"),
+        (torch.randn(2, 8), r"'latent' has shape \(2, 8\)"),
+        (
+            torch.randn(2, 3, 8, dtype=torch.float64),
+            "entries are torch.float64 but the cache holds torch.float32",
+        ),
+        (torch.empty(2, 3, 8, device="meta"), "entries are on meta but the cache is on cpu"),
+    ],
+)
+def test_mismatched_entries_raise_value_errors(entry, message):
+    cache = LatentCache(TINY_MLA, batch_size=2, max_len=4)
+    with pytest.raises(ValueError, match=message):
+        cache.update(entry)
+
+
+def test_bad_n_new_and_sizes():
+    cache = KVCache(TINY_GQA, batch_size=2, max_len=4)
+    k = torch.randn(2, 2, 2, 4)
+    with pytest.raises(ValueError, match=r"n_new must lie in \[0, 2\]"):
+        cache.update(k, k, n_new=torch.tensor([3, 1]))
+    with pytest.raises(ValueError, match=r"n_new must be an integer tensor of shape \[batch=2\]"):
+        cache.update(k, k, n_new=torch.tensor([1.0, 1.0]))
+    with pytest.raises(ValueError, match=r"'v' has shape"):
+        cache.update(k, k[:, :, :1])
+    with pytest.raises(ValueError, match="batch_size > 0 and max_len > 0"):
+        KVCache(TINY_GQA, batch_size=0, max_len=4)
