@@ -105,8 +105,8 @@ def run_tour(console: Console | None = None) -> None:
     console.print(table)
     ratio = runs[2].cache_bytes_per_token / runs[0].cache_bytes_per_token
     console.print(
-        f"MLA caches {config.kv_lora_rank} + {config.qk_rope_head_dim} = {config.cache_width} numbers per token "
-        f"per layer; MHA with the same {config.n_heads} heads caches 2·{config.n_heads}·{config.v_head_dim} = "
-        f"{2 * config.n_heads * config.v_head_dim} — {ratio:.1f}× more. Max rel err: decode through the cache "
-        "vs one full forward without it."
+        f"MLA caches {config.kv_lora_rank} + {config.qk_rope_head_dim} = {config.cache_width} numbers "
+        f"per token per layer; MHA with the same {config.n_heads} heads caches "
+        f"2·{config.n_heads}·{config.v_head_dim} = {2 * config.n_heads * config.v_head_dim} — {ratio:.1f}× "
+        "more. Max rel err: decode through the cache vs one full forward without it."
     )
