@@ -14,6 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     _add_tour(verbs)
+    _add_cache(verbs)
     return parser
 
 
@@ -26,6 +27,93 @@ def _run_tour(args: argparse.Namespace) -> None:
     from latentattn.tour import run_tour
 
     run_tour()
+
+
+def _add_cache(verbs: argparse._SubParsersAction) -> None:
+    from latentattn.calculator import DEFAULT_BASELINE, KINDS
+
+    cache = verbs.add_parser(
+        "cache",
+        help="KV-cache calculator: bytes per token, cache size, reduction vs a baseline, budget",
+        description="KV cache per token and per context for presets, HF config.json files or custom shapes.",
+    )
+    cache.add_argument(
+        "models", nargs="*", metavar="MODEL", help="a preset (see --list), or an HF config.json or its folder"
+    )
+    cache.add_argument("--list", action="store_true", help="list the presets with their sources and exit")
+    cache.add_argument(
+        "--config", action="append", default=[], metavar="PATH", help="an HF config.json (repeatable)"
+    )
+    custom = cache.add_argument_group("a custom model (every layer alike)")
+    custom.add_argument("--attn", choices=KINDS, help="attention kind")
+    custom.add_argument("--layers", type=int, help="l, layers")
+    custom.add_argument("--heads", type=int, help="n_h, query heads (sets the cache for mha)")
+    custom.add_argument("--kv-heads", type=int, help="n_g, K/V heads (gqa)")
+    custom.add_argument("--head-dim", type=int, help="d_h, width of each K/V head (mha, gqa, mqa)")
+    custom.add_argument("--kv-lora-rank", type=int, help="d_c, latent width (mla)")
+    custom.add_argument("--rope-dim", type=int, help="d_R, decoupled RoPE key width (mla)")
+    cache.add_argument("--context", default="128K", help="tokens per sequence: 4096, 128K (=131,072), 1M")
+    cache.add_argument("--batch", type=int, default=1, help="sequences in the cache (default 1)")
+    cache.add_argument("--bits", type=int, default=16, help="bits per cached element (default 16 = bf16)")
+    cache.add_argument(
+        "--baseline",
+        default=DEFAULT_BASELINE,
+        metavar="MODEL",
+        help=f"compare against (default {DEFAULT_BASELINE})",
+    )
+    cache.add_argument("--baseline-bits", type=int, default=16, help="the baseline's bits per element")
+    cache.add_argument(
+        "--budget", metavar="SIZE", help="cache memory, e.g. 80GiB or 40GB: longest context that fits"
+    )
+    cache.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    cache.add_argument("--plot", metavar="FILE.png", help="draw cache size against context length")
+    cache.set_defaults(run=_run_cache)
+
+
+def _run_cache(args: argparse.Namespace) -> None:
+    import json
+
+    from latentattn import calculator as calc
+
+    if args.list:
+        if args.json:
+            print(json.dumps([spec.as_dict() for spec in calc.PRESETS.values()], indent=2))
+        else:
+            calc.print_table(calc.presets_table())
+        return
+    models = [calc.resolve_model(name) for name in args.models]
+    models += [calc.load_hf_config(path) for path in args.config]
+    custom = calc.spec_from_flags(
+        args.attn,
+        layers=args.layers,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        head_dim=args.head_dim,
+        kv_lora_rank=args.kv_lora_rank,
+        rope_dim=args.rope_dim,
+    )
+    models += [custom] if custom else []
+    if not models:
+        raise ValueError("no model given: name a preset (see --list), a config.json path, --config or --attn")
+    comparison = calc.compare(
+        models,
+        baseline=calc.resolve_model(args.baseline),
+        bits=args.bits,
+        baseline_bits=args.baseline_bits,
+        context=calc.parse_context(args.context),
+        batch=args.batch,
+        budget_bytes=calc.parse_size(args.budget) if args.budget else None,
+    )
+    if args.plot:
+        from latentattn.plots import plot_cache_vs_context
+
+        plot_cache_vs_context(comparison, args.plot)
+    if args.json:
+        print(json.dumps(comparison.as_dict(), indent=2))
+    else:
+        calc.print_table(calc.comparison_table(comparison))
+        if args.plot:
+            print(f"plot written to {args.plot}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
