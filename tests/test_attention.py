@@ -26,6 +26,7 @@ from latentattn import (
     build_attention,
     choose_mla_path,
 )
+from latentattn.attention import causal_mask, latent_attention
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 SMALL_MLA = MLAConfig(
@@ -252,3 +253,30 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(TypeError, match="MLAConfig or a GQAConfig"):
         build_attention({"kind": "mla"})
     assert isinstance(build_attention(SMALL["mqa"]), GQAAttention)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    batch=st.integers(1, 2),
+    tokens=st.integers(1, 5),
+    prefix=st.integers(0, 9),
+    block=st.integers(1, 6),
+    ragged=st.booleans(),
+)
+def test_blocked_latent_attention_equals_one_softmax(batch, tokens, prefix, block, ragged):
+    """Oracle: one softmax over all keys. Blocks smaller than the key count exercise the online
+    softmax, including rows whose first blocks are fully masked."""
+    heads, width, value_width = 3, 7, 5
+    n_keys = prefix + tokens
+    q = torch.randn(batch, tokens, heads, width, dtype=torch.float64)
+    kv = torch.randn(batch, n_keys, width, dtype=torch.float64)
+    mask = causal_mask(tokens, n_keys, kv.device).expand(batch, -1, -1).clone()
+    if ragged:  # later sequences see only a suffix of the keys
+        for b in range(batch):
+            mask[b, :, : b * 2] = False
+            mask[b, :, -1] = True
+    scores = torch.einsum("bthw,bsw->bths", q, kv) * 0.3
+    scores = scores.masked_fill(~mask[:, :, None, :], float("-inf"))
+    expected = torch.einsum("bths,bsv->bthv", scores.softmax(-1), kv[..., :value_width])
+    got = latent_attention(q, kv, mask if ragged else None, 0.3, value_width, block_size=block)
+    assert relative_error(got, expected) <= 1e-12

@@ -82,6 +82,61 @@ def _positions(x: Tensor, cache: LatentCache | KVCache | None, n_new: Tensor | N
     return cache.positions(n_tokens)
 
 
+def causal_mask(n_queries: int, n_keys: int, device: torch.device) -> Tensor:
+    """`[1, T, S]` causal mask aligned so the last query sees all keys (query t sees keys <= S - T + t)."""
+    return torch.ones(n_queries, n_keys, dtype=torch.bool, device=device).tril(n_keys - n_queries)[None]
+
+
+def _sdpa(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, enable_gqa: bool = False
+) -> Tensor:
+    """SDPA over q `[B, H, T, *]`, k/v `[B, G, S, *]`; mask `[B, T, S]`, or None: the aligned causal one."""
+    n_queries, n_keys = q.shape[-2], k.shape[-2]
+    is_causal = mask is None and n_queries == n_keys
+    if mask is None and 1 < n_queries < n_keys:
+        mask = causal_mask(n_queries, n_keys, q.device)
+    attn_mask = None if mask is None else mask[:, None]
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
+    )
+
+
+def latent_attention(
+    q: Tensor, kv: Tensor, mask: Tensor | None, scale: float, value_width: int, block_size: int = 4096
+) -> Tensor:
+    """`softmax(q · kvᵀ · scale) · kv[..., :value_width]`: attention with one shared key/value "head".
+
+    q: [B, T, H, W]; kv: [B, S, W] (W = C + R, the value is the first C columns); mask: [B, T, S]
+    or None (aligned causal) → [B, T, H, value_width]. Keys go in blocks with an online softmax
+    (flash-decoding), so each block of the cache is read from memory once for both GEMMs;
+    accumulation in fp32 (fp64 for fp64 inputs).
+    """
+    batch, n_tokens, heads, width = q.shape
+    n_keys = kv.shape[1]
+    if mask is None and n_tokens > 1:
+        mask = causal_mask(n_tokens, n_keys, kv.device)
+    acc_dtype = fp32_or_wider(kv.dtype)
+    rows = q.reshape(batch, n_tokens * heads, width)  # one row per (token, head)
+    running_max = torch.full((batch, n_tokens * heads, 1), float("-inf"), dtype=acc_dtype, device=kv.device)
+    denominator = torch.zeros_like(running_max)
+    out = torch.zeros(batch, n_tokens * heads, value_width, dtype=acc_dtype, device=kv.device)
+    for start in range(0, n_keys, block_size):
+        block = kv[:, start : start + block_size]  # [B, s, W]
+        scores = torch.matmul(rows, block.transpose(1, 2)).to(acc_dtype) * scale  # [B, T·H, s]
+        if mask is not None:
+            block_mask = mask[:, :, None, start : start + block_size]  # [B, T, 1, s]
+            scores = scores.view(batch, n_tokens, heads, -1).masked_fill(~block_mask, float("-inf"))
+            scores = scores.view(batch, n_tokens * heads, -1)
+        new_max = torch.maximum(running_max, scores.amax(dim=-1, keepdim=True))
+        shift = new_max.masked_fill(new_max == float("-inf"), 0.0)  # rows with no key yet stay at zero
+        probs = (scores - shift).exp()
+        correction = (running_max - shift).exp()
+        denominator = denominator * correction + probs.sum(dim=-1, keepdim=True)
+        out = out * correction + torch.matmul(probs.to(kv.dtype), block[..., :value_width]).to(acc_dtype)
+        running_max = new_max
+    return (out / denominator).to(kv.dtype).view(batch, n_tokens, heads, value_width)
+
+
 class MLA(nn.Module):
     """Multi-head Latent Attention, DeepSeek-V2/V3 numerics.
 
@@ -167,14 +222,7 @@ class MLA(nn.Module):
         k_pe = k_pe[:, :, None, :].expand(-1, -1, c.n_heads, -1)  # [B, S, H, R]
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [B, H, T, N + R]
         k = torch.cat([k_nope, k_pe], dim=-1).transpose(1, 2)  # [B, H, S, N + R]
-        o = F.scaled_dot_product_attention(
-            q,
-            k,
-            v.transpose(1, 2),
-            attn_mask=None if mask is None else mask[:, None],
-            is_causal=mask is None,
-            scale=c.softmax_scale,
-        )
+        o = _sdpa(q, k, v.transpose(1, 2), mask, c.softmax_scale)  # [B, H, T, V]
         return o.transpose(1, 2)  # [B, T, H, V]
 
     def attend_absorbed(self, q_nope: Tensor, q_pe: Tensor, kv: Tensor, mask: Tensor | None) -> Tensor:
@@ -184,23 +232,12 @@ class MLA(nn.Module):
         [B, T·H, C + R] against the cache [B, S, C + R]; `o = (softmax · c_KV) · W_UV` per head.
         """
         c = self.config
-        batch, n_tokens, heads = q_nope.shape[:3]
-        n_keys = kv.shape[1]
+        heads = c.n_heads
         w_ukv = self.w_ukv.weight.view(heads, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
         w_uk, w_uv = w_ukv.split([c.qk_nope_head_dim, c.v_head_dim], dim=1)  # [H, N, C], [H, V, C]
         q_lat = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)  # [B, T, H, C]
-        q = torch.cat([q_lat, q_pe], dim=-1).view(batch, n_tokens * heads, c.cache_width)
-        scores = torch.matmul(q, kv.transpose(1, 2))  # [B, T·H, S]
-        scores = scores.to(fp32_or_wider(kv.dtype)).view(batch, n_tokens, heads, n_keys) * c.softmax_scale
-        if mask is None:
-            mask = torch.ones(n_tokens, n_keys, dtype=torch.bool, device=kv.device).tril(n_keys - n_tokens)[
-                None
-            ]
-        scores = scores.masked_fill(~mask[:, :, None, :], float("-inf"))
-        probs = scores.softmax(dim=-1).to(kv.dtype).view(batch, n_tokens * heads, n_keys)
-        o_lat = torch.matmul(probs, kv[..., : c.kv_lora_rank]).view(
-            batch, n_tokens, heads, -1
-        )  # [B, T, H, C]
+        q = torch.cat([q_lat, q_pe], dim=-1)  # [B, T, H, C + R]
+        o_lat = latent_attention(q, kv, mask, c.softmax_scale, c.kv_lora_rank)  # [B, T, H, C]
         return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # [B, T, H, V]
 
 
@@ -256,14 +293,13 @@ class GQAAttention(nn.Module):
         mask = None
         if cache is not None:
             k, v, mask = cache.update(k, v, n_new)  # [B, S, G, D] each, mask [B, T, S]
-        o = F.scaled_dot_product_attention(
+        o = _sdpa(
             q.transpose(1, 2),
             k.transpose(1, 2),
             v.transpose(1, 2),
-            attn_mask=None if mask is None else mask[:, None],
-            is_causal=mask is None,
-            scale=c.softmax_scale,
-            enable_gqa=c.n_kv_heads != c.n_heads,
+            mask,
+            c.softmax_scale,
+            c.n_kv_heads != c.n_heads,
         )  # [B, H, T, D]
         return self.w_o(o.transpose(1, 2).flatten(2))
 

@@ -73,11 +73,14 @@ class _PreallocatedCache:
         """Positions `[B, T]` that the next `n_tokens` new tokens take: `lengths[b] + t`."""
         return self.lengths[:, None] + torch.arange(n_tokens, device=self.device)
 
-    def _update(self, entries: dict[str, Tensor], n_new: Tensor | None) -> tuple[list[Tensor], Tensor]:
+    def _update(self, entries: dict[str, Tensor], n_new: Tensor | None) -> tuple[list[Tensor], Tensor | None]:
         """Write the new entries `[B, T, ...]`, advance the lengths and return what attention reads.
 
         `n_new[b]` (default T) of sequence b's T entries are real; the rest are right padding, never
-        written. Returns the buffers `[B, S, ...]` and the boolean mask `[B, T, S]` (True = attend).
+        written. Returns the buffers `[B, S, ...]` and the boolean mask `[B, T, S]` (True = attend), or
+        None when all sequences had the same length and get all T tokens: then the mask is the causal one
+        aligned so that the last new token sees all S keys, which attention builds cheaply (or skips,
+        for T = 1).
         """
         first = next(iter(entries.values()))
         n_tokens = first.shape[1] if first.dim() >= 2 else 0
@@ -102,7 +105,9 @@ class _PreallocatedCache:
                 for name, value in entries.items():
                     self.buffers[name][rows, positions[rows, cols]] = value[rows, cols]
         keys = max(int(ends.max()), 1)
-        mask = torch.arange(keys, device=self.device)[None, None, :] <= positions[:, :, None]  # [B, T, S]
+        mask = None
+        if bool((ends != keys).any() or (n_new != n_tokens).any()):
+            mask = torch.arange(keys, device=self.device)[None, None, :] <= positions[:, :, None]  # [B, T, S]
         self.lengths = ends
         return [self.buffers[name][:, :keys] for name in entries], mask
 
@@ -165,8 +170,9 @@ class LatentCache(_PreallocatedCache):
         """The whole buffer `[B, L, C + R]`."""
         return self.buffers["latent"]
 
-    def update(self, latent: Tensor, n_new: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Append `latent: [B, T, C + R]`; returns the cache `[B, S, C + R]` and the mask `[B, T, S]`."""
+    def update(self, latent: Tensor, n_new: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Append `latent: [B, T, C + R]`; returns the cache `[B, S, C + R]` and the mask `[B, T, S]`
+        (None: causal, last token sees all)."""
         (cached,), mask = self._update({"latent": latent}, n_new)
         return cached, mask
 
@@ -186,8 +192,11 @@ class KVCache(_PreallocatedCache):
         shape = (config.n_kv_heads, config.head_dim)
         super().__init__({"k": shape, "v": shape}, batch_size, max_len, device=device, dtype=dtype)
 
-    def update(self, k: Tensor, v: Tensor, n_new: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Append `k, v: [B, T, G, D]`; returns keys and values `[B, S, G, D]` and the mask `[B, T, S]`."""
+    def update(
+        self, k: Tensor, v: Tensor, n_new: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Append `k, v: [B, T, G, D]`; returns keys and values `[B, S, G, D]` and the mask `[B, T, S]`
+        (None: causal, last token sees all)."""
         (keys, values), mask = self._update({"k": k, "v": v}, n_new)
         return keys, values, mask
 

@@ -46,22 +46,30 @@ def _add_cache(verbs: argparse._SubParsersAction) -> None:
     )
     custom = cache.add_argument_group("a custom model (every layer alike)")
     custom.add_argument("--attn", choices=KINDS, help="attention kind")
-    custom.add_argument("--layers", type=int, help="l, layers")
-    custom.add_argument("--heads", type=int, help="n_h, query heads (sets the cache for mha)")
-    custom.add_argument("--kv-heads", type=int, help="n_g, K/V heads (gqa)")
-    custom.add_argument("--head-dim", type=int, help="d_h, width of each K/V head (mha, gqa, mqa)")
-    custom.add_argument("--kv-lora-rank", type=int, help="d_c, latent width (mla)")
-    custom.add_argument("--rope-dim", type=int, help="d_R, decoupled RoPE key width (mla)")
-    cache.add_argument("--context", default="128K", help="tokens per sequence: 4096, 128K (=131,072), 1M")
-    cache.add_argument("--batch", type=int, default=1, help="sequences in the cache (default 1)")
-    cache.add_argument("--bits", type=int, default=16, help="bits per cached element (default 16 = bf16)")
+    custom.add_argument("--layers", type=int, metavar="N", help="l, layers")
+    custom.add_argument("--heads", type=int, metavar="N", help="n_h, query heads (sets the cache for mha)")
+    custom.add_argument("--kv-heads", type=int, metavar="N", help="n_g, K/V heads (gqa)")
+    custom.add_argument(
+        "--head-dim", type=int, metavar="N", help="d_h, width of each K/V head (mha, gqa, mqa)"
+    )
+    custom.add_argument("--kv-lora-rank", type=int, metavar="N", help="d_c, latent width (mla)")
+    custom.add_argument("--rope-dim", type=int, metavar="N", help="d_R, decoupled RoPE key width (mla)")
+    cache.add_argument(
+        "--context", default="128K", metavar="TOKENS", help="tokens per sequence: 4096, 128K (=131,072), 1M"
+    )
+    cache.add_argument("--batch", type=int, metavar="N", default=1, help="sequences in the cache (default 1)")
+    cache.add_argument(
+        "--bits", type=int, metavar="N", default=16, help="bits per cached element (default 16 = bf16)"
+    )
     cache.add_argument(
         "--baseline",
         default=DEFAULT_BASELINE,
         metavar="MODEL",
         help=f"compare against (default {DEFAULT_BASELINE})",
     )
-    cache.add_argument("--baseline-bits", type=int, default=16, help="the baseline's bits per element")
+    cache.add_argument(
+        "--baseline-bits", type=int, metavar="N", default=16, help="the baseline's bits per element"
+    )
     cache.add_argument(
         "--budget", metavar="SIZE", help="cache memory, e.g. 80GiB or 40GB: longest context that fits"
     )

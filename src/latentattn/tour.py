@@ -9,8 +9,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from latentattn import calculator
 from latentattn.attention import MLA, GQAAttention
 from latentattn.config import GQAConfig, MLAConfig
+
+TOUR_MODELS = ("deepseek-v2", "deepseek-v3", "deepseek-v2-lite", "llama-3-8b", "llama-3-70b", "deepseek-67b")
 
 
 @dataclass(frozen=True)
@@ -85,8 +88,13 @@ def compare_decode(
 
 
 def run_tour(console: Console | None = None) -> None:
-    """Print the tour: MLA vs MHA caches on a DeepSeek-V2-Lite-shaped layer."""
+    """Print the tour: published models' caches, then MLA vs MHA on a DeepSeek-V2-Lite-shaped layer."""
     console = console or Console()
+    console.rule("[bold]KV cache of published models at 128K context, bf16 (`latentattn cache`)")
+    comparison = calculator.compare(
+        [calculator.preset(name) for name in TOUR_MODELS], budget_bytes=calculator.parse_size("80GiB")
+    )
+    calculator.print_table(calculator.comparison_table(comparison))
     config = MLAConfig()  # DeepSeek-V2-Lite's attention: d 2048, 16 heads, d_c 512, d_R 64
     console.rule("[bold]MLA layer at DeepSeek-V2-Lite's shape: prefill 512 tokens, decode 16 (fp32, CPU)")
     runs = compare_decode(config)
@@ -102,7 +110,7 @@ def run_tour(console: Console | None = None) -> None:
             f"{run.decode_ms_per_token:.2f}",
             f"{run.max_rel_error:.1e}",
         )
-    console.print(table)
+    calculator.print_table(table)
     ratio = runs[2].cache_bytes_per_token / runs[0].cache_bytes_per_token
     console.print(
         f"MLA caches {config.kv_lora_rank} + {config.qk_rope_head_dim} = {config.cache_width} numbers "

@@ -1,0 +1,62 @@
+"""Figures for the calculator, drawn with matplotlib's Agg canvas (no display, no pyplot state)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
+
+from latentattn.calculator import CacheEstimate, Comparison, format_bytes
+
+GIB = 2**30
+
+
+def _tokens(value: float, _position: int) -> str:
+    """Tick label for a context length: 512, 4K, 128K, 1M (binary K and M)."""
+    for unit, size in (("M", 2**20), ("K", 2**10)):
+        if value >= size:
+            return f"{value / size:g}{unit}"
+    return f"{value:g}"
+
+
+def plot_cache_vs_context(comparison: Comparison, path: str | Path) -> Path:
+    """Cache size (GiB, whole batch) against context length (tokens) on log-log axes, one line per
+    model, the baseline dashed, the chosen context as a dotted vertical line and the budget, if any,
+    as a horizontal line. Writes an image whose format follows `path`'s suffix (e.g. .png)."""
+    base = comparison.baseline
+    top = max(2**20, 4 * base.context)
+    contexts = np.geomspace(min(2**10, base.context), top, num=64)  # tokens per sequence
+    figure = Figure(figsize=(8, 5), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+
+    def draw(row: CacheEstimate, prefix: str = "", **style: object) -> None:
+        gib = contexts * (row.cache_bytes / row.context) / GIB  # cache_bytes is linear in context
+        label = f"{prefix}{row.model.name} ({row.model.kind}, {row.bits}-bit)"
+        axes.plot(contexts, gib, label=label, **style)
+
+    for row in comparison.rows:
+        draw(row, linewidth=2)
+    draw(base, "baseline: ", color="grey", linestyle="--", linewidth=1.5)
+    axes.axvline(base.context, color="black", linestyle=":", linewidth=1, label=f"context {base.context:,}")
+    if base.budget_bytes is not None:
+        axes.axhline(
+            base.budget_bytes / GIB,
+            color="red",
+            linewidth=1,
+            label=f"budget {format_bytes(base.budget_bytes)}",
+        )
+    axes.set_xscale("log", base=2)
+    axes.set_yscale("log")
+    axes.xaxis.set_major_formatter(FuncFormatter(_tokens))
+    axes.set_xlabel("context length per sequence (tokens)")
+    axes.set_ylabel(f"KV cache for batch {base.batch} (GiB)")
+    axes.set_title(f"KV cache vs context; baseline {base.model.name} at {base.bits} bits")
+    axes.grid(True, which="major", alpha=0.3)
+    axes.legend(fontsize="small")
+    path = Path(path)
+    figure.savefig(path, dpi=120)
+    return path
