@@ -20,6 +20,7 @@ from latentattn.hf import (  # noqa: E402
     attention_state_dict_from_hf,
     attention_state_dict_to_hf,
     mla_config_from_hf,
+    mla_config_to_hf,
 )
 
 YARN = {
@@ -190,3 +191,10 @@ def test_deepseek_v2_style_config_json():
     assert config.softmax_scale == pytest.approx(192**-0.5 * mscale**2)
     with pytest.raises(ValueError, match="lacks the field 'kv_lora_rank'"):
         mla_config_from_hf({"hidden_size": 64, "num_attention_heads": 4})
+
+
+@pytest.mark.parametrize("rope", [DEFAULT_ROPE, YARN], ids=["rope", "yarn"])
+def test_mla_config_round_trips_through_hf(rope):
+    ours = mla_config_from_hf(deepseek_config(24, rope, rope_interleave=False))
+    hf = transformers.DeepseekV3Config(**mla_config_to_hf(ours))
+    assert mla_config_from_hf(hf) == ours

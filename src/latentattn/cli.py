@@ -15,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     _add_tour(verbs)
     _add_cache(verbs)
+    _add_bench(verbs)
     return parser
 
 
@@ -120,6 +121,66 @@ def _run_cache(args: argparse.Namespace) -> None:
         print(json.dumps(comparison.as_dict(), indent=2))
     else:
         calc.print_table(calc.comparison_table(comparison))
+        if args.plot:
+            print(f"plot written to {args.plot}")
+
+
+def _add_bench(verbs: argparse._SubParsersAction) -> None:
+    from latentattn.bench import DTYPES, IMPLS
+
+    bench = verbs.add_parser(
+        "bench",
+        help="decode-step latency of MHA/GQA/MQA, MLA naive/absorbed and HF's DeepseekV3Attention",
+        description="Decode one token at fixed contexts; medians, spread and this machine's roofline.",
+    )
+    bench.add_argument("--contexts", nargs="+", default=["1K", "4K", "16K", "64K"], metavar="TOKENS")
+    bench.add_argument("--batch", nargs="+", type=int, default=[1], metavar="N", help="batch sizes")
+    bench.add_argument("--dtype", nargs="+", choices=DTYPES, default=["float32", "bfloat16"])
+    bench.add_argument("--impl", nargs="+", choices=IMPLS, default=list(IMPLS), help="implementations")
+    bench.add_argument("--gqa-kv-heads", type=int, default=4, metavar="N", help="K/V heads of the GQA row")
+    bench.add_argument(
+        "--hf-max-context", default="64K", metavar="TOKENS", help="skip HF above this context (it is slow)"
+    )
+    bench.add_argument("--repeats", type=int, default=7, metavar="N", help="timed steps per row")
+    bench.add_argument("--warmup", type=int, default=2, metavar="N", help="untimed steps per row first")
+    bench.add_argument("--threads", type=int, metavar="N", help="torch threads (default: torch's choice)")
+    bench.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    bench.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    bench.add_argument("--plot", metavar="FILE.png", help="draw latency against context per implementation")
+    bench.set_defaults(run=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> None:
+    import json
+
+    import torch
+
+    from latentattn.bench import BenchConfig, results_table, run_bench
+    from latentattn.calculator import parse_context, print_table
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = BenchConfig(
+        contexts=tuple(parse_context(text) for text in args.contexts),
+        batch_sizes=tuple(args.batch),
+        dtypes=tuple(args.dtype),
+        impls=tuple(args.impl),
+        gqa_kv_heads=args.gqa_kv_heads,
+        hf_max_context=parse_context(args.hf_max_context),
+        warmup=args.warmup,
+        repeats=args.repeats,
+        device=args.device,
+    )
+    progress = None if args.json else (lambda message: print(f"  {message}", file=sys.stderr))
+    report = run_bench(config, progress=progress)
+    if args.plot:
+        from latentattn.plots import plot_decode_latency
+
+        plot_decode_latency(report, args.plot)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_table(results_table(report))
         if args.plot:
             print(f"plot written to {args.plot}")
 

@@ -123,6 +123,42 @@ def attention_config_from_hf(hf_config: Mapping[str, Any] | Any) -> AttentionCon
     return mla_config_from_hf(config) if config.get("kv_lora_rank") else gqa_config_from_hf(config)
 
 
+def rope_config_to_hf(rope: RopeConfig) -> dict[str, Any]:
+    """HF 5.x `rope_parameters` for `rope` (inverse of `rope_config_from_hf`)."""
+    if rope.yarn is None:
+        return {"rope_type": "default", "rope_theta": rope.theta}
+    yarn = rope.yarn
+    return {
+        "rope_type": "yarn",
+        "rope_theta": rope.theta,
+        "factor": yarn.factor,
+        "original_max_position_embeddings": yarn.original_max_position_embeddings,
+        "beta_fast": yarn.beta_fast,
+        "beta_slow": yarn.beta_slow,
+        "mscale": yarn.mscale,
+        "mscale_all_dim": yarn.mscale_all_dim,
+        "truncate": yarn.truncate,
+    }
+
+
+def mla_config_to_hf(config: MLAConfig) -> dict[str, Any]:
+    """The attention fields of an HF `DeepseekV3Config` for `config` (inverse of `mla_config_from_hf`)."""
+    return {
+        "hidden_size": config.d_model,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_heads,
+        "kv_lora_rank": config.kv_lora_rank,
+        "q_lora_rank": config.q_lora_rank,
+        "qk_nope_head_dim": config.qk_nope_head_dim,
+        "qk_rope_head_dim": config.qk_rope_head_dim,
+        "v_head_dim": config.v_head_dim,
+        "rope_parameters": rope_config_to_hf(config.rope),
+        "rope_interleave": config.rope.interleave,
+        "rms_norm_eps": config.norm_eps,
+        "attention_bias": False,
+    }
+
+
 def _names(config: AttentionConfig) -> dict[str, str]:
     return MLA_TO_HF if isinstance(config, MLAConfig) else GQA_TO_HF
 

@@ -60,3 +60,37 @@ def plot_cache_vs_context(comparison: Comparison, path: str | Path) -> Path:
     path = Path(path)
     figure.savefig(path, dpi=120)
     return path
+
+
+def plot_decode_latency(report: dict, path: str | Path) -> Path:
+    """`latentattn bench`: ms per decode step against context, one line per implementation, one panel
+    per dtype (the first batch size), with each point's roofline bound as a dotted line for MLA-absorbed."""
+    results = report["results"]
+    dtypes = list(dict.fromkeys(row["dtype"] for row in results))
+    batch = results[0]["batch"]
+    figure = Figure(figsize=(6 * len(dtypes), 4.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    for index, dtype in enumerate(dtypes):
+        axes = figure.add_subplot(1, len(dtypes), index + 1)
+        rows = [row for row in results if row["dtype"] == dtype and row["batch"] == batch]
+        for impl in dict.fromkeys(row["impl"] for row in rows):
+            points = [row for row in rows if row["impl"] == impl]
+            contexts = [row["context"] for row in points]
+            axes.plot(contexts, [row["ms_per_step"] for row in points], marker="o", label=impl)
+            if impl == "mla-absorbed":
+                bound = [row["roofline_ms"] for row in points]
+                axes.plot(contexts, bound, linestyle=":", color="black", label="mla-absorbed roofline")
+        axes.set_xscale("log", base=2)
+        axes.set_yscale("log")
+        axes.xaxis.set_major_formatter(FuncFormatter(_tokens))
+        axes.set_xlabel("context (tokens)")
+        axes.set_ylabel("ms per decode step (median)")
+        axes.set_title(f"{dtype}, batch {batch}")
+        axes.grid(True, which="major", alpha=0.3)
+        axes.legend(fontsize="small")
+    figure.suptitle(
+        f"Decode step latency on {report['machine']['cpu']}, {report['machine']['torch_threads']} threads"
+    )
+    path = Path(path)
+    figure.savefig(path, dpi=120)
+    return path

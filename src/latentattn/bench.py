@@ -1,0 +1,370 @@
+"""Decode-step benchmark: every attention implementation at fixed contexts, against this machine's
+roofline measured in the same run.
+
+One row = one implementation, dtype, batch B and context S: the median time of one decode step (one
+new token per sequence attending to S cached tokens) over repeats after warm-up. Cost model per step:
+bytes = the layer's weights + the cache read; FLOPs = projections + attention (MLA's from
+`mla_path_flops`). Roofline bound = max(bytes / bandwidth, FLOPs / peak), bandwidth from a large copy
+and peak from a large GEMM timed in the same run.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from rich.table import Table
+
+from latentattn.attention import MLA, GQAAttention, mla_path_flops
+from latentattn.calculator import format_bytes
+from latentattn.config import GQAConfig, MLAConfig
+from latentattn.hf import attention_state_dict_to_hf, mla_config_to_hf
+
+IMPLS = ("mha", "gqa", "mqa", "mla-naive", "mla-absorbed", "hf-deepseek-v3")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to run. The layer defaults to DeepSeek-V2-Lite's attention (d 2048, 16 heads, d_c 512,
+    d_R 64, nope 128, v 128); MHA/GQA/MQA use the same 16 heads of 128 with 16/`gqa_kv_heads`/1 K/V heads."""
+
+    mla: MLAConfig = field(default_factory=MLAConfig)
+    gqa_kv_heads: int = 4
+    contexts: tuple[int, ...] = (1024, 4096, 16384, 65536)
+    batch_sizes: tuple[int, ...] = (1,)
+    dtypes: tuple[str, ...] = ("float32", "bfloat16")
+    impls: tuple[str, ...] = IMPLS
+    hf_max_context: int = 65536
+    warmup: int = 2
+    repeats: int = 7
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for impl in self.impls:
+            if impl not in IMPLS:
+                raise ValueError(f"unknown implementation {impl!r}; choose from {', '.join(IMPLS)}")
+        for dtype in self.dtypes:
+            if dtype not in DTYPES:
+                raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+        for name in ("contexts", "batch_sizes"):
+            if not getattr(self, name) or min(getattr(self, name)) <= 0:
+                raise ValueError(f"BenchConfig.{name} must be positive integers, got {getattr(self, name)}")
+        if self.repeats <= 0 or self.warmup < 0:
+            raise ValueError(f"need repeats > 0 and warmup >= 0, got {self.repeats} and {self.warmup}")
+        if self.mla.n_heads % self.gqa_kv_heads:
+            raise ValueError(f"gqa_kv_heads={self.gqa_kv_heads} must divide the {self.mla.n_heads} heads")
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """This machine's memory bandwidth (GB/s, from a large copy) and GEMM peak (GFLOP/s) per dtype."""
+
+    bandwidth_gbs: float
+    peak_gflops: dict[str, float]
+
+    def bound_ms(self, bytes_moved: int, flops: int, dtype: str) -> float:
+        return 1e3 * max(bytes_moved / (self.bandwidth_gbs * 1e9), flops / (self.peak_gflops[dtype] * 1e9))
+
+
+@dataclass(frozen=True)
+class Result:
+    impl: str
+    dtype: str
+    context: int
+    batch: int
+    ms_per_step: float
+    ms_min: float
+    ms_max: float
+    tokens_per_s: float
+    cache_bytes: int
+    bytes_moved: int
+    flops: int
+    achieved_gbs: float
+    achieved_gflops: float
+    roofline_ms: float
+    x_roofline: float
+    max_rel_err: float | None
+    vs_mha: float | None = None
+    vs_hf: float | None = None
+
+
+def time_ms(step: Callable[[], object], warmup: int, repeats: int) -> list[float]:
+    """Wall-clock milliseconds of `repeats` calls of `step` after `warmup` calls."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def measure_roofline(dtypes: tuple[str, ...], device: str, repeats: int = 5) -> Roofline:
+    """Bandwidth: copy 256 MiB (bytes read + written); peak: a 2048³ GEMM per dtype."""
+    source = torch.ones(64 * 2**20, device=device)  # 256 MiB of fp32
+    target = torch.empty_like(source)
+    copy_ms = statistics.median(time_ms(lambda: target.copy_(source), 1, repeats))
+    bandwidth = 2 * source.nbytes / (copy_ms * 1e-3) / 1e9
+    peaks = {}
+    n = 2048
+    for name in dtypes:
+        a = torch.randn(n, n, device=device).to(DTYPES[name])
+        b = torch.randn(n, n, device=device).to(DTYPES[name])
+        gemm_ms = statistics.median(time_ms(lambda a=a, b=b: a @ b, 1, repeats))
+        peaks[name] = 2 * n**3 / (gemm_ms * 1e-3) / 1e9
+    return Roofline(bandwidth_gbs=bandwidth, peak_gflops=peaks)
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def _linear_params(layer: torch.nn.Module, skip: str | None = None) -> int:
+    return sum(p.numel() for name, p in layer.named_parameters() if p.dim() == 2 and name != skip)
+
+
+def _weight_bytes(layer: torch.nn.Module) -> int:
+    return sum(p.nbytes for p in layer.parameters())
+
+
+@dataclass
+class _Case:
+    """One implementation set up at one (dtype, batch, context): a step function and its cost model."""
+
+    step: Callable[[], torch.Tensor]
+    cache_bytes: int
+    bytes_moved: int
+    flops: int
+
+
+def _mla_case(mla: MLA, x: torch.Tensor, latent: torch.Tensor, mode: str) -> _Case:
+    batch, context = latent.shape[:2]
+    cache = mla.new_cache(batch, context + 1)
+    cache.update(latent)
+    cached_lengths = cache.lengths
+
+    def step() -> torch.Tensor:
+        cache.lengths = cached_lengths  # every step decodes at the same context
+        return mla(x, cache, mode=mode)
+
+    path = mla_path_flops(mla.config, n_queries=1, n_keys=context + 1)[mode]
+    flops = batch * (path + 2 * _linear_params(mla, skip="w_ukv.weight"))
+    cache_bytes = batch * context * cache.bytes_per_token
+    return _Case(step, cache_bytes, _weight_bytes(mla) + cache_bytes, flops)
+
+
+def _hf_case(mla: MLA, x: torch.Tensor, latent: torch.Tensor) -> _Case:
+    """HF transformers' DeepseekV3Attention with MLA's weights; its DynamicCache holds the same latent."""
+    from transformers import DeepseekV3Config, DynamicCache
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
+        DeepseekV3Attention,
+        DeepseekV3RotaryEmbedding,
+    )
+
+    c = mla.config
+    config = DeepseekV3Config(
+        **mla_config_to_hf(c), max_position_embeddings=latent.shape[1] + 1, attn_implementation="sdpa"
+    )
+    weight = mla.w_o.weight
+    hf = DeepseekV3Attention(config, layer_idx=0).to(device=weight.device, dtype=weight.dtype).eval()
+    hf.load_state_dict(attention_state_dict_to_hf(mla.state_dict(), c))
+    batch, context = latent.shape[:2]
+    c_kv, k_pe = latent.split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
+    if c.rope.interleave:  # HF keeps interleaved RoPE keys in half-split order
+        k_pe = torch.cat([k_pe[..., 0::2], k_pe[..., 1::2]], dim=-1)
+    cache = DynamicCache(config=config)
+    cache.update(c_kv[:, None].contiguous(), k_pe[:, None].contiguous(), 0)
+    positions = torch.full((batch, 1), context, device=x.device)
+    rotary = DeepseekV3RotaryEmbedding(config).to(x.device)
+    position_embeddings = rotary(x, positions)
+
+    def step() -> torch.Tensor:
+        out = hf(x, position_embeddings=position_embeddings, attention_mask=None, past_key_values=cache)[0]
+        cache.crop(-1)  # drop the new token: every step decodes at the same context
+        return out
+
+    path = mla_path_flops(c, n_queries=1, n_keys=context + 1)["naive"]
+    flops = batch * (path + 2 * _linear_params(mla, skip="w_ukv.weight"))
+    cache_bytes = batch * context * c.cache_width * latent.element_size()
+    return _Case(step, cache_bytes, _weight_bytes(mla) + cache_bytes, flops)
+
+
+def _gqa_case(layer: GQAAttention, x: torch.Tensor, context: int) -> _Case:
+    c = layer.config
+    batch = x.shape[0]
+    cache = layer.new_cache(batch, context + 1)
+    kv_shape = (batch, context, c.n_kv_heads, c.head_dim)
+    cache.update(torch.randn(kv_shape).to(x), torch.randn(kv_shape).to(x))
+    cached_lengths = cache.lengths
+
+    def step() -> torch.Tensor:
+        cache.lengths = cached_lengths
+        return layer(x, cache)
+
+    flops = batch * (2 * _linear_params(layer) + 4 * c.n_heads * c.head_dim * (context + 1))
+    cache_bytes = batch * context * cache.bytes_per_token
+    return _Case(step, cache_bytes, _weight_bytes(layer) + cache_bytes, flops)
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+@torch.no_grad()
+def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run every (dtype, batch, context, impl) of `config`; returns `{"machine", "roofline", "config",
+    "results"}` with one result dict per row (see `Result`)."""
+    report = progress or (lambda _message: None)
+    torch.manual_seed(config.seed)
+    roofline = measure_roofline(config.dtypes, config.device)
+    c = config.mla
+    head_dim = c.v_head_dim
+    kv_heads = {"mha": c.n_heads, "gqa": config.gqa_kv_heads, "mqa": 1}
+    results: list[Result] = []
+    for dtype_name in config.dtypes:
+        dtype = DTYPES[dtype_name]
+        mla = MLA(c, device=config.device, dtype=dtype).eval()
+        gqa_layers = {
+            impl: GQAAttention(
+                GQAConfig(d_model=c.d_model, n_heads=c.n_heads, n_kv_heads=kv_heads[impl], head_dim=head_dim),
+                device=config.device,
+                dtype=dtype,
+            ).eval()
+            for impl in kv_heads
+            if impl in config.impls
+        }
+        for batch in config.batch_sizes:
+            for context in config.contexts:
+                x = torch.randn(batch, 1, c.d_model, device=config.device, dtype=dtype)
+                latent = mla.latent(
+                    torch.randn(batch, context, c.d_model, device=config.device, dtype=dtype),
+                    torch.arange(context, device=config.device).expand(batch, context),
+                )
+                reference = None
+                rows = []
+                for impl in config.impls:
+                    if impl == "hf-deepseek-v3" and context > config.hf_max_context:
+                        continue
+                    report(f"{impl} {dtype_name} batch {batch} context {context:,}")
+                    if impl in gqa_layers:
+                        case = _gqa_case(gqa_layers[impl], x, context)
+                    elif impl == "hf-deepseek-v3":
+                        case = _hf_case(mla, x, latent)
+                    else:
+                        case = _mla_case(mla, x, latent, impl.removeprefix("mla-"))
+                    output = case.step()
+                    error = None
+                    if impl.startswith(("mla", "hf")):
+                        reference = output if reference is None else reference
+                        error = _relative_error(output, reference)
+                    times = time_ms(case.step, config.warmup, config.repeats)
+                    median = statistics.median(times)
+                    bound = roofline.bound_ms(case.bytes_moved, case.flops, dtype_name)
+                    rows.append(
+                        Result(
+                            impl=impl,
+                            dtype=dtype_name,
+                            context=context,
+                            batch=batch,
+                            ms_per_step=median,
+                            ms_min=min(times),
+                            ms_max=max(times),
+                            tokens_per_s=batch / (median * 1e-3),
+                            cache_bytes=case.cache_bytes,
+                            bytes_moved=case.bytes_moved,
+                            flops=case.flops,
+                            achieved_gbs=case.bytes_moved / (median * 1e-3) / 1e9,
+                            achieved_gflops=case.flops / (median * 1e-3) / 1e9,
+                            roofline_ms=bound,
+                            x_roofline=median / bound,
+                            max_rel_err=error,
+                        )
+                    )
+                    del case
+                results += _with_ratios(rows)
+    return {
+        "machine": machine_info(),
+        "roofline": asdict(roofline),
+        "config": asdict(config),
+        "results": [asdict(result) for result in results],
+    }
+
+
+def _with_ratios(rows: list[Result]) -> list[Result]:
+    """Speed-ups against MHA and HF measured in the same (dtype, batch, context) group."""
+    by_impl = {row.impl: row.ms_per_step for row in rows}
+
+    def ratio(name: str, row: Result) -> float | None:
+        return by_impl[name] / row.ms_per_step if name in by_impl else None
+
+    return [
+        Result(**{**asdict(row), "vs_mha": ratio("mha", row), "vs_hf": ratio("hf-deepseek-v3", row)})
+        for row in rows
+    ]
+
+
+def results_table(report: dict[str, Any]) -> Table:
+    """A rich table of `run_bench`'s report: one row per measurement, grouped by dtype/batch/context."""
+    machine, roof = report["machine"], report["roofline"]
+    peaks = ", ".join(f"{name} {gflops:,.0f} GFLOP/s" for name, gflops in roof["peak_gflops"].items())
+    table = Table(
+        title=f"Decode step, {report['config']['repeats']} repeats (median; min–max)",
+        caption=(
+            f"{machine['cpu']}, {machine['torch_threads']} threads, torch {machine['torch']}; roofline: "
+            f"{roof['bandwidth_gbs']:.1f} GB/s copy, {peaks}. ×roof = measured / max(bytes/BW, FLOPs/peak)"
+        ),
+    )
+    headers = ["impl", "dtype", "batch", "context", "ms/step", "min–max", "tok/s", "cache", "GB/s", "GFLOP/s"]
+    headers += ["×roof", "vs MHA", "vs HF", "rel err"]
+    for header in headers:
+        table.add_column(header, justify="left" if header in ("impl", "dtype") else "right")
+    previous = None
+    for row in report["results"]:
+        group = (row["dtype"], row["batch"], row["context"])
+        if previous is not None and group != previous:
+            table.add_section()
+        previous = group
+        table.add_row(
+            row["impl"],
+            row["dtype"],
+            str(row["batch"]),
+            f"{row['context']:,}",
+            f"{row['ms_per_step']:.2f}",
+            f"{row['ms_min']:.2f}–{row['ms_max']:.2f}",
+            f"{row['tokens_per_s']:,.1f}",
+            format_bytes(row["cache_bytes"]),
+            f"{row['achieved_gbs']:.1f}",
+            f"{row['achieved_gflops']:.1f}",
+            f"{row['x_roofline']:.2f}",
+            _ratio(row["vs_mha"]),
+            _ratio(row["vs_hf"]),
+            "-" if row["max_rel_err"] is None else f"{row['max_rel_err']:.1e}",
+        )
+    return table
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}×"

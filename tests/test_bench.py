@@ -1,0 +1,61 @@
+"""`latentattn bench` on a tiny layer: the report's shape, MLA/HF agreement and the CLI. No timing asserts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from latentattn import MLAConfig
+from latentattn.bench import IMPLS, BenchConfig, run_bench
+from latentattn.cli import main
+
+TINY = MLAConfig(d_model=64, n_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
+
+
+@pytest.fixture(scope="module")
+def report():
+    pytest.importorskip("transformers")
+    config = BenchConfig(mla=TINY, gqa_kv_heads=2, contexts=(8, 40), dtypes=("float32",), warmup=0, repeats=2)
+    return run_bench(config)
+
+
+def test_report_has_every_row_and_the_roofline(report):
+    assert set(report) == {"machine", "roofline", "config", "results"}
+    assert report["roofline"]["bandwidth_gbs"] > 0
+    assert report["roofline"]["peak_gflops"]["float32"] > 0
+    rows = report["results"]
+    assert [(row["impl"], row["context"]) for row in rows] == [(impl, s) for s in (8, 40) for impl in IMPLS]
+    for row in rows:
+        assert row["ms_min"] <= row["ms_per_step"] <= row["ms_max"]
+        assert row["roofline_ms"] > 0
+        assert row["x_roofline"] == pytest.approx(row["ms_per_step"] / row["roofline_ms"])
+    mha = next(row for row in rows if row["impl"] == "mha" and row["context"] == 40)
+    assert mha["cache_bytes"] == 40 * 2 * 4 * 16 * 4  # context · K and V · 4 heads · 16 dims · fp32
+    absorbed = next(row for row in rows if row["impl"] == "mla-absorbed" and row["context"] == 40)
+    assert absorbed["cache_bytes"] == 40 * (32 + 8) * 4
+    assert absorbed["vs_mha"] == pytest.approx(mha["ms_per_step"] / absorbed["ms_per_step"])
+
+
+def test_mla_paths_and_hf_agree_on_the_same_weights_and_cache(report):
+    for row in report["results"]:
+        if row["impl"].startswith(("mla", "hf")):
+            assert row["max_rel_err"] <= 1e-5, row["impl"]
+        else:
+            assert row["max_rel_err"] is None
+
+
+def test_cli_json_and_plot(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    plot = tmp_path / "latency.png"
+    args = ["bench", "--contexts", "16", "--dtype", "float32", "bfloat16", "--impl", "mqa", "mla-absorbed"]
+    assert main([*args, "--repeats", "1", "--warmup", "0", "--json", "--plot", str(plot)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {row["impl"] for row in report["results"]} == {"mqa", "mla-absorbed"}
+    assert plot.stat().st_size > 0
+
+
+def test_bad_config_is_named():
+    with pytest.raises(ValueError, match="unknown implementation 'flash'"):
+        BenchConfig(impls=("flash",))
+    assert main(["bench", "--contexts", "lots"]) == 2
