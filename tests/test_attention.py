@@ -240,7 +240,7 @@ def test_bad_inputs_raise_clear_errors():
         mla(torch.randn(2, 3, 31, dtype=torch.float64))
     with pytest.raises(ValueError, match="got zero tokens"):
         mla(torch.randn(2, 0, 32, dtype=torch.float64))
-    with pytest.raises(ValueError, match="MLA needs a LatentCache, got KVCache"):
+    with pytest.raises(ValueError, match="MLA needs a latent cache .*, got KVCache"):
         mla(torch.randn(2, 3, 32, dtype=torch.float64), gqa.new_cache(2, 8))
     with pytest.raises(ValueError, match="GQA needs a KVCache, got LatentCache"):
         gqa(torch.randn(2, 3, 32, dtype=torch.float64), mla.new_cache(2, 8))

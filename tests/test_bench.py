@@ -10,7 +10,9 @@ from latentattn import MLAConfig
 from latentattn.bench import IMPLS, BenchConfig, run_bench
 from latentattn.cli import main
 
-TINY = MLAConfig(d_model=64, n_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
+TINY = MLAConfig(
+    d_model=64, n_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16
+)
 
 
 @pytest.fixture(scope="module")

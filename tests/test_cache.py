@@ -86,6 +86,7 @@ def test_overflow_names_the_sequence_and_lengths():
         (torch.randn(2, 3, 7), r"'latent' has shape \(2, 3, 7\), expected \[batch=2, new_tokens, 8\]"),
         (torch.randn(3, 3, 8), r"'latent' has shape \(3, 3, 8\), expected \[batch=2"),
         (torch.randn(2, 8), r"'latent' has shape \(2, 8\)"),
+        (torch.randn(8), r"'latent' has shape \(8,\)"),
         (
             torch.randn(2, 3, 8, dtype=torch.float64),
             "entries are torch.float64 but the cache holds torch.float32",
@@ -108,5 +109,7 @@ def test_bad_n_new_and_sizes():
         cache.update(k, k, n_new=torch.tensor([1.0, 1.0]))
     with pytest.raises(ValueError, match=r"'v' has shape"):
         cache.update(k, k[:, :, :1])
+    with pytest.raises(ValueError, match="entries disagree on the number of new tokens"):
+        cache.update(k, k[:, :1])
     with pytest.raises(ValueError, match="batch_size > 0 and max_len > 0"):
         KVCache(TINY_GQA, batch_size=0, max_len=4)

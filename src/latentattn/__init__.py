@@ -4,6 +4,8 @@ from latentattn.attention import MLA, GQAAttention, build_attention, choose_mla_
 from latentattn.cache import KVCache, LatentCache
 from latentattn.config import GQAConfig, MLAConfig, RopeConfig, YarnConfig
 from latentattn.layers import RMSNorm
+from latentattn.paged_cache import PagedLatentCache
+from latentattn.quantized_cache import QuantizedLatentCache
 from latentattn.rope import RotaryEmbedding
 
 __version__ = "0.1.0"
@@ -15,6 +17,8 @@ __all__ = [
     "KVCache",
     "LatentCache",
     "MLAConfig",
+    "PagedLatentCache",
+    "QuantizedLatentCache",
     "RMSNorm",
     "RopeConfig",
     "RotaryEmbedding",

@@ -22,8 +22,12 @@ from torch import Tensor, nn
 from latentattn.cache import KVCache, LatentCache
 from latentattn.config import AttentionConfig, GQAConfig, MLAConfig
 from latentattn.layers import RMSNorm, fp32_or_wider
+from latentattn.paged_cache import PagedLatentCache
+from latentattn.quantized_cache import QuantizedLatentCache
 from latentattn.rope import RotaryEmbedding
 
+LATENT_CACHES = (LatentCache, QuantizedLatentCache, PagedLatentCache)
+"""Caches MLA can read: contiguous, 8-bit (FlashMLA's layout) and paged."""
 Mode = Literal["auto", "naive", "absorbed"]
 MODES: tuple[Mode, ...] = ("auto", "naive", "absorbed")
 
@@ -70,7 +74,7 @@ def _check_input(x: Tensor, d_model: int, name: str) -> None:
         raise ValueError(f"{name} got zero tokens (x has shape {tuple(x.shape)})")
 
 
-def _positions(x: Tensor, cache: LatentCache | KVCache | None, n_new: Tensor | None) -> Tensor:
+def _positions(x: Tensor, cache: object | None, n_new: Tensor | None) -> Tensor:
     """Token positions `[B, T]`: from the cache's per-sequence lengths, else 0..T-1."""
     batch, n_tokens = x.shape[:2]
     if cache is None:
@@ -79,6 +83,8 @@ def _positions(x: Tensor, cache: LatentCache | KVCache | None, n_new: Tensor | N
                 "n_new (right padding per sequence) needs a cache; without one the mask is causal"
             )
         return torch.arange(n_tokens, device=x.device).expand(batch, n_tokens)
+    if cache.batch_size != batch:
+        raise ValueError(f"x holds {batch} sequences but the cache holds {cache.batch_size}")
     return cache.positions(n_tokens)
 
 
@@ -180,15 +186,16 @@ class MLA(nn.Module):
     def forward(
         self,
         x: Tensor,
-        cache: LatentCache | None = None,
+        cache: LatentCache | QuantizedLatentCache | PagedLatentCache | None = None,
         *,
         n_new: Tensor | None = None,
         mode: Mode = "auto",
     ) -> Tensor:
         """x: [B, T, d] → [B, T, d]; see the module docstring for the cache protocol."""
         _check_input(x, self.config.d_model, "MLA")
-        if cache is not None and not isinstance(cache, LatentCache):
-            raise ValueError(f"MLA needs a LatentCache, got {type(cache).__name__}")
+        if cache is not None and not isinstance(cache, LATENT_CACHES):
+            names = ", ".join(kind.__name__ for kind in LATENT_CACHES)
+            raise ValueError(f"MLA needs a latent cache ({names}), got {type(cache).__name__}")
         positions = _positions(x, cache, n_new)
         q_nope, q_pe = self.queries(x, positions)
         latent = self.latent(x, positions)

@@ -18,11 +18,15 @@ from latentattn.config import GQAConfig, MLAConfig
 
 
 class _PreallocatedCache:
-    """Static-shaped buffers `[B, L, *entry_shape]` plus the per-sequence lengths `[B]`."""
+    """Static-shaped buffers `[B, L, *shape]` plus the per-sequence lengths `[B]`.
+
+    `entries` maps each buffer's name to its per-token shape and storage dtype (default: `dtype`,
+    the dtype attention computes in and hands to `update`).
+    """
 
     def __init__(
         self,
-        entry_shapes: dict[str, tuple[int, ...]],
+        entries: dict[str, tuple[tuple[int, ...], torch.dtype | None]],
         batch_size: int,
         max_len: int,
         *,
@@ -32,19 +36,16 @@ class _PreallocatedCache:
         if batch_size <= 0 or max_len <= 0:
             raise ValueError(f"cache needs batch_size > 0 and max_len > 0, got {batch_size} and {max_len}")
         self.max_len = max_len
+        self.dtype = dtype
         self.buffers = {
-            name: torch.zeros(batch_size, max_len, *shape, device=device, dtype=dtype)
-            for name, shape in entry_shapes.items()
+            name: torch.zeros(batch_size, max_len, *shape, device=device, dtype=storage or dtype)
+            for name, (shape, storage) in entries.items()
         }
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
 
     @property
     def batch_size(self) -> int:
         return self.lengths.shape[0]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(iter(self.buffers.values())).dtype
 
     @property
     def device(self) -> torch.device:
@@ -77,77 +78,110 @@ class _PreallocatedCache:
         """Write the new entries `[B, T, ...]`, advance the lengths and return what attention reads.
 
         `n_new[b]` (default T) of sequence b's T entries are real; the rest are right padding, never
-        written. Returns the buffers `[B, S, ...]` and the boolean mask `[B, T, S]` (True = attend), or
-        None when all sequences had the same length and get all T tokens: then the mask is the causal one
-        aligned so that the last new token sees all S keys, which attention builds cheaply (or skips,
-        for T = 1).
+        written. Returns the buffers `[B, S, ...]` and `attention_mask(...)`.
         """
-        first = next(iter(entries.values()))
-        n_tokens = first.shape[1] if first.dim() >= 2 else 0
         for name, value in entries.items():
-            self._check_entry(name, value, n_tokens)
-        n_new = self._check_n_new(n_new, n_tokens)
+            buffer = self.buffers[name]
+            check_entry(
+                type(self).__name__,
+                name,
+                value,
+                buffer.shape[2:],
+                self.batch_size,
+                buffer.dtype,
+                buffer.device,
+            )
+        n_tokens = next(iter(entries.values())).shape[1]
+        if any(value.shape[1] != n_tokens for value in entries.values()):
+            shapes = {name: tuple(value.shape) for name, value in entries.items()}
+            raise ValueError(f"{type(self).__name__}: entries disagree on the number of new tokens: {shapes}")
+        n_new = check_n_new(n_new, self.batch_size, n_tokens, self.device)
         ends = self.lengths + n_new
-        if bool((ends > self.max_len).any()):
-            b = int((ends > self.max_len).nonzero()[0, 0])
-            raise ValueError(
-                f"cache overflow: sequence {b} holds {int(self.lengths[b])} tokens and gets "
-                f"{int(n_new[b])} more, past max_len={self.max_len}"
-            )
-        positions = self.positions(n_tokens)  # [B, T]
-        if n_tokens:
+        check_capacity(self.lengths, n_new, self.max_len)
+        start = int(self.lengths[0])
+        if bool((n_new == n_tokens).all() and (self.lengths == start).all()):  # one length: plain copies
+            for name, value in entries.items():
+                self.buffers[name][:, start : start + n_tokens] = value
+        else:  # ragged: write each real token at its sequence's position
             real = torch.arange(n_tokens, device=self.device)[None, :] < n_new[:, None]  # [B, T]
-            if bool(real.all()):
-                for name, value in entries.items():
-                    self.buffers[name].scatter_(1, _expand_index(positions, value), value)
-            else:
-                rows, cols = real.nonzero(as_tuple=True)
-                for name, value in entries.items():
-                    self.buffers[name][rows, positions[rows, cols]] = value[rows, cols]
-        keys = max(int(ends.max()), 1)
-        mask = None
-        if bool((ends != keys).any() or (n_new != n_tokens).any()):
-            mask = torch.arange(keys, device=self.device)[None, None, :] <= positions[:, :, None]  # [B, T, S]
+            rows, cols = real.nonzero(as_tuple=True)
+            positions = self.lengths[rows] + cols
+            for name, value in entries.items():
+                _bytes(self.buffers[name])[rows, positions] = _bytes(value)[rows, cols]
+        mask, n_keys = attention_mask(self.lengths, n_new, n_tokens)
         self.lengths = ends
-        return [self.buffers[name][:, :keys] for name in entries], mask
-
-    def _check_entry(self, name: str, value: Tensor, n_tokens: int) -> None:
-        buffer = self.buffers[name]
-        expected = (self.batch_size, n_tokens, *buffer.shape[2:])
-        if tuple(value.shape) != expected:
-            raise ValueError(
-                f"{type(self).__name__}: '{name}' has shape {tuple(value.shape)}, expected "
-                f"[batch={expected[0]}, new_tokens, {', '.join(map(str, expected[2:]))}]"
-            )
-        if value.dtype != buffer.dtype:
-            raise ValueError(
-                f"{type(self).__name__}: new '{name}' entries are {value.dtype} but the cache holds "
-                f"{buffer.dtype} (build it with the layer's new_cache())"
-            )
-        if value.device != buffer.device:
-            raise ValueError(
-                f"{type(self).__name__}: new '{name}' entries are on {value.device} but the cache is on "
-                f"{buffer.device}"
-            )
-
-    def _check_n_new(self, n_new: Tensor | None, n_tokens: int) -> Tensor:
-        if n_new is None:
-            return torch.full_like(self.lengths, n_tokens)
-        n_new = torch.as_tensor(n_new, device=self.device)
-        if n_new.shape != self.lengths.shape or n_new.dtype.is_floating_point:
-            raise ValueError(
-                f"n_new must be an integer tensor of shape [batch={self.batch_size}], "
-                f"got {n_new.dtype} {tuple(n_new.shape)}"
-            )
-        if bool(((n_new < 0) | (n_new > n_tokens)).any()):
-            raise ValueError(f"n_new must lie in [0, {n_tokens}] (the chunk length), got {n_new.tolist()}")
-        return n_new.long()
+        return [self.buffers[name][:, :n_keys] for name in entries], mask
 
 
-def _expand_index(positions: Tensor, value: Tensor) -> Tensor:
-    """Positions `[B, T]` broadcast to `value`'s shape `[B, T, ...]` for `scatter_` along dim 1."""
-    index = positions.reshape(*positions.shape, *([1] * (value.dim() - 2)))
-    return index.expand_as(value)
+def check_entry(
+    owner: str,
+    name: str,
+    value: Tensor,
+    tail: tuple[int, ...] | torch.Size,
+    batch_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> None:
+    """Raise a ValueError naming the problem unless `value` is `[batch_size, T, *tail]`, `dtype`, `device`."""
+    if value.dim() != 2 + len(tail) or value.shape[0] != batch_size or tuple(value.shape[2:]) != tuple(tail):
+        raise ValueError(
+            f"{owner}: '{name}' has shape {tuple(value.shape)}, expected "
+            f"[batch={batch_size}, new_tokens, {', '.join(map(str, tail))}]"
+        )
+    if value.dtype != dtype:
+        raise ValueError(
+            f"{owner}: new '{name}' entries are {value.dtype} but the cache holds {dtype} "
+            "(build it with the layer's new_cache())"
+        )
+    if value.device != device:
+        raise ValueError(f"{owner}: new '{name}' entries are on {value.device} but the cache is on {device}")
+
+
+def check_n_new(n_new: Tensor | None, batch_size: int, n_tokens: int, device: torch.device) -> Tensor:
+    """`n_new` as a long tensor `[B]` with values in [0, T] (None: all T tokens are real)."""
+    if n_new is None:
+        return torch.full((batch_size,), n_tokens, dtype=torch.long, device=device)
+    n_new = torch.as_tensor(n_new, device=device)
+    if n_new.shape != (batch_size,) or n_new.dtype.is_floating_point:
+        raise ValueError(
+            f"n_new must be an integer tensor of shape [batch={batch_size}], "
+            f"got {n_new.dtype} {tuple(n_new.shape)}"
+        )
+    if bool(((n_new < 0) | (n_new > n_tokens)).any()):
+        raise ValueError(f"n_new must lie in [0, {n_tokens}] (the chunk length), got {n_new.tolist()}")
+    return n_new.long()
+
+
+def check_capacity(lengths: Tensor, n_new: Tensor, max_len: int) -> None:
+    """Raise a ValueError naming the first sequence that `n_new` more tokens would push past `max_len`."""
+    over = lengths + n_new > max_len
+    if bool(over.any()):
+        b = int(over.nonzero()[0, 0])
+        raise ValueError(
+            f"cache overflow: sequence {b} holds {int(lengths[b])} tokens and gets {int(n_new[b])} more, "
+            f"past max_len={max_len}"
+        )
+
+
+def attention_mask(lengths: Tensor, n_new: Tensor, n_tokens: int) -> tuple[Tensor | None, int]:
+    """The keys S to read after appending, and the mask `[B, T, S]` (True = attend) for T new tokens.
+
+    Token t of sequence b sits at `lengths[b] + t` and sees keys at positions `<= lengths[b] + t`.
+    The mask is None when all sequences had one length and get all T tokens: then it is the causal
+    mask aligned so the last new token sees all S keys, which attention builds cheaply (or skips, for
+    T = 1).
+    """
+    ends = lengths + n_new
+    n_keys = max(int(ends.max()), 1)
+    if bool((ends == n_keys).all() and (n_new == n_tokens).all()):
+        return None, n_keys
+    positions = lengths[:, None] + torch.arange(n_tokens, device=lengths.device)  # [B, T]
+    return torch.arange(n_keys, device=lengths.device)[None, None, :] <= positions[:, :, None], n_keys
+
+
+def _bytes(tensor: Tensor) -> Tensor:
+    """One-byte tensors (int8, fp8) as uint8, since indexed writes do not support fp8 on every device."""
+    return tensor.view(torch.uint8) if tensor.element_size() == 1 else tensor
 
 
 class LatentCache(_PreallocatedCache):
@@ -162,7 +196,8 @@ class LatentCache(_PreallocatedCache):
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        super().__init__({"latent": (config.cache_width,)}, batch_size, max_len, device=device, dtype=dtype)
+        entries = {"latent": ((config.cache_width,), None)}
+        super().__init__(entries, batch_size, max_len, device=device, dtype=dtype)
         self.kv_lora_rank = config.kv_lora_rank
 
     @property
@@ -190,7 +225,9 @@ class KVCache(_PreallocatedCache):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         shape = (config.n_kv_heads, config.head_dim)
-        super().__init__({"k": shape, "v": shape}, batch_size, max_len, device=device, dtype=dtype)
+        super().__init__(
+            {"k": (shape, None), "v": (shape, None)}, batch_size, max_len, device=device, dtype=dtype
+        )
 
     def update(
         self, k: Tensor, v: Tensor, n_new: Tensor | None = None
