@@ -13,6 +13,7 @@ import json
 import pytest
 import torch
 
+from latentattn import calculator as calc
 from latentattn.cache import KVCache, LatentCache
 from latentattn.calculator import (
     DEFAULT_BASELINE,
@@ -354,3 +355,31 @@ def test_cli_config_lacking_fields(capsys, tmp_path):
     err = capsys.readouterr().err
     assert "num_attention_heads" in err
     assert path in err
+
+
+def test_latent_format_bytes_match_the_quantized_cache_and_flashmla():
+    """FlashMLA's 8-bit layout: 512 + 4·4 + 64·2 = 656 B per token per layer, as the cache object stores."""
+    from latentattn.quantized_cache import QuantizedLatentCache
+
+    v2 = calc.preset("deepseek-v2")
+    for latent_format in calc.LATENT_FORMATS:
+        estimate = calc.CacheEstimate(v2, latent_format=latent_format, context=1000)
+        assert estimate.bytes_per_token_per_layer == 656
+        assert estimate.bytes_per_token == 656 * 60
+        assert estimate.cache_bytes == 656 * 60 * 1000
+        config = MLAConfig(d_model=5120, n_heads=128, kv_lora_rank=512, q_lora_rank=1536)
+        assert QuantizedLatentCache(config, 1, 1, format=latent_format).bytes_per_token == 656
+
+
+def test_latent_format_in_comparisons_and_cli(capsys):
+    comparison = calc.compare(
+        [calc.preset("deepseek-v2"), calc.preset("llama-3-8b")], latent_format="fp8", context=1024
+    )
+    v2, llama = comparison.rows
+    assert v2.latent_format == "fp8"
+    assert llama.latent_format is None  # GQA rows keep --bits
+    assert v2.as_dict()["bytes_per_token"] == 39_360
+    with pytest.raises(ValueError, match="applies to MLA, not llama-3-8b"):
+        calc.CacheEstimate(calc.preset("llama-3-8b"), latent_format="int8")
+    assert main(["cache", "deepseek-v2", "--latent-format", "int8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["models"][0]["bytes_per_token_per_layer"] == 656

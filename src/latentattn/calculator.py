@@ -8,8 +8,10 @@ Per token, summed over l layers (DeepSeek-V2 paper, §2.1 and Table 1), in eleme
     MLA  (d_c + d_R)·l   the latent c_KV plus the decoupled RoPE key, shared by all heads
 
 An element stored at `bits` bits takes `bits / 8` bytes (payload only: quantization scales are not
-counted). A cache for B sequences of T tokens holds `B·T` tokens; all layers cache every token (no
-sliding windows). Importing this module needs neither torch nor matplotlib.
+counted), except in an MLA latent format (`latent_format`), which counts its scales: FlashMLA's 8-bit
+layout stores c_KV in int8 or fp8 with one fp32 scale per 128 values and k_pe in bf16, 656 bytes per
+token per layer for d_c = 512, d_R = 64. A cache for B sequences of T tokens holds `B·T` tokens; all
+layers cache every token (no sliding windows). Importing this module needs neither torch nor matplotlib.
 """
 
 from __future__ import annotations
@@ -34,6 +36,15 @@ DEFAULT_CONTEXT = 128 * 1024
 DEFAULT_BASELINE = "mha-deepseek-v2-heads"
 """Plain MHA with DeepSeek-V2's heads and layers: the paper's own yardstick (32,768 vs 576 per layer)."""
 MAX_BITS = 64
+LATENT_FORMATS = ("int8", "fp8")
+"""8-bit latent formats (`latentattn.QuantizedLatentCache`): 8-bit c_KV, fp32 scales, bf16 k_pe."""
+LATENT_GROUP_SIZE = 128
+
+
+def latent_format_bytes(kv_lora_rank: int, rope_dim: int, group_size: int = LATENT_GROUP_SIZE) -> int:
+    """Bytes per token per layer of an 8-bit latent: d_c bytes, 4 per group scale, 2 per RoPE value."""
+    return kv_lora_rank + 4 * -(-kv_lora_rank // group_size) + 2 * rope_dim
+
 
 # Each spec field: paper symbol and the `latentattn cache` flag that sets it.
 _FIELDS = MappingProxyType(
@@ -441,10 +452,18 @@ class CacheEstimate:
     context: int = DEFAULT_CONTEXT
     batch: int = 1
     budget_bytes: int | None = None
+    latent_format: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or not 1 <= self.bits <= MAX_BITS:
             raise ValueError(f"bits must be an integer from 1 to {MAX_BITS}, got {self.bits!r}")
+        if self.latent_format is not None:
+            if self.latent_format not in LATENT_FORMATS:
+                raise ValueError(
+                    f"unknown latent format {self.latent_format!r}; choose one of {', '.join(LATENT_FORMATS)}"
+                )
+            if self.model.kind != "mla":
+                raise ValueError(f"latent format {self.latent_format} applies to MLA, not {self.model.name}")
         for name in ("context", "batch", "budget_bytes"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
@@ -459,30 +478,44 @@ class CacheEstimate:
         return self.model.elements_per_token
 
     @property
+    def storage(self) -> str:
+        """How an element is stored: '16' (bits), or a latent format such as 'fp8'."""
+        return self.latent_format or str(self.bits)
+
+    @property
+    def _bits_per_token_per_layer(self) -> int:
+        if self.latent_format is not None:
+            return 8 * latent_format_bytes(self.model.kv_lora_rank, self.model.rope_dim)
+        return self.elements_per_token_per_layer * self.bits
+
+    @property
     def bytes_per_token_per_layer(self) -> int | float:
-        return _whole_or_fraction(self.elements_per_token_per_layer * self.bits)
+        return _whole_or_fraction(self._bits_per_token_per_layer)
 
     @property
     def bytes_per_token(self) -> int | float:
         """Bytes per token over all layers."""
-        return _whole_or_fraction(self.elements_per_token * self.bits)
+        return _whole_or_fraction(self._bits_per_token_per_layer * self.model.n_layers)
 
     @property
     def cache_bytes(self) -> int | float:
         """Bytes of the whole cache: batch · context · bytes_per_token."""
-        return _whole_or_fraction(self.batch * self.context * self.elements_per_token * self.bits)
+        return _whole_or_fraction(
+            self.batch * self.context * self._bits_per_token_per_layer * self.model.n_layers
+        )
 
     @property
     def max_context(self) -> int | None:
         """Tokens per sequence that fit `budget_bytes` for the whole batch (None without a budget)."""
         if self.budget_bytes is None:
             return None
-        return 8 * self.budget_bytes // (self.batch * self.elements_per_token * self.bits)
+        return 8 * self.budget_bytes // (self.batch * self._bits_per_token_per_layer * self.model.n_layers)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             **self.model.as_dict(),
             "bits": self.bits,
+            "latent_format": self.latent_format,
             "elements_per_token_per_layer": self.elements_per_token_per_layer,
             "elements_per_token": self.elements_per_token,
             "bytes_per_token_per_layer": self.bytes_per_token_per_layer,
@@ -531,12 +564,14 @@ def compare(
     baseline: ModelSpec | None = None,
     bits: int = 16,
     baseline_bits: int = 16,
+    latent_format: str | None = None,
     context: int = DEFAULT_CONTEXT,
     batch: int = 1,
     budget_bytes: int | None = None,
 ) -> Comparison:
     """Each model's cache at `bits`, against `baseline` (default: MHA with DeepSeek-V2's heads) at
-    `baseline_bits`, for `batch` sequences of `context` tokens and an optional memory budget."""
+    `baseline_bits`, for `batch` sequences of `context` tokens and an optional memory budget.
+    `latent_format` (int8, fp8) stores the MLA models' latents in FlashMLA's 8-bit layout instead."""
     if not isinstance(baseline_bits, int) or not 1 <= baseline_bits <= MAX_BITS:
         raise ValueError(f"baseline_bits must be an integer from 1 to {MAX_BITS}, got {baseline_bits!r}")
     template = CacheEstimate(
@@ -546,7 +581,12 @@ def compare(
         batch=batch,
         budget_bytes=budget_bytes,
     )
-    rows = tuple(replace(template, model=model, bits=bits) for model in models)
+    rows = tuple(
+        replace(
+            template, model=model, bits=bits, latent_format=latent_format if model.kind == "mla" else None
+        )
+        for model in models
+    )
     return Comparison(rows=rows, baseline=template)
 
 
@@ -573,7 +613,7 @@ def comparison_table(comparison: Comparison) -> Table:
     title = f"KV cache for batch {base.batch} × context {base.context:,} tokens"
     if base.budget_bytes is not None:
         title += f"; budget {format_bytes(base.budget_bytes)}"
-    caption = f"reduction, factor: bytes/token vs the baseline {base.model.name} at {base.bits} bits"
+    caption = f"reduction, factor: bytes/token vs the baseline {base.model.name} at {base.storage} bits"
     table = Table(title=title, caption=caption)
     table.add_column("model", no_wrap=True)
     table.add_column("attn")
@@ -589,7 +629,7 @@ def comparison_table(comparison: Comparison) -> Table:
             str(row.model.n_layers),
             _number(row.elements_per_token_per_layer),
             _number(row.elements_per_token),
-            str(row.bits),
+            row.storage,
             _number(row.bytes_per_token_per_layer),
             _number(row.bytes_per_token),
             format_bytes(row.cache_bytes),

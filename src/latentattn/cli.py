@@ -63,6 +63,11 @@ def _add_cache(verbs: argparse._SubParsersAction) -> None:
         "--bits", type=int, metavar="N", default=16, help="bits per cached element (default 16 = bf16)"
     )
     cache.add_argument(
+        "--latent-format",
+        choices=("int8", "fp8"),
+        help="store MLA latents in FlashMLA's 8-bit layout (8-bit c_KV, fp32 scale per 128, bf16 k_pe)",
+    )
+    cache.add_argument(
         "--baseline",
         default=DEFAULT_BASELINE,
         metavar="MODEL",
@@ -109,6 +114,7 @@ def _run_cache(args: argparse.Namespace) -> None:
         baseline=calc.resolve_model(args.baseline),
         bits=args.bits,
         baseline_bits=args.baseline_bits,
+        latent_format=args.latent_format,
         context=calc.parse_context(args.context),
         batch=args.batch,
         budget_bytes=calc.parse_size(args.budget) if args.budget else None,

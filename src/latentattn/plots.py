@@ -35,7 +35,7 @@ def plot_cache_vs_context(comparison: Comparison, path: str | Path) -> Path:
 
     def draw(row: CacheEstimate, prefix: str = "", **style: object) -> None:
         gib = contexts * (row.cache_bytes / row.context) / GIB  # cache_bytes is linear in context
-        label = f"{prefix}{row.model.name} ({row.model.kind}, {row.bits}-bit)"
+        label = f"{prefix}{row.model.name} ({row.model.kind}, {row.storage})"
         axes.plot(contexts, gib, label=label, **style)
 
     for row in comparison.rows:
