@@ -25,8 +25,21 @@ from latentattn.attention import MLA, GQAAttention, mla_path_flops
 from latentattn.calculator import format_bytes
 from latentattn.config import GQAConfig, MLAConfig
 from latentattn.hf import attention_state_dict_to_hf, mla_config_to_hf
+from latentattn.paged_cache import PagedLatentCache
+from latentattn.quantized_cache import QuantizedLatentCache
 
-IMPLS = ("mha", "gqa", "mqa", "mla-naive", "mla-absorbed", "hf-deepseek-v3")
+IMPLS = (
+    "mha",
+    "gqa",
+    "mqa",
+    "mla-naive",
+    "mla-absorbed",
+    "mla-paged",
+    "mla-int8",
+    "mla-fp8",
+    "hf-deepseek-v3",
+)
+"""mla-paged, mla-int8 and mla-fp8 decode on the absorbed path from a paged or an 8-bit latent cache."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -159,14 +172,25 @@ class _Case:
     flops: int
 
 
-def _mla_case(mla: MLA, x: torch.Tensor, latent: torch.Tensor, mode: str) -> _Case:
+def _mla_case(mla: MLA, x: torch.Tensor, latent: torch.Tensor, impl: str) -> _Case:
     batch, context = latent.shape[:2]
-    cache = mla.new_cache(batch, context + 1)
+    storage = impl.removeprefix("mla-")
+    mode = "naive" if storage == "naive" else "absorbed"
+    factory = {"device": latent.device, "dtype": latent.dtype}
+    if storage == "paged":
+        cache = PagedLatentCache(mla.config, batch * -(-(context + 1) // 64), **factory)
+        cache.new_batch(batch)
+    elif storage in ("int8", "fp8"):
+        cache = QuantizedLatentCache(mla.config, batch, context + 1, format=storage, **factory)
+    else:
+        cache = mla.new_cache(batch, context + 1)
     cache.update(latent)
-    cached_lengths = cache.lengths
 
     def step() -> torch.Tensor:
-        cache.lengths = cached_lengths  # every step decodes at the same context
+        if isinstance(cache, PagedLatentCache):  # every step decodes at the same context
+            cache.seq_lengths.update(dict.fromkeys(cache.batch, context))
+        else:
+            cache.lengths = torch.full_like(cache.lengths, context)
         return mla(x, cache, mode=mode)
 
     path = mla_path_flops(mla.config, n_queries=1, n_keys=context + 1)[mode]
@@ -256,6 +280,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
             for impl in kv_heads
             if impl in config.impls
         }
+        any_latent = any(impl.startswith(("mla", "hf")) for impl in config.impls)
         for batch in config.batch_sizes:
             for context in config.contexts:
                 x = torch.randn(batch, 1, c.d_model, device=config.device, dtype=dtype)
@@ -263,7 +288,8 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
                     torch.randn(batch, context, c.d_model, device=config.device, dtype=dtype),
                     torch.arange(context, device=config.device).expand(batch, context),
                 )
-                reference = None
+                # Oracle for every MLA/HF row: the naive path over the full-precision latent cache.
+                reference = _mla_case(mla, x, latent, "mla-naive").step() if any_latent else None
                 rows = []
                 for impl in config.impls:
                     if impl == "hf-deepseek-v3" and context > config.hf_max_context:
@@ -274,11 +300,10 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
                     elif impl == "hf-deepseek-v3":
                         case = _hf_case(mla, x, latent)
                     else:
-                        case = _mla_case(mla, x, latent, impl.removeprefix("mla-"))
+                        case = _mla_case(mla, x, latent, impl)
                     output = case.step()
                     error = None
                     if impl.startswith(("mla", "hf")):
-                        reference = output if reference is None else reference
                         error = _relative_error(output, reference)
                     times = time_ms(case.step, config.warmup, config.repeats)
                     median = statistics.median(times)
@@ -334,7 +359,8 @@ def results_table(report: dict[str, Any]) -> Table:
         title=f"Decode step, {report['config']['repeats']} repeats (median; min–max)",
         caption=(
             f"{machine['cpu']}, {machine['torch_threads']} threads, torch {machine['torch']}; roofline: "
-            f"{roof['bandwidth_gbs']:.1f} GB/s copy, {peaks}. ×roof = measured / max(bytes/BW, FLOPs/peak)"
+            f"{roof['bandwidth_gbs']:.1f} GB/s copy, {peaks}. ×roof = measured / max(bytes/BW, FLOPs/peak); "
+            "rel err: max |out − mla-naive| / max |mla-naive| on the same full-precision cache"
         ),
     )
     headers = ["impl", "dtype", "batch", "context", "ms/step", "min–max", "tok/s", "cache", "GB/s", "GFLOP/s"]

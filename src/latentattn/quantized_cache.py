@@ -22,7 +22,8 @@ FORMATS: dict[str, tuple[torch.dtype, float]] = {
 
 
 class QuantizedLatentCache(_PreallocatedCache):
-    """`[c_KV | k_pe]` per token with c_KV quantized per group of `group_size` values.
+    """`[c_KV | k_pe]` per token with c_KV quantized per group of `group_size` values (default 128, or
+    d_c when smaller).
 
     Buffers: `c_kv` [B, L, C] int8 or float8_e4m3fn, `scale` [B, L, C / group_size] fp32,
     `k_pe` [B, L, R] bf16.
@@ -35,12 +36,13 @@ class QuantizedLatentCache(_PreallocatedCache):
         max_len: int,
         *,
         format: str = "fp8",
-        group_size: int = 128,
+        group_size: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
         if format not in FORMATS:
             raise ValueError(f"unknown latent cache format {format!r}; choose one of {', '.join(FORMATS)}")
+        group_size = group_size or min(128, config.kv_lora_rank)
         if group_size <= 0 or config.kv_lora_rank % group_size:
             raise ValueError(
                 f"group_size ({group_size}) must be positive and divide kv_lora_rank ({config.kv_lora_rank})"
