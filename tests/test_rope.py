@@ -65,7 +65,7 @@ def test_yarn_matches_transformers():
     config = transformers.DeepseekV3Config(qk_rope_head_dim=64, rope_parameters=params)
     expected, amplitude = ROPE_INIT_FUNCTIONS["yarn"](config, "cpu")
     yarn = YarnConfig(factor=40.0, mscale=0.707, mscale_all_dim=0.707)
-    torch.testing.assert_close(rope_inv_freq(64, 10000.0, yarn), expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(rope_inv_freq(64, 10000.0, yarn).float(), expected, rtol=1e-6, atol=0)
     assert yarn.rope_amplitude == pytest.approx(amplitude)
 
 
@@ -77,3 +77,10 @@ def test_yarn_scales():
     assert plain.softmax_factor == 1.0
     assert plain.rope_amplitude == pytest.approx(0.1 * math.log(4.0) + 1)
     assert YarnConfig(factor=1.0).softmax_factor == 1.0
+
+
+def test_frequencies_survive_module_dtype_casts():
+    rope = RotaryEmbedding(16, RopeConfig()).to(torch.bfloat16)
+    x = torch.randn(1, 1, 1, 16, dtype=torch.float64)
+    exact = RotaryEmbedding(16, RopeConfig())
+    assert torch.equal(rope(x, torch.tensor([[5000]])), exact(x, torch.tensor([[5000]])))

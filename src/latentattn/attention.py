@@ -176,7 +176,7 @@ class MLA(nn.Module):
         self.kv_norm = RMSNorm(c.kv_lora_rank, c.norm_eps, device=device, dtype=dtype)
         self.w_ukv = nn.Linear(c.kv_lora_rank, c.n_heads * (c.qk_nope_head_dim + c.v_head_dim), **factory)
         self.w_o = nn.Linear(c.n_heads * c.v_head_dim, c.d_model, **factory)
-        self.rope = RotaryEmbedding(c.qk_rope_head_dim, c.rope, device=device)
+        self.rope = RotaryEmbedding(c.qk_rope_head_dim, c.rope)
 
     def new_cache(self, batch_size: int, max_len: int) -> LatentCache:
         """An empty latent cache on this layer's device, in its dtype."""
@@ -268,7 +268,7 @@ class GQAAttention(nn.Module):
         self.w_k = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, **factory)
         self.w_v = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, **factory)
         self.w_o = nn.Linear(c.n_heads * c.head_dim, c.d_model, **factory)
-        self.rope = RotaryEmbedding(c.head_dim, c.rope, device=device)
+        self.rope = RotaryEmbedding(c.head_dim, c.rope)
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         """An empty K/V cache on this layer's device, in its dtype."""

@@ -21,7 +21,7 @@ def _yarn_correction_dim(rotations: float, dim: int, theta: float, original_leng
 
 
 def rope_inv_freq(dim: int, theta: float, yarn: YarnConfig | None = None) -> Tensor:
-    """Inverse frequencies `theta^(-2i/dim)`, i < dim/2, in fp32; YaRN-blended when `yarn` is given.
+    """Inverse frequencies `theta^(-2i/dim)`, i < dim/2, in fp64; YaRN-blended when `yarn` is given.
 
     YaRN keeps the high frequencies (dims below the correction range computed from `beta_fast`),
     divides the low ones by `factor` (dims above the range from `beta_slow`), and ramps linearly
@@ -29,7 +29,7 @@ def rope_inv_freq(dim: int, theta: float, yarn: YarnConfig | None = None) -> Ten
     """
     inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
     if yarn is None:
-        return inv_freq.float()
+        return inv_freq
     low = _yarn_correction_dim(yarn.beta_fast, dim, theta, yarn.original_max_position_embeddings)
     high = _yarn_correction_dim(yarn.beta_slow, dim, theta, yarn.original_max_position_embeddings)
     if yarn.truncate:
@@ -39,26 +39,35 @@ def rope_inv_freq(dim: int, theta: float, yarn: YarnConfig | None = None) -> Ten
         high += 0.001  # avoid a zero-width ramp
     ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
     # ramp 0 → keep the original frequency (extrapolate); ramp 1 → interpolate by `factor`.
-    return (inv_freq * (1 - ramp) + inv_freq / yarn.factor * ramp).float()
+    return inv_freq * (1 - ramp) + inv_freq / yarn.factor * ramp
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotates the last dimension of `x: [B, T, H, R]` by angles `positions[b, t] · inv_freq`."""
+    """Rotates the last dimension of `x: [B, T, H, R]` by angles `positions[b, t] · inv_freq`.
 
-    inv_freq: Tensor
+    The frequencies are kept in fp64 outside the module's buffers (so `module.to(torch.bfloat16)`
+    cannot round them) and copied once per device and compute dtype.
+    """
 
-    def __init__(self, dim: int, config: RopeConfig, *, device: torch.device | str | None = None) -> None:
+    def __init__(self, dim: int, config: RopeConfig) -> None:
         super().__init__()
         self.dim = dim
         self.interleave = config.interleave
         self.amplitude = config.yarn.rope_amplitude if config.yarn else 1.0
-        freqs = rope_inv_freq(dim, config.theta, config.yarn).to(device)
-        self.register_buffer("inv_freq", freqs, persistent=False)
+        self.inv_freq = rope_inv_freq(dim, config.theta, config.yarn)
+        self._inv_freq_copies: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    def _frequencies(self, device: torch.device, dtype: torch.dtype) -> Tensor:
+        key = (device, dtype)
+        if key not in self._inv_freq_copies:
+            self._inv_freq_copies[key] = self.inv_freq.to(dtype).to(device)
+        return self._inv_freq_copies[key]
 
     def forward(self, x: Tensor, positions: Tensor) -> Tensor:
         """x: [B, T, H, R]; positions: [B, T] integer token positions. Returns x rotated, same dtype."""
         compute_dtype = fp32_or_wider(x.dtype)
-        angles = positions.to(compute_dtype)[..., None] * self.inv_freq.to(compute_dtype)  # [B, T, R/2]
+        inv_freq = self._frequencies(x.device, compute_dtype)
+        angles = positions.to(compute_dtype)[..., None] * inv_freq  # [B, T, R/2]
         cos = (angles.cos() * self.amplitude)[:, :, None, :]  # [B, T, 1, R/2]
         sin = (angles.sin() * self.amplitude)[:, :, None, :]
         xf = x.to(compute_dtype)
