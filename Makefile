@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/latentattn tour
+	$(BIN)/latentattn demo
 
 lint: setup
 	$(BIN)/ruff check .

@@ -4,6 +4,7 @@ from latentattn.attention import MLA, GQAAttention, build_attention, choose_mla_
 from latentattn.cache import KVCache, LatentCache
 from latentattn.config import GQAConfig, MLAConfig, RopeConfig, YarnConfig
 from latentattn.layers import RMSNorm
+from latentattn.model import LanguageModel, ModelConfig, get_preset
 from latentattn.paged_cache import PagedLatentCache
 from latentattn.quantized_cache import QuantizedLatentCache
 from latentattn.rope import RotaryEmbedding
@@ -15,8 +16,10 @@ __all__ = [
     "GQAAttention",
     "GQAConfig",
     "KVCache",
+    "LanguageModel",
     "LatentCache",
     "MLAConfig",
+    "ModelConfig",
     "PagedLatentCache",
     "QuantizedLatentCache",
     "RMSNorm",
@@ -25,5 +28,6 @@ __all__ = [
     "YarnConfig",
     "build_attention",
     "choose_mla_path",
+    "get_preset",
     "mla_path_flops",
 ]

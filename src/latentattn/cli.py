@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -16,6 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tour(verbs)
     _add_cache(verbs)
     _add_bench(verbs)
+    _add_train(verbs)
+    _add_generate(verbs)
+    _add_demo(verbs)
     return parser
 
 
@@ -189,6 +193,101 @@ def _run_bench(args: argparse.Namespace) -> None:
         print_table(results_table(report))
         if args.plot:
             print(f"plot written to {args.plot}")
+
+
+def _add_train(verbs: argparse._SubParsersAction) -> None:
+    train = verbs.add_parser(
+        "train",
+        help="train a small LM with mha, gqa, mqa or mla attention (torchrun-compatible)",
+        description="Train a decoder-only LM; unset options take latentattn.train.TrainConfig's defaults.",
+    )
+    train.add_argument("--out", required=True, metavar="DIR", help="run directory: checkpoints and log.jsonl")
+    train.add_argument("--attn", choices=("mha", "gqa", "mqa", "mla"), help="attention kind (default mla)")
+    train.add_argument("--preset", help="model preset: debug or small (default small)")
+    train.add_argument("--steps", type=int, metavar="N", help="optimizer steps (default 350)")
+    train.add_argument(
+        "--data", nargs="+", metavar="PATH", help="text files or folders (default: Python's standard library)"
+    )
+    train.add_argument("--seed", type=int, metavar="N", help="initialisation and batch seed (default 0)")
+    train.add_argument("--batch-size", type=int, metavar="N", help="windows per process and micro-step (16)")
+    train.add_argument("--context", type=int, metavar="TOKENS", help="window length (default: the preset's)")
+    train.add_argument("--lr", type=float, help="peak learning rate (default 2e-3)")
+    train.add_argument("--warmup", type=int, metavar="N", help="linear warmup steps before cosine decay (50)")
+    train.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0.1)")
+    train.add_argument("--grad-accum", type=int, metavar="N", help="micro-steps per optimizer step (1)")
+    train.add_argument("--grad-clip", type=float, help="gradient norm clip (default 1.0)")
+    train.add_argument("--dtype", choices=("fp32", "bf16"), help="fp32, or bf16 autocast (default fp32)")
+    train.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    train.add_argument("--eval-every", type=int, metavar="N", help="steps between validations (default 100)")
+    train.add_argument("--eval-batches", type=int, metavar="N", help="validation batches (default 4)")
+    train.add_argument("--checkpoint-every", type=int, metavar="N", help="steps between checkpoints (100)")
+    train.add_argument("--log-every", type=int, metavar="N", help="steps between log.jsonl records (10)")
+    train.add_argument("--cache-dir", metavar="DIR", help="tokenizer/token-id cache (~/.cache/latentattn)")
+    train.add_argument(
+        "--resume", action="store_true", default=None, help="continue the run in --out from its checkpoint"
+    )
+    train.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    train.set_defaults(run=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    from dataclasses import fields
+
+    from latentattn.train import TrainConfig, train
+
+    given = {f.name: getattr(args, f.name, None) for f in fields(TrainConfig)}
+    options = {name: value for name, value in given.items() if value is not None}
+    if "data" in options:
+        options["data"] = tuple(options["data"])
+    result = train(TrainConfig(**options), quiet=args.quiet)
+    if not args.quiet and int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"step {result.step}: val loss {result.val_loss:.3f}, {result.tokens_per_s:,.0f} tokens/s; "
+            f"checkpoint {result.checkpoint}"
+        )
+
+
+def _add_generate(verbs: argparse._SubParsersAction) -> None:
+    generate = verbs.add_parser("generate", help="sample text from a checkpoint through the KV/latent cache")
+    generate.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a run directory or one checkpoint")
+    generate.add_argument(
+        "--prompt", action="append", help="prompt text; repeat for a batch (default: one empty prompt)"
+    )
+    generate.add_argument(
+        "--max-new-tokens", type=int, default=200, metavar="N", help="per prompt, capped by the context (200)"
+    )
+    generate.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    generate.add_argument("--top-k", type=int, metavar="K", help="sample among the K likeliest tokens")
+    generate.add_argument("--top-p", type=float, metavar="P", help="nucleus: smallest set with mass P")
+    generate.add_argument("--seed", type=int, default=0, metavar="N", help="sampling seed (default 0)")
+    generate.set_defaults(run=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> None:
+    from latentattn.generate import SamplingConfig, run_generate
+
+    run_generate(
+        args.checkpoint,
+        prompts=args.prompt or [""],
+        max_new_tokens=args.max_new_tokens,
+        sampling=SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p),
+        seed=args.seed,
+    )
+
+
+def _add_demo(verbs: argparse._SubParsersAction) -> None:
+    demo = verbs.add_parser(
+        "demo", help="train the small MLA model on the standard library, sample, compare its cache with MHA"
+    )
+    demo.add_argument("--out", default="runs/demo", metavar="DIR", help="run directory (default runs/demo)")
+    demo.add_argument("--steps", type=int, metavar="N", help="training steps")
+    demo.set_defaults(run=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> None:
+    from latentattn.demo import run_demo
+
+    run_demo(args.out, **({} if args.steps is None else {"steps": args.steps}))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,252 @@
+"""`latentattn generate`: sampling from a trained checkpoint through the attention caches.
+
+A batch of ragged prompts is prefilled in one call (right padding, `n_new` = each prompt's length),
+then decoded one token per step: MLA on its absorbed path over the latent cache, the MHA/GQA/MQA
+family over its K/V cache. Every prompt starts with the document separator, as training documents do.
+
+Notation: B batch (prompts), V vocabulary size.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import torch
+from tokenizers import Tokenizer
+from torch import Tensor
+
+from latentattn.checkpoint import load_checkpoint
+from latentattn.config import AttentionConfig, MLAConfig
+from latentattn.data import EOS
+from latentattn.model import LanguageModel
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """`temperature == 0` is greedy; `top_k` keeps the k likeliest tokens, `top_p` the smallest set whose
+    probability reaches p (nucleus); both apply after the temperature."""
+
+    temperature: float = 0.8
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"SamplingConfig.temperature must be >= 0, got {self.temperature!r}")
+        if self.top_k is not None and self.top_k <= 0:
+            raise ValueError(f"SamplingConfig.top_k must be positive, got {self.top_k!r}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingConfig.top_p must lie in (0, 1], got {self.top_p!r}")
+
+
+def sample_next(logits: Tensor, sampling: SamplingConfig, generator: torch.Generator | None = None) -> Tensor:
+    """Next token ids `[B]` from logits `[B, V]`."""
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / sampling.temperature
+    if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
+        kth = logits.topk(sampling.top_k, dim=-1).values[:, -1:]  # [B, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p is not None:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        outside = probs.cumsum(dim=-1) - probs >= sampling.top_p  # mass before this token already >= p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+@dataclass(frozen=True)
+class Generation:
+    """Generated ids per prompt plus timing and cache figures of the run."""
+
+    tokens: list[list[int]]
+    prefill_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+    cache_tokens: int
+    """Tokens held by the cache at the end, all sequences together."""
+    cache_used_bytes: int
+    cache_bytes_per_token: int
+    """All layers together, in the cache's dtype."""
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(tokens) for tokens in self.tokens)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.new_tokens / self.decode_seconds if self.decode_seconds else float("nan")
+
+
+@torch.inference_mode()
+def generate(
+    model: LanguageModel,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    sampling: SamplingConfig,
+    generator: torch.Generator | None = None,
+    eos_id: int | None = None,
+    on_tokens: Callable[[list[int | None]], None] | None = None,
+) -> Generation:
+    """Sample up to `max_new_tokens` per prompt through the model's cache.
+
+    Prompts may have different lengths. A sequence stops after it emits `eos_id`; `on_tokens` receives
+    each step's new token per sequence (None for stopped ones).
+    """
+    lengths = [len(prompt) for prompt in prompts]
+    if not prompts or min(lengths) == 0:
+        raise ValueError("generate needs at least one prompt, each of at least one token")
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    context = model.config.max_seq_len
+    if max(lengths) + max_new_tokens > context:
+        raise ValueError(
+            f"prompt of {max(lengths)} tokens plus {max_new_tokens} new tokens exceeds the model's context "
+            f"of {context} tokens"
+        )
+    device = model.embed.weight.device
+    batch = len(prompts)
+    padded = torch.zeros(batch, max(lengths), dtype=torch.long, device=device)  # [B, T] right-padded
+    for b, prompt in enumerate(prompts):
+        padded[b, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+    n_new = torch.tensor(lengths, device=device)
+    cache = model.new_cache(batch, max(lengths) + max_new_tokens)
+    decode_mode = "absorbed" if isinstance(model.config.attention, MLAConfig) else "auto"
+
+    start = time.perf_counter()
+    logits = model(padded, cache, n_new=n_new)  # [B, T, V]
+    logits = logits[torch.arange(batch, device=device), n_new - 1]  # [B, V] at each prompt's last token
+    prefill_seconds = time.perf_counter() - start
+
+    start = time.perf_counter()
+    outputs: list[list[int]] = [[] for _ in prompts]
+    running = torch.ones(batch, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        token = sample_next(logits, sampling, generator)  # [B]
+        emitted = [
+            int(t) if alive else None for t, alive in zip(token.tolist(), running.tolist(), strict=True)
+        ]
+        for b, t in enumerate(emitted):
+            if t is not None:
+                outputs[b].append(t)
+        if on_tokens is not None:
+            on_tokens(emitted)
+        if eos_id is not None:
+            running &= token != eos_id
+        if step == max_new_tokens - 1 or not bool(running.any()):
+            break
+        # Stopped sequences take no new token (n_new 0); their rows are computed and ignored.
+        logits = model(token[:, None], cache, n_new=running.long(), mode=decode_mode)[:, 0]  # [B, V]
+    decode_seconds = time.perf_counter() - start
+    return Generation(
+        tokens=outputs,
+        prefill_tokens=sum(lengths),
+        prefill_seconds=prefill_seconds,
+        decode_seconds=decode_seconds,
+        cache_tokens=int(cache.lengths.sum()),
+        cache_used_bytes=cache.used_bytes,
+        cache_bytes_per_token=cache.bytes_per_token,
+    )
+
+
+def mha_cache_width(config: AttentionConfig) -> int:
+    """Numbers per token per layer that MHA with the same heads and head widths would cache.
+
+    GQA family: K and V for every query head, `2·n_heads·head_dim`. MLA: per-head keys of width
+    `qk_nope + qk_rope` and values of width `v_head_dim` (DeepSeek-V2's "MHA" baseline).
+    """
+    if isinstance(config, MLAConfig):
+        return config.n_heads * (config.qk_head_dim + config.v_head_dim)
+    return 2 * config.n_heads * config.head_dim
+
+
+class _Streamer:
+    """Writes one sequence's text as its tokens arrive, holding back incomplete UTF-8 characters."""
+
+    def __init__(self, tokenizer: Tokenizer, out: TextIO) -> None:
+        self.tokenizer, self.out = tokenizer, out
+        self.ids: list[int] = []
+        self.written = 0
+
+    def __call__(self, tokens: list[int | None]) -> None:
+        if tokens[0] is None:
+            return
+        self.ids.append(tokens[0])
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=False).rstrip("\ufffd")
+        self.out.write(text[self.written :])
+        self.out.flush()
+        self.written = max(self.written, len(text))
+
+
+def run_generate(
+    checkpoint: str | Path,
+    *,
+    prompts: Sequence[str] = ("",),
+    max_new_tokens: int = 200,
+    sampling: SamplingConfig | None = None,
+    seed: int = 0,
+    out: TextIO | None = None,
+) -> Generation:
+    """Load `checkpoint`, sample a completion for each prompt and print it, then the speed and cache size.
+
+    One prompt streams to `out` (default stdout) as it is produced; several print once all are done.
+    """
+    out = out or sys.stdout
+    loaded = load_checkpoint(checkpoint)
+    tokenizer, config = loaded.tokenizer, loaded.config
+    eos_id = tokenizer.token_to_id(EOS)
+    encoded = [[eos_id, *tokenizer.encode(prompt).ids] for prompt in prompts]
+    for i, ids in enumerate(encoded):
+        if len(ids) >= config.max_seq_len:
+            raise ValueError(
+                f"prompt {i + 1} has {len(ids)} tokens (with the leading separator); the model's context "
+                f"is {config.max_seq_len}"
+            )
+    room = config.max_seq_len - max(map(len, encoded))
+    if max_new_tokens > room:
+        print(
+            f"note: the model's context is {config.max_seq_len} tokens; generating {room} new tokens, "
+            f"not {max_new_tokens}",
+            file=sys.stderr,
+        )
+        max_new_tokens = room
+    streamer = _Streamer(tokenizer, out) if len(prompts) == 1 else None
+    if streamer is not None:
+        out.write(prompts[0])
+    result = generate(
+        loaded.model,
+        encoded,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling or SamplingConfig(),
+        generator=torch.Generator().manual_seed(seed),
+        eos_id=eos_id,
+        on_tokens=streamer,
+    )
+    if streamer is None:
+        for i, (prompt, tokens) in enumerate(zip(prompts, result.tokens, strict=True)):
+            out.write(f"--- [{i + 1}] ---\n{prompt}{tokenizer.decode(tokens)}\n")
+    out.write("\n\n")
+    out.write(_report(result, config.attention, config.n_layers, loaded.model.embed.weight.element_size()))
+    return result
+
+
+def _report(result: Generation, attention: AttentionConfig, n_layers: int, element_size: int) -> str:
+    mha_bytes_per_token = mha_cache_width(attention) * n_layers * element_size
+    mha_bytes = result.cache_tokens * mha_bytes_per_token
+    kind = attention.kind.upper()
+    return (
+        f"{result.new_tokens} new tokens in {result.decode_seconds:.2f} s: "
+        f"{result.decode_tokens_per_s:.1f} tokens/s decode "
+        f"(prefill {result.prefill_tokens} tokens in {result.prefill_seconds * 1e3:.0f} ms)\n"
+        f"KV cache: {result.cache_tokens} tokens x {result.cache_bytes_per_token:,} B/token = "
+        f"{result.cache_used_bytes:,} B with {kind}; MHA of the same shape "
+        f"({mha_bytes_per_token:,} B/token): {mha_bytes:,} B "
+        f"({mha_bytes / max(1, result.cache_used_bytes):.1f}x)\n"
+    )

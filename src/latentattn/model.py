@@ -1,0 +1,298 @@
+"""A decoder-only language model whose attention is MLA or any of the MHA/GQA/MQA family.
+
+Architecture only (no training code). Blocks are pre-norm, Llama / DeepSeek-V3 (dense layers) style:
+
+    h = x + attn(RMSNorm(x));  out = h + mlp(RMSNorm(h));  logits = lm_head(RMSNorm(out))
+
+with a SwiGLU MLP and no biases, so a block maps onto an HF Llama or DeepSeek-V3 dense layer.
+
+Notation: B batch, T new tokens, V vocabulary size, d d_model, F d_ff.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from latentattn.attention import Mode, build_attention
+from latentattn.cache import Cache
+from latentattn.config import AttentionConfig, AttentionKind, GQAConfig, MLAConfig
+from latentattn.layers import RMSNorm
+
+Device = torch.device | str | None
+ATTENTION_KINDS: tuple[AttentionKind, ...] = ("mha", "gqa", "mqa", "mla")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shapes of the language model; `attention.d_model` must equal `d_model`."""
+
+    vocab_size: int
+    n_layers: int
+    d_model: int
+    d_ff: int
+    attention: AttentionConfig
+    max_seq_len: int
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_layers", "d_model", "d_ff", "max_seq_len", "norm_eps"):
+            value = getattr(self, name)
+            if value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be positive, got {value!r}")
+        if self.attention.d_model != self.d_model:
+            raise ValueError(
+                f"ModelConfig.attention.d_model ({self.attention.d_model}) must equal "
+                f"d_model ({self.d_model})"
+            )
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One width for every attention kind, so `mha`, `gqa`, `mqa` and `mla` variants compare fairly.
+
+    All kinds share d_model, n_heads and the per-head width `head_dim`. GQA uses `n_kv_heads` groups
+    (MQA one, MHA `n_heads`). MLA uses `qk_nope_head_dim = v_head_dim = head_dim`, a decoupled RoPE key
+    of `rope_head_dim` and a latent of `kv_lora_rank` (DeepSeek-V2 ratios: 128 / 64 / 512).
+    """
+
+    vocab_size: int
+    n_layers: int
+    d_model: int
+    d_ff: int
+    n_heads: int
+    head_dim: int
+    n_kv_heads: int
+    kv_lora_rank: int
+    rope_head_dim: int
+    max_seq_len: int
+    q_lora_rank: int | None = None
+
+    def attention(self, kind: AttentionKind) -> AttentionConfig:
+        """The attention config of `kind` at this preset's width."""
+        if kind == "mla":
+            return MLAConfig(
+                d_model=self.d_model,
+                n_heads=self.n_heads,
+                kv_lora_rank=self.kv_lora_rank,
+                q_lora_rank=self.q_lora_rank,
+                qk_nope_head_dim=self.head_dim,
+                qk_rope_head_dim=self.rope_head_dim,
+                v_head_dim=self.head_dim,
+            )
+        kv_heads = {"mha": self.n_heads, "gqa": self.n_kv_heads, "mqa": 1}
+        if kind not in kv_heads:
+            raise ValueError(f"unknown attention kind {kind!r}; choose one of {', '.join(ATTENTION_KINDS)}")
+        return GQAConfig(
+            d_model=self.d_model, n_heads=self.n_heads, n_kv_heads=kv_heads[kind], head_dim=self.head_dim
+        )
+
+    def model(
+        self, kind: AttentionKind, *, vocab_size: int | None = None, max_seq_len: int | None = None
+    ) -> ModelConfig:
+        """The model config with attention `kind`; `vocab_size` (the trained tokenizer's) and
+        `max_seq_len` (the training context) override the preset's."""
+        return ModelConfig(
+            vocab_size=vocab_size or self.vocab_size,
+            n_layers=self.n_layers,
+            d_model=self.d_model,
+            d_ff=self.d_ff,
+            attention=self.attention(kind),
+            max_seq_len=max_seq_len or self.max_seq_len,
+        )
+
+
+PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
+    {
+        # Tiny, for tests: a forward/backward pass takes milliseconds.
+        "debug": Preset(
+            vocab_size=384,
+            n_layers=2,
+            d_model=64,
+            d_ff=128,
+            n_heads=4,
+            head_dim=16,
+            n_kv_heads=2,
+            kv_lora_rank=32,
+            rope_head_dim=8,
+            max_seq_len=64,
+        ),
+        # Learns Python-looking text from the standard library in ~4 minutes on 2 CPU cores (~2.6M
+        # parameters, ~5k tokens/s); the `latentattn demo` model (see docs/training.md).
+        "small": Preset(
+            vocab_size=4096,
+            n_layers=4,
+            d_model=192,
+            d_ff=512,
+            n_heads=4,
+            head_dim=48,
+            n_kv_heads=2,
+            kv_lora_rank=96,
+            rope_head_dim=24,
+            max_seq_len=256,
+        ),
+    }
+)
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called exactly `name`."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+class SwiGLU(nn.Module):
+    """`W_down(silu(W_gate x) · W_up x)`; HF names gate_proj, up_proj, down_proj."""
+
+    def __init__(
+        self, d_model: int, d_ff: int, *, device: Device = None, dtype: torch.dtype | None = None
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype, "bias": False}
+        self.w_gate = nn.Linear(d_model, d_ff, **factory)
+        self.w_up = nn.Linear(d_model, d_ff, **factory)
+        self.w_down = nn.Linear(d_ff, d_model, **factory)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [B, T, d] → [B, T, d]."""
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: attention then SwiGLU MLP."""
+
+    def __init__(
+        self, config: ModelConfig, *, device: Device = None, dtype: torch.dtype | None = None
+    ) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps, device=device, dtype=dtype)
+        self.attn = build_attention(config.attention, device=device, dtype=dtype)
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps, device=device, dtype=dtype)
+        self.mlp = SwiGLU(config.d_model, config.d_ff, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor, cache: Cache | None, n_new: Tensor | None, mode: Mode) -> Tensor:
+        """x: [B, T, d] → [B, T, d]."""
+        x = x + self.attn(self.attn_norm(x), cache, n_new=n_new, mode=mode)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class ModelCache:
+    """One attention cache per block, all `[B, max_len, ...]`; byte figures sum over the layers."""
+
+    def __init__(self, layers: list[Cache]) -> None:
+        self.layers = layers
+
+    @property
+    def lengths(self) -> Tensor:
+        """Tokens cached per sequence, `[B]` (the same in every layer)."""
+        return self.layers[0].lengths
+
+    @property
+    def max_len(self) -> int:
+        return self.layers[0].max_len
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated by all layers."""
+        return sum(layer.nbytes for layer in self.layers)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes one token of one sequence occupies across all layers."""
+        return sum(layer.bytes_per_token for layer in self.layers)
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes holding cached tokens across all layers."""
+        return sum(layer.used_bytes for layer in self.layers)
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.reset()
+
+
+class LanguageModel(nn.Module):
+    """Token ids `[B, T]` → next-token logits `[B, T, V]`.
+
+    Weights (HF Llama / DeepSeek-V3 names in parentheses): embed (embed_tokens), blocks[i].attn_norm
+    (input_layernorm), blocks[i].attn (self_attn), blocks[i].mlp_norm (post_attention_layernorm),
+    blocks[i].mlp (mlp), norm (norm), lm_head (lm_head; absent when tied to embed).
+    """
+
+    def __init__(
+        self, config: ModelConfig, *, device: Device = None, dtype: torch.dtype | None = None
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model, device=device, dtype=dtype)
+        self.blocks = nn.ModuleList(Block(config, device=device, dtype=dtype) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps, device=device, dtype=dtype)
+        self.lm_head = (
+            None
+            if config.tie_embeddings
+            else nn.Linear(config.d_model, config.vocab_size, bias=False, device=device, dtype=dtype)
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, 0.02) weights, output projections of residual branches scaled by 1/√(2·layers)."""
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                is_residual_out = name.endswith(("attn.w_o", "mlp.w_down"))
+                nn.init.normal_(module.weight, std=residual_std if is_residual_out else 0.02)
+
+    def new_cache(self, batch_size: int, max_len: int) -> ModelCache:
+        """Empty per-layer caches for `batch_size` sequences of up to `max_len` tokens."""
+        if max_len > self.config.max_seq_len:
+            raise ValueError(
+                f"cache max_len {max_len} exceeds the model's max_seq_len {self.config.max_seq_len}"
+            )
+        return ModelCache([block.attn.new_cache(batch_size, max_len) for block in self.blocks])
+
+    def forward(
+        self,
+        tokens: Tensor,
+        cache: ModelCache | None = None,
+        *,
+        n_new: Tensor | None = None,
+        mode: Mode = "auto",
+    ) -> Tensor:
+        """tokens: [B, T] → logits [B, T, V]. With a cache, the attention cache protocol applies per layer."""
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be [batch, tokens], got shape {tuple(tokens.shape)}")
+        start = 0 if cache is None else int(cache.lengths.max())
+        if start + tokens.shape[1] > self.config.max_seq_len:
+            raise ValueError(
+                f"{start + tokens.shape[1]} positions exceed the model's "
+                f"max_seq_len {self.config.max_seq_len}"
+            )
+        x = self.embed(tokens)  # [B, T, d]
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if cache is None else cache.layers[i], n_new, mode)
+        x = self.norm(x)
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, weight)  # [B, T, V]
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters per component: embeddings (with an untied LM head), attention, mlp, norms, total."""
+        counts = {"embeddings": 0, "attention": 0, "mlp": 0, "norms": 0}
+        for name, parameter in self.named_parameters():
+            if name.startswith(("embed.", "lm_head.")):
+                component = "embeddings"
+            elif ".attn." in name:
+                component = "attention"  # including MLA's internal q/kv norms
+            elif ".mlp." in name:
+                component = "mlp"
+            else:
+                component = "norms"
+            counts[component] += parameter.numel()
+        counts["total"] = sum(counts.values())
+        return counts

@@ -1,0 +1,406 @@
+"""`latentattn train`: AdamW with warmup + cosine decay on a next-token objective, single- or multi-process.
+
+Batches are a pure function of (seed, step, micro-step, rank): random windows of `context + 1` tokens of
+the training split. A checkpoint therefore only needs the weights, the optimizer state and the step to
+continue exactly where it stopped. Under `torchrun` each process trains on its own windows and
+DistributedDataParallel averages the gradients (NCCL on GPUs, gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from latentattn import checkpoint as ckpt
+from latentattn.config import AttentionKind
+from latentattn.data import Corpus, default_cache_dir, default_corpus_files, prepare_corpus, resolve_files
+from latentattn.model import ATTENTION_KINDS, LanguageModel, get_preset
+
+LOG = "log.jsonl"
+DTYPES = ("fp32", "bf16")
+_RESUMABLE_CHANGES = frozenset({"out", "resume", "compile", "log_every", "checkpoint_every", "cache_dir"})
+"""Fields a resumed run may change: they do not alter the training trajectory."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. `batch_size` is per process and micro-step; tokens per optimizer step are
+    `batch_size · context · grad_accum · world_size`."""
+
+    out: str
+    preset: str = "small"
+    attn: AttentionKind = "mla"
+    data: tuple[str, ...] = ()
+    """Text files or folders; empty: the standard library's source (see `latentattn.data`)."""
+    steps: int = 350
+    """About 4 minutes for the `small` preset on 2 CPU cores."""
+    batch_size: int = 16
+    context: int | None = None
+    """Tokens per training window; default the preset's max_seq_len."""
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 50
+    weight_decay: float = 0.1
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False
+    seed: int = 0
+    eval_every: int = 100
+    eval_batches: int = 4
+    checkpoint_every: int = 100
+    log_every: int = 10
+    cache_dir: str | None = None
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        preset = get_preset(self.preset)
+        if self.attn not in ATTENTION_KINDS:
+            raise ValueError(
+                f"TrainConfig.attn must be one of {', '.join(ATTENTION_KINDS)}, got {self.attn!r}"
+            )
+        if self.dtype not in DTYPES:
+            raise ValueError(f"TrainConfig.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "checkpoint_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)!r}")
+        for name in ("lr", "grad_clip", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)!r}")
+        for name in ("warmup", "weight_decay", "min_lr_ratio"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be non-negative, got {getattr(self, name)!r}")
+        if self.context is not None and not 0 < self.context <= preset.max_seq_len:
+            raise ValueError(
+                f"TrainConfig.context must lie in [1, {preset.max_seq_len}] for preset "
+                f"{self.preset!r}, got {self.context}"
+            )
+
+    @property
+    def window(self) -> int:
+        """Training context in tokens."""
+        return self.context or get_preset(self.preset).max_seq_len
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    checkpoint: Path
+    """The newest checkpoint directory of the run."""
+    step: int
+    val_loss: float
+    tokens_per_s: float
+    """Training throughput of this invocation, all processes together (evaluation excluded)."""
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _Distributed:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def mean(self, value: float) -> float:
+        """Mean of `value` over the processes."""
+        if self.world_size == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return float(tensor) / self.world_size
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Linear warmup over `warmup` steps to `lr`, then cosine decay to `lr · min_lr_ratio` at `steps`."""
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
+
+
+def batch_at(
+    tokens: np.ndarray, *, window: int, batch_size: int, seed: int, step: int, micro: int, rank: int
+) -> tuple[Tensor, Tensor]:
+    """Inputs and targets `[batch_size, window]`: random windows drawn from `(seed, step, micro, rank)`."""
+    rng = np.random.default_rng([seed, step, micro, rank])
+    starts = rng.integers(0, len(tokens) - window, size=batch_size)
+    rows = torch.from_numpy(np.stack([tokens[s : s + window + 1] for s in starts]).astype(np.int64))
+    return rows[:, :-1], rows[:, 1:]
+
+
+def next_token_loss(model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy of the logits `[B, T, V]` (computed in fp32) against `targets: [B, T]`."""
+    logits = model(inputs)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+@torch.no_grad()
+def evaluate(model: LanguageModel, tokens: np.ndarray, config: TrainConfig, env: _Distributed) -> float:
+    """Mean validation loss over `eval_batches · batch_size` evenly spaced windows, shared by the ranks."""
+    n_windows = config.eval_batches * config.batch_size
+    starts = np.linspace(0, len(tokens) - config.window - 1, n_windows).astype(np.int64)
+    mine = starts[env.rank :: env.world_size]
+    total = 0.0
+    for i in range(0, len(mine), config.batch_size):
+        rows = np.stack([tokens[s : s + config.window + 1] for s in mine[i : i + config.batch_size]])
+        rows = torch.from_numpy(rows.astype(np.int64)).to(env.device)
+        with _autocast(config, env):
+            total += float(next_token_loss(model, rows[:, :-1], rows[:, 1:])) * len(rows)
+    return env.mean(total / max(1, len(mine)))
+
+
+def _autocast(config: TrainConfig, env: _Distributed) -> torch.autocast:
+    return torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=config.dtype == "bf16")
+
+
+def _optimizer(model: LanguageModel, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices and embeddings only (not on norm weights)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def _init_distributed() -> _Distributed:
+    """Join the process group `torchrun` describes in the environment, or run as a single process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if world_size == 1:
+        return _Distributed(rank=0, world_size=1, device=device)
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return _Distributed(rank=dist.get_rank(), world_size=world_size, device=device)
+
+
+def _config_json(config: TrainConfig) -> dict[str, Any]:
+    return {**asdict(config), "data": list(config.data)}
+
+
+def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
+    current = _config_json(config)
+    changed = [
+        f"{f.name} {saved.get(f.name)!r} -> {current[f.name]!r}"
+        for f in fields(TrainConfig)
+        if f.name not in _RESUMABLE_CHANGES and saved.get(f.name) != current[f.name]
+    ]
+    if changed:
+        raise ValueError(f"--resume needs the checkpoint's settings; changed: {', '.join(changed)}")
+
+
+def _load_corpus(config: TrainConfig, env: _Distributed, tokenizer: Any) -> Corpus:
+    """Rank 0 trains the tokenizer and encodes (or finds them cached); then the others read the cache."""
+    files = resolve_files(config.data) if config.data else default_corpus_files()
+    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    vocab_size = get_preset(config.preset).vocab_size
+    corpus = None
+    if env.is_main:
+        corpus = prepare_corpus(files, vocab_size=vocab_size, cache_dir=cache_dir, tokenizer=tokenizer)
+    env.barrier()
+    if corpus is None:
+        corpus = prepare_corpus(files, vocab_size=vocab_size, cache_dir=cache_dir, tokenizer=tokenizer)
+    for name, split in (("training", corpus.train), ("validation", corpus.val)):
+        if len(split) <= config.window:
+            raise ValueError(
+                f"the {name} split has {len(split)} tokens, not more than the context of {config.window}; "
+                "add text or lower --context"
+            )
+    return corpus
+
+
+def _append_log(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log records past `step` (written after the checkpoint a resumed run restarts from)."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        ckpt.write_text_atomically(path, "".join(line + "\n" for line in kept))
+
+
+def train(config: TrainConfig, *, quiet: bool = False) -> TrainResult:
+    """Train (or, with `resume`, continue) the run in `config.out`; `quiet` hides progress and messages."""
+    env = _init_distributed()
+    try:
+        return _train(config, env, quiet=quiet)
+    finally:
+        if env.world_size > 1:
+            dist.destroy_process_group()
+
+
+def _train(config: TrainConfig, env: _Distributed, *, quiet: bool) -> TrainResult:
+    console = Console(stderr=True, quiet=quiet or not env.is_main)
+    run_dir = Path(config.out)
+    existing = ckpt.find_checkpoint(run_dir)
+    if existing is not None and not config.resume:
+        raise ValueError(
+            f"{str(run_dir)!r} already holds a checkpoint; pass --resume or choose another --out"
+        )
+    start = ckpt.load_checkpoint(existing) if existing is not None else None
+    if start is not None:
+        _check_resumable(start.train, config)
+        console.print(f"resuming {start.directory} at step {start.step}")
+
+    corpus = _load_corpus(config, env, None if start is None else start.tokenizer)
+    model, optimizer, step = _build(config, env, corpus, start)
+    counts = model.parameter_counts()
+    console.print(
+        f"{config.attn} model, preset {config.preset!r}: "
+        + ", ".join(f"{name} {count / 1e6:.2f}M" for name, count in counts.items())
+        + f"; corpus {len(corpus.train):,} train / {len(corpus.val):,} val tokens"
+    )
+
+    net: nn.Module = torch.compile(model) if config.compile else model
+    if env.world_size > 1:
+        net = DistributedDataParallel(net)
+    log_path = run_dir / LOG
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_log(log_path, step)
+    tokens_per_step = config.batch_size * config.window * config.grad_accum * env.world_size
+    train_seconds, first_step, val_loss = 0.0, step, float("nan")
+
+    progress = Progress(
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}  {task.fields[tps]:,.0f} tok/s"),
+        TimeRemainingColumn(),
+        console=console,
+    )
+    with progress:
+        task = progress.add_task("train", total=config.steps, completed=step, loss=float("nan"), tps=0.0)
+        while step < config.steps:
+            tick = time.perf_counter()
+            loss = _train_step(net, optimizer, corpus.train, config, env, step)
+            step += 1
+            train_seconds += time.perf_counter() - tick
+            tps = (step - first_step) * tokens_per_step / train_seconds
+            if step % config.log_every == 0 or step == config.steps:
+                loss = env.mean(loss)
+                if env.is_main:
+                    record = {"step": step, "loss": loss, "lr": lr_at(step - 1, config)}
+                    _append_log(log_path, {**record, "tokens": step * tokens_per_step, "tokens_per_s": tps})
+            progress.update(task, completed=step, loss=loss, tps=tps)
+            if step % config.eval_every == 0 or step == config.steps:
+                val_loss = evaluate(model, corpus.val, config, env)
+                if env.is_main:
+                    _append_log(log_path, {"step": step, "val_loss": val_loss, "val_ppl": math.exp(val_loss)})
+                progress.console.print(
+                    f"step {step}: val loss {val_loss:.3f}, perplexity {math.exp(val_loss):.1f}"
+                )
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                _save(run_dir, step, model, optimizer, corpus, config, env)
+    if math.isnan(val_loss):  # resumed a finished run
+        val_loss = evaluate(model, corpus.val, config, env)
+    tps = (step - first_step) * tokens_per_step / train_seconds if train_seconds else 0.0
+    latest = ckpt.find_checkpoint(run_dir)
+    return TrainResult(
+        checkpoint=latest, step=step, val_loss=val_loss, tokens_per_s=tps, seconds=train_seconds
+    )
+
+
+def _build(
+    config: TrainConfig, env: _Distributed, corpus: Corpus, start: ckpt.Checkpoint | None
+) -> tuple[LanguageModel, torch.optim.AdamW, int]:
+    """A fresh model (seeded) and optimizer at step 0, or the checkpoint's weights, optimizer and step."""
+    torch.manual_seed(config.seed)
+    if start is None:
+        vocab_size = corpus.tokenizer.get_vocab_size()
+        preset = get_preset(config.preset)
+        model_config = preset.model(config.attn, vocab_size=vocab_size, max_seq_len=config.window)
+    else:
+        model_config = start.config
+    model = LanguageModel(model_config, device=env.device)
+    optimizer = _optimizer(model, config)
+    if start is None:
+        return model, optimizer, 0
+    model.load_state_dict(start.model.state_dict())
+    state = ckpt.load_trainer_state(start.directory)
+    optimizer.load_state_dict(state["optimizer"])
+    return model, optimizer, state["step"]
+
+
+def _train_step(
+    net: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    tokens: np.ndarray,
+    config: TrainConfig,
+    env: _Distributed,
+    step: int,
+) -> float:
+    """One optimizer step over `grad_accum` micro-batches; returns this process's mean loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, config)
+    total = 0.0
+    for micro in range(config.grad_accum):
+        inputs, targets = batch_at(
+            tokens,
+            window=config.window,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            step=step,
+            micro=micro,
+            rank=env.rank,
+        )
+        last = micro == config.grad_accum - 1
+        with contextlib.nullcontext() if last or env.world_size == 1 else net.no_sync():
+            with _autocast(config, env):
+                loss = next_token_loss(net, inputs.to(env.device), targets.to(env.device))
+            (loss / config.grad_accum).backward()
+        total += float(loss.detach())
+    torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / config.grad_accum
+
+
+def _save(
+    run_dir: Path,
+    step: int,
+    model: LanguageModel,
+    optimizer: torch.optim.Optimizer,
+    corpus: Corpus,
+    config: TrainConfig,
+    env: _Distributed,
+) -> None:
+    """Rank 0 writes the checkpoint; every rank waits for it."""
+    if env.is_main:
+        ckpt.save_checkpoint(
+            run_dir,
+            step=step,
+            model=model,
+            tokenizer=corpus.tokenizer,
+            train=_config_json(config),
+            trainer_state={"optimizer": optimizer.state_dict(), "step": step},
+        )
+    env.barrier()

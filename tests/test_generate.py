@@ -1,0 +1,110 @@
+"""Generation through the caches: exact agreement with full recomputation, sampling rules, the CLI."""
+
+from __future__ import annotations
+
+import io
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from latentattn import checkpoint as ckpt
+from latentattn.cli import main
+from latentattn.data import train_tokenizer
+from latentattn.generate import SamplingConfig, generate, mha_cache_width, run_generate, sample_next
+from latentattn.model import ATTENTION_KINDS, LanguageModel, get_preset
+
+GREEDY = SamplingConfig(temperature=0.0)
+
+
+def _greedy_without_cache(model: LanguageModel, prompt: list[int], n_new: int) -> list[int]:
+    tokens = list(prompt)
+    for _ in range(n_new):
+        logits = model(torch.tensor([tokens]))  # the whole sequence, recomputed each step
+        tokens.append(int(logits[0, -1].argmax()))
+    return tokens[len(prompt) :]
+
+
+@pytest.mark.parametrize("kind", ATTENTION_KINDS)
+def test_cached_greedy_equals_recomputing_the_whole_sequence(kind):
+    """Oracle: greedy decoding without a cache (naive attention over all positions); fp64, exact tokens.
+
+    The cached run prefills a ragged batch in one call and decodes (MLA: absorbed path) one token a step.
+    """
+    torch.manual_seed(0)
+    model = LanguageModel(get_preset("debug").model(kind), dtype=torch.float64).eval()
+    prompts = [[5, 17, 42, 7, 99, 3, 250], [11], [64, 8, 300, 12]]
+    result = generate(model, prompts, max_new_tokens=20, sampling=GREEDY)
+    with torch.no_grad():
+        expected = [_greedy_without_cache(model, prompt, 20) for prompt in prompts]
+    assert result.tokens == expected
+    assert result.cache_tokens == sum(len(p) + 19 for p in prompts)
+    assert result.cache_used_bytes == result.cache_tokens * result.cache_bytes_per_token
+
+
+def test_stopped_sequences_take_no_more_tokens():
+    torch.manual_seed(0)
+    model = LanguageModel(get_preset("debug").model("mla")).eval()
+    first = generate(model, [[1, 2], [3]], max_new_tokens=6, sampling=GREEDY)
+    eos = first.tokens[1][2]
+    stopped = generate(model, [[1, 2], [3]], max_new_tokens=6, sampling=GREEDY, eos_id=eos)
+    assert stopped.tokens[1] == first.tokens[1][: first.tokens[1].index(eos) + 1]
+
+
+def test_sampling_rules():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.9], [5.0, 0.0, 0.0, 0.0]])
+    generator = torch.Generator().manual_seed(0)
+    assert sample_next(logits, GREEDY).tolist() == [1, 0]
+    for sampling in (SamplingConfig(top_k=1), SamplingConfig(top_p=0.01), SamplingConfig(temperature=1e-4)):
+        assert sample_next(logits, sampling, generator).tolist() == [1, 0]
+    top2 = {int(sample_next(logits, SamplingConfig(top_k=2), generator)[0]) for _ in range(50)}
+    assert top2 == {1, 3}
+    with pytest.raises(ValueError, match=r"top_p must lie in \(0, 1\], got 1.5"):
+        SamplingConfig(top_p=1.5)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        SamplingConfig(temperature=-1)
+
+
+def test_mha_equivalent_width():
+    preset = get_preset("small")
+    assert mha_cache_width(preset.attention("mla")) == 4 * (48 + 24 + 48)
+    assert mha_cache_width(preset.attention("gqa")) == preset.attention("mha").cache_width
+
+
+@pytest.fixture
+def run_dir(tmp_path) -> Path:
+    torch.manual_seed(0)
+    tokenizer = train_tokenizer([Path(textwrap.__file__).read_text()], vocab_size=300)
+    model = LanguageModel(get_preset("debug").model("mla", vocab_size=tokenizer.get_vocab_size()))
+    ckpt.save_checkpoint(tmp_path, step=1, model=model, tokenizer=tokenizer, train={}, trainer_state={})
+    return tmp_path
+
+
+def test_run_generate_streams_and_reports_the_cache(run_dir):
+    out = io.StringIO()
+    result = run_generate(run_dir, prompts=["def wrap("], max_new_tokens=12, out=out)
+    text = out.getvalue()
+    assert text.startswith("def wrap(") and result.new_tokens == 12
+    assert "tokens/s decode" in text and "with MLA; MHA of the same shape" in text
+    assert "(4.0x)" in text  # debug MLA: 32 + 8 cached vs 4 heads x (16 + 8 + 16)
+
+
+def test_batch_of_prompts_via_cli(run_dir, capsys):
+    args = ["generate", str(run_dir), "--prompt", "import", "--prompt", "class Text", "--max-new-tokens", "5"]
+    assert main([*args, "--top-k", "5", "--top-p", "0.9"]) == 0
+    out = capsys.readouterr().out
+    assert "--- [1] ---\nimport" in out and "--- [2] ---\nclass Text" in out
+
+
+def test_prompt_longer_than_the_context(run_dir, capsys):
+    assert main(["generate", str(run_dir), "--prompt", "x = 1\n" * 100]) == 2
+    err = capsys.readouterr().err
+    assert "prompt 1 has" in err and "the model's context is 64" in err and err.count("\n") == 1
+
+
+def test_generation_stops_at_the_context_and_says_so(run_dir, capsys):
+    result = run_generate(run_dir, prompts=["def"], max_new_tokens=500, out=io.StringIO())
+    prompt_tokens = result.prefill_tokens
+    assert prompt_tokens + result.new_tokens == 64
+    assert f"generating {64 - prompt_tokens} new tokens, not 500" in capsys.readouterr().err

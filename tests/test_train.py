@@ -1,0 +1,159 @@
+"""Training: schedule, batches, checkpoints, exact resume (also after SIGKILL), DDP on gloo, errors."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from latentattn import checkpoint as ckpt
+from latentattn.cli import main
+from latentattn.train import TrainConfig, batch_at, lr_at, train
+
+STEPS = 150
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("corpus")
+    (folder / "textwrap.py").write_text(Path(textwrap.__file__).read_text())
+    return folder
+
+
+def _command(out: Path, corpus: Path, *extra: str) -> list[str]:
+    return [
+        *("-m", "latentattn", "train", "--out", str(out), "--preset", "debug", "--data", str(corpus)),
+        *("--cache-dir", str(corpus.parent / "cache"), "--steps", str(STEPS), "--batch-size", "4"),
+        *("--log-every", "1", "--eval-every", "25", "--checkpoint-every", "5", "--quiet", *extra),
+    ]
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, check=False)
+
+
+def _log(run_dir: Path) -> list[dict]:
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in record.items() if k != "tokens_per_s"} for record in records]
+
+
+def test_warmup_then_cosine_to_the_floor():
+    config = TrainConfig(out="x", steps=100, warmup=10, lr=1e-3, min_lr_ratio=0.1)
+    assert lr_at(0, config) == pytest.approx(1e-4)
+    assert lr_at(9, config) == pytest.approx(1e-3)
+    assert lr_at(55, config) == pytest.approx(0.55e-3)
+    assert lr_at(100, config) == pytest.approx(1e-4)
+
+
+def test_batches_are_a_function_of_seed_step_and_rank():
+    tokens = torch.arange(1000).numpy()
+    x, y = batch_at(tokens, window=8, batch_size=3, seed=1, step=5, micro=0, rank=0)
+    assert x.shape == y.shape == (3, 8) and torch.equal(x[:, 1:], y[:, :-1])
+    again, _ = batch_at(tokens, window=8, batch_size=3, seed=1, step=5, micro=0, rank=0)
+    other, _ = batch_at(tokens, window=8, batch_size=3, seed=1, step=5, micro=0, rank=1)
+    assert torch.equal(x, again) and not torch.equal(x, other)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"preset": "huge"}, "unknown preset 'huge'; choose one of debug, small"),
+        ({"attn": "mlp"}, "TrainConfig.attn must be one of mha, gqa, mqa, mla, got 'mlp'"),
+        ({"steps": 0}, "TrainConfig.steps must be positive, got 0"),
+        ({"context": 65, "preset": "debug"}, r"TrainConfig.context must lie in \[1, 64\]"),
+        ({"dtype": "fp8"}, "TrainConfig.dtype must be one of fp32, bf16"),
+    ],
+)
+def test_config_errors(options, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(out="x", **options)
+
+
+def test_resume_after_sigkill_reaches_the_same_losses(tmp_path, corpus):
+    """Oracle: the same run uninterrupted. Losses, val losses and final weights must be identical."""
+    reference = _run(_command(tmp_path / "reference", corpus))
+    assert reference.returncode == 0, reference.stderr
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, *_command(killed, corpus)], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (killed / "latest").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    interrupted_at = ckpt.load_checkpoint(killed).step
+    assert 0 < interrupted_at < STEPS, "the run should have been killed between checkpoints"
+
+    resumed = _run(_command(killed, corpus, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert _log(killed) == _log(tmp_path / "reference")
+    final = [load_file(ckpt.find_checkpoint(run) / ckpt.WEIGHTS) for run in (killed, tmp_path / "reference")]
+    assert final[0].keys() == final[1].keys()
+    assert all(torch.equal(final[0][name], final[1][name]) for name in final[0])
+
+
+def test_ddp_two_processes_on_gloo(tmp_path, corpus):
+    out = tmp_path / "ddp"
+    args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command = _command(out, corpus)
+    command[command.index(str(STEPS))] = "6"
+    result = _run([*args, *command])
+    assert result.returncode == 0, result.stderr
+    records = [r for r in _log(out) if "loss" in r]
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert records[-1]["tokens"] == 6 * 2 * 4 * 64  # steps · processes · batch · context
+    assert ckpt.load_checkpoint(out).step == 6
+
+
+def test_in_process_run_then_resume_rules(tmp_path, corpus):
+    config = TrainConfig(
+        out=str(tmp_path / "run"),
+        preset="debug",
+        attn="gqa",
+        data=(str(corpus),),
+        cache_dir=str(corpus.parent / "cache"),
+        steps=4,
+        batch_size=2,
+        eval_every=2,
+        eval_batches=1,
+        checkpoint_every=2,
+    )
+    result = train(config, quiet=True)
+    assert result.step == 4 and result.checkpoint == tmp_path / "run" / "step-0000004"
+    assert [r["step"] for r in _log(tmp_path / "run") if "val_loss" in r] == [2, 4]
+    with pytest.raises(ValueError, match="already holds a checkpoint; pass --resume"):
+        train(config, quiet=True)
+    finished = train(TrainConfig(**{**config.__dict__, "resume": True}), quiet=True)
+    assert finished.step == 4 and finished.val_loss == pytest.approx(result.val_loss, rel=1e-6)
+    with pytest.raises(ValueError, match=r"changed: lr 0.002 -> 0.001"):
+        train(TrainConfig(**{**config.__dict__, "resume": True, "lr": 1e-3}), quiet=True)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--preset", "huge"], "unknown preset 'huge'"),
+        (["--data", "EMPTY"], "the corpus is empty"),
+        (["--data", "MISSING"], "does not exist"),
+    ],
+)
+def test_cli_errors_are_one_line(tmp_path, capsys, args, message):
+    (tmp_path / "empty").mkdir()
+    paths = {"EMPTY": str(tmp_path / "empty"), "MISSING": str(tmp_path / "missing")}
+    args = [paths.get(arg, arg) for arg in args]
+    assert main(["train", "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "c"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("latentattn train: error:") and message in err and err.count("\n") == 1
+
+
+def test_python_dash_m_entry_point():
+    result = _run(["-m", "latentattn", "train", "--help"])
+    assert result.returncode == 0 and "--resume" in result.stdout
