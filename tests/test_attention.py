@@ -280,3 +280,25 @@ def test_blocked_latent_attention_equals_one_softmax(batch, tokens, prefix, bloc
     expected = torch.einsum("bths,bsv->bthv", scores.softmax(-1), kv[..., :value_width])
     got = latent_attention(q, kv, mask if ragged else None, 0.3, value_width, block_size=block)
     assert relative_error(got, expected) <= 1e-12
+
+
+def test_recompute_kv_keeps_only_the_latent_for_backward():
+    """Same outputs and gradients (fp64, exact up to rounding); fewer bytes saved for backward."""
+    from latentattn.profiling import saved_activation_bytes
+
+    config = MLAConfig(
+        d_model=64, n_heads=8, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16
+    )
+    x = torch.randn(2, 32, 64, dtype=torch.float64)
+    results = {}
+    for recompute in (False, True):
+        layer = make_layer(config)
+        layer.recompute_kv = recompute
+        out, saved = saved_activation_bytes(lambda layer=layer: layer(x, mode="naive"), layer.parameters())
+        out.square().sum().backward()
+        results[recompute] = (out, saved, {n: p.grad for n, p in layer.named_parameters()})
+    (out, saved, grads), (out_re, saved_re, grads_re) = results[False], results[True]
+    assert relative_error(out_re, out) <= 1e-12
+    for name, grad in grads.items():
+        assert relative_error(grads_re[name], grad) <= 1e-10, name
+    assert saved_re < saved

@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from latentattn.cache import KVCache, LatentCache
 from latentattn.config import AttentionConfig, GQAConfig, MLAConfig
@@ -159,11 +160,14 @@ class MLA(nn.Module):
         self,
         config: MLAConfig,
         *,
+        recompute_kv: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.config = c = config
+        self.recompute_kv = recompute_kv
+        """Training: keep only the latent for backward and recompute per-head K/V (naive path)."""
         factory = {"device": device, "dtype": dtype, "bias": False}
         q_width = c.n_heads * c.qk_head_dim
         if c.q_lora_rank is None:
@@ -201,8 +205,12 @@ class MLA(nn.Module):
         latent = self.latent(x, positions)
         kv, mask = (latent, None) if cache is None else cache.update(latent, n_new)
         path = choose_mla_path(self.config, mode, x.shape[1], kv.shape[1], cached=cache is not None)
-        attend = self.attend_naive if path == "naive" else self.attend_absorbed
-        o = attend(q_nope, q_pe, kv, mask)  # [B, T, H, V]
+        if path == "absorbed":
+            o = self.attend_absorbed(q_nope, q_pe, kv, mask)  # [B, T, H, V]
+        elif self.recompute_kv and torch.is_grad_enabled():
+            o = checkpoint(self.attend_naive, q_nope, q_pe, kv, mask, use_reentrant=False)
+        else:
+            o = self.attend_naive(q_nope, q_pe, kv, mask)
         return self.w_o(o.flatten(2))
 
     def queries(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
