@@ -117,29 +117,38 @@ def latent_attention(
     or None (aligned causal) → [B, T, H, value_width]. Keys go in blocks with an online softmax
     (flash-decoding), so each block of the cache is read from memory once for both GEMMs;
     accumulation in fp32 (fp64 for fp64 inputs).
+
+    GEMM layouts, measured on CPU (MKL/oneDNN) for decode's 16 query rows: scores as the tall
+    product `block · qᵀ` ([s, W]·[W, T·H]) in every dtype; the output as `(valuesᵀ · probsᵀ)ᵀ` in
+    fp32/fp64 and `probs · values` in bf16 — each 1.5-8× faster than the other orientation.
     """
     batch, n_tokens, heads, width = q.shape
-    n_keys = kv.shape[1]
+    n_rows, n_keys = n_tokens * heads, kv.shape[1]
     if mask is None and n_tokens > 1:
         mask = causal_mask(n_tokens, n_keys, kv.device)
     acc_dtype = fp32_or_wider(kv.dtype)
-    rows = q.reshape(batch, n_tokens * heads, width)  # one row per (token, head)
-    running_max = torch.full((batch, n_tokens * heads, 1), float("-inf"), dtype=acc_dtype, device=kv.device)
+    rows_t = q.reshape(batch, n_rows, width).transpose(1, 2)  # [B, W, T·H]: one column per (token, head)
+    running_max = torch.full((batch, n_rows, 1), float("-inf"), dtype=acc_dtype, device=kv.device)
     denominator = torch.zeros_like(running_max)
-    out = torch.zeros(batch, n_tokens * heads, value_width, dtype=acc_dtype, device=kv.device)
+    out = torch.zeros(batch, n_rows, value_width, dtype=acc_dtype, device=kv.device)
     for start in range(0, n_keys, block_size):
         block = kv[:, start : start + block_size]  # [B, s, W]
-        scores = torch.matmul(rows, block.transpose(1, 2)).to(acc_dtype) * scale  # [B, T·H, s]
+        scores = torch.matmul(block, rows_t).transpose(1, 2).to(acc_dtype) * scale  # [B, T·H, s]
         if mask is not None:
             block_mask = mask[:, :, None, start : start + block_size]  # [B, T, 1, s]
             scores = scores.view(batch, n_tokens, heads, -1).masked_fill(~block_mask, float("-inf"))
-            scores = scores.view(batch, n_tokens * heads, -1)
+            scores = scores.view(batch, n_rows, -1)
         new_max = torch.maximum(running_max, scores.amax(dim=-1, keepdim=True))
         shift = new_max.masked_fill(new_max == float("-inf"), 0.0)  # rows with no key yet stay at zero
         probs = (scores - shift).exp()
         correction = (running_max - shift).exp()
         denominator = denominator * correction + probs.sum(dim=-1, keepdim=True)
-        out = out * correction + torch.matmul(probs.to(kv.dtype), block[..., :value_width]).to(acc_dtype)
+        values, probs = block[..., :value_width], probs.to(kv.dtype)  # [B, s, C], [B, T·H, s]
+        if kv.dtype == torch.bfloat16:
+            block_out = torch.matmul(probs, values)
+        else:
+            block_out = torch.matmul(values.transpose(1, 2), probs.transpose(1, 2)).transpose(1, 2)
+        out = out * correction + block_out.to(acc_dtype)  # [B, T·H, C]
         running_max = new_max
     return (out / denominator).to(kv.dtype).view(batch, n_tokens, heads, value_width)
 
