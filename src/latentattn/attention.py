@@ -191,10 +191,15 @@ class MLA(nn.Module):
         self.w_o = nn.Linear(c.n_heads * c.v_head_dim, c.d_model, **factory)
         self.rope = RotaryEmbedding(c.qk_rope_head_dim, c.rope)
 
-    def new_cache(self, batch_size: int, max_len: int) -> LatentCache:
-        """An empty latent cache on this layer's device, in its dtype."""
-        weight = self.w_dkv.weight
-        return LatentCache(self.config, batch_size, max_len, device=weight.device, dtype=weight.dtype)
+    def new_cache(
+        self, batch_size: int, max_len: int, *, latent_format: str | None = None
+    ) -> LatentCache | QuantizedLatentCache:
+        """An empty latent cache on this layer's device, in its dtype; `latent_format` ("int8", "fp8")
+        stores it in FlashMLA's 8-bit layout instead."""
+        factory = {"device": self.w_dkv.weight.device, "dtype": self.w_dkv.weight.dtype}
+        if latent_format is None:
+            return LatentCache(self.config, batch_size, max_len, **factory)
+        return QuantizedLatentCache(self.config, batch_size, max_len, format=latent_format, **factory)
 
     def forward(
         self,

@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tour(verbs)
     _add_cache(verbs)
     _add_bench(verbs)
+    _add_eval(verbs)
     _add_train(verbs)
     _add_generate(verbs)
     _add_demo(verbs)
@@ -193,6 +194,42 @@ def _run_bench(args: argparse.Namespace) -> None:
         print_table(results_table(report))
         if args.plot:
             print(f"plot written to {args.plot}")
+
+
+def _add_eval(verbs: argparse._SubParsersAction) -> None:
+    from latentattn.evaluate import FORMATS
+
+    evaluate = verbs.add_parser(
+        "eval",
+        help="validation loss of a checkpoint through each cache format (full, int8, fp8 latents)",
+        description="Feed validation windows in chunks through the model's cache in each format.",
+    )
+    evaluate.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a run or checkpoint directory")
+    evaluate.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
+    evaluate.add_argument(
+        "--windows", type=int, default=32, metavar="N", help="validation windows (default 32)"
+    )
+    evaluate.add_argument(
+        "--chunk", type=int, default=16, metavar="N", help="tokens per cached step (default 16)"
+    )
+    evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    evaluate.set_defaults(run=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> None:
+    import dataclasses
+    import json
+
+    from latentattn.calculator import print_table
+    from latentattn.evaluate import compare_cache_formats, results_table
+
+    results = compare_cache_formats(
+        args.checkpoint, formats=tuple(args.formats), n_windows=args.windows, chunk=args.chunk
+    )
+    if args.json:
+        print(json.dumps([dataclasses.asdict(row) for row in results], indent=2))
+    else:
+        print_table(results_table(results, f"{args.checkpoint}: {args.windows} validation windows"))
 
 
 def _add_train(verbs: argparse._SubParsersAction) -> None:

@@ -146,6 +146,20 @@ def _write_dir_atomically(target: Path, write: Callable[[Path], None]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def load_corpus(
+    data: Sequence[str | Path],
+    *,
+    vocab_size: int,
+    cache_dir: str | Path | None,
+    tokenizer: Tokenizer | None = None,
+) -> Corpus:
+    """`prepare_corpus` over `data` (files or folders; empty: the default corpus) in `cache_dir`
+    (None: `default_cache_dir()`)."""
+    files = resolve_files(data) if data else default_corpus_files()
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    return prepare_corpus(files, vocab_size=vocab_size, cache_dir=cache, tokenizer=tokenizer)
+
+
 def prepare_corpus(
     files: Sequence[Path],
     *,

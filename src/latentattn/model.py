@@ -249,13 +249,22 @@ class LanguageModel(nn.Module):
                 is_residual_out = name.endswith(("attn.w_o", "mlp.w_down"))
                 nn.init.normal_(module.weight, std=residual_std if is_residual_out else 0.02)
 
-    def new_cache(self, batch_size: int, max_len: int) -> ModelCache:
-        """Empty per-layer caches for `batch_size` sequences of up to `max_len` tokens."""
+    def new_cache(self, batch_size: int, max_len: int, *, latent_format: str | None = None) -> ModelCache:
+        """Empty per-layer caches for `batch_size` sequences of up to `max_len` tokens; MLA models may
+        store the latents in an 8-bit `latent_format` ("int8", "fp8")."""
         if max_len > self.config.max_seq_len:
             raise ValueError(
                 f"cache max_len {max_len} exceeds the model's max_seq_len {self.config.max_seq_len}"
             )
-        return ModelCache([block.attn.new_cache(batch_size, max_len) for block in self.blocks])
+        if latent_format is None:
+            return ModelCache([block.attn.new_cache(batch_size, max_len) for block in self.blocks])
+        if not isinstance(self.config.attention, MLAConfig):
+            raise ValueError(
+                f"8-bit latent caches need an MLA model, this one is {self.config.attention.kind}"
+            )
+        return ModelCache(
+            [block.attn.new_cache(batch_size, max_len, latent_format=latent_format) for block in self.blocks]
+        )
 
     def forward(
         self,
