@@ -7,6 +7,17 @@ from hypothesis import strategies as st
 
 from latentattn import GQAConfig, MLAConfig, RopeConfig, YarnConfig
 
+SMALL_MLA = MLAConfig(
+    d_model=32,
+    n_heads=4,
+    kv_lora_rank=16,
+    q_lora_rank=12,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=6,
+)
+"""A small MLA layer with every part present (q-LoRA included) for exact fp64 comparisons."""
+
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual − expected| / max |expected| (computed in fp64)."""

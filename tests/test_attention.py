@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import attention_configs, mla_configs, relative_error, relative_l2
+from conftest import SMALL_MLA, attention_configs, mla_configs, relative_error, relative_l2
 from latentattn import (
     MLA,
     GQAAttention,
@@ -29,15 +29,6 @@ from latentattn import (
 from latentattn.attention import causal_mask, latent_attention
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
-SMALL_MLA = MLAConfig(
-    d_model=32,
-    n_heads=4,
-    kv_lora_rank=16,
-    q_lora_rank=12,
-    qk_nope_head_dim=8,
-    qk_rope_head_dim=4,
-    v_head_dim=6,
-)
 SMALL = {
     "mla": SMALL_MLA,
     "mla-yarn": MLAConfig(

@@ -12,19 +12,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import relative_error
+from conftest import SMALL_MLA, relative_error
 from latentattn import MLA, MLAConfig
 from latentattn.paged_cache import PagedLatentCache
 
-CONFIG = MLAConfig(
-    d_model=32,
-    n_heads=4,
-    kv_lora_rank=16,
-    q_lora_rank=12,
-    qk_nope_head_dim=8,
-    qk_rope_head_dim=4,
-    v_head_dim=6,
-)
+CONFIG = SMALL_MLA
 
 
 @pytest.fixture

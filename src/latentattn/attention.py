@@ -109,7 +109,7 @@ def _sdpa(
 
 
 def latent_attention(
-    q: Tensor, kv: Tensor, mask: Tensor | None, scale: float, value_width: int, block_size: int = 4096
+    q: Tensor, kv: Tensor, mask: Tensor | None, scale: float, value_width: int, block_size: int = 2048
 ) -> Tensor:
     """`softmax(q · kvᵀ · scale) · kv[..., :value_width]`: attention with one shared key/value "head".
 

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+
+from rich.table import Table
+
+from latentattn.calculator import print_table
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,15 +95,11 @@ def _add_cache(verbs: argparse._SubParsersAction) -> None:
 
 
 def _run_cache(args: argparse.Namespace) -> None:
-    import json
 
     from latentattn import calculator as calc
 
     if args.list:
-        if args.json:
-            print(json.dumps([spec.as_dict() for spec in calc.PRESETS.values()], indent=2))
-        else:
-            calc.print_table(calc.presets_table())
+        _emit(args, [spec.as_dict() for spec in calc.PRESETS.values()], calc.presets_table)
         return
     models = [calc.resolve_model(name) for name in args.models]
     models += [calc.load_hf_config(path) for path in args.config]
@@ -128,12 +129,7 @@ def _run_cache(args: argparse.Namespace) -> None:
         from latentattn.plots import plot_cache_vs_context
 
         plot_cache_vs_context(comparison, args.plot)
-    if args.json:
-        print(json.dumps(comparison.as_dict(), indent=2))
-    else:
-        calc.print_table(calc.comparison_table(comparison))
-        if args.plot:
-            print(f"plot written to {args.plot}")
+    _emit(args, comparison.as_dict(), lambda: calc.comparison_table(comparison))
 
 
 def _add_bench(verbs: argparse._SubParsersAction) -> None:
@@ -162,12 +158,11 @@ def _add_bench(verbs: argparse._SubParsersAction) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> None:
-    import json
 
     import torch
 
     from latentattn.bench import BenchConfig, results_table, run_bench
-    from latentattn.calculator import parse_context, print_table
+    from latentattn.calculator import parse_context
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -188,12 +183,7 @@ def _run_bench(args: argparse.Namespace) -> None:
         from latentattn.plots import plot_decode_latency
 
         plot_decode_latency(report, args.plot)
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print_table(results_table(report))
-        if args.plot:
-            print(f"plot written to {args.plot}")
+    _emit(args, report, lambda: results_table(report))
 
 
 def _add_eval(verbs: argparse._SubParsersAction) -> None:
@@ -218,18 +208,14 @@ def _add_eval(verbs: argparse._SubParsersAction) -> None:
 
 def _run_eval(args: argparse.Namespace) -> None:
     import dataclasses
-    import json
 
-    from latentattn.calculator import print_table
     from latentattn.evaluate import compare_cache_formats, results_table
 
     results = compare_cache_formats(
         args.checkpoint, formats=tuple(args.formats), n_windows=args.windows, chunk=args.chunk
     )
-    if args.json:
-        print(json.dumps([dataclasses.asdict(row) for row in results], indent=2))
-    else:
-        print_table(results_table(results, f"{args.checkpoint}: {args.windows} validation windows"))
+    title = f"{args.checkpoint}: {args.windows} validation windows"
+    _emit(args, [dataclasses.asdict(row) for row in results], lambda: results_table(results, title))
 
 
 def _add_train(verbs: argparse._SubParsersAction) -> None:
@@ -325,6 +311,16 @@ def _run_demo(args: argparse.Namespace) -> None:
     from latentattn.demo import run_demo
 
     run_demo(args.out, **({} if args.steps is None else {"steps": args.steps}))
+
+
+def _emit(args: argparse.Namespace, payload: object, table: Callable[[], Table]) -> None:
+    """Print `payload` as JSON with --json, else the table (and where --plot wrote its figure)."""
+    if args.json:
+        print(json.dumps(payload, indent=2))
+        return
+    print_table(table())
+    if getattr(args, "plot", None):
+        print(f"plot written to {args.plot}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
