@@ -13,7 +13,8 @@ import torch
 
 from conftest import relative_error, relative_l2
 from latentattn import GQAAttention, GQAConfig, RopeConfig, YarnConfig
-from latentattn.convert import gqa_to_mla
+from latentattn.convert import attention_inputs, gqa_to_mla, model_to_mla
+from latentattn.model import LanguageModel, get_preset
 
 
 def source_layer(n_kv_heads: int, interleave: bool = False, seed: int = 0) -> GQAAttention:
@@ -120,3 +121,24 @@ def test_bad_requests_are_named():
     )
     with pytest.raises(ValueError, match="not YaRN"):
         gqa_to_mla(yarn, kv_lora_rank=8, rope_dim=4, method="svd")
+
+
+def test_model_conversion_at_full_rank_of_mqa_reproduces_position_zero():
+    """MQA at full latent rank converts exactly except for RoPE on the dropped NoPE dims; with one token
+    per sequence (position 0, RoPE = identity) the converted model's logits equal the source's."""
+    preset = get_preset("debug")
+    torch.manual_seed(0)
+    model = LanguageModel(preset.model("mqa"), dtype=torch.float64).eval()
+    calibration = torch.randint(0, preset.vocab_size, (4, 32))
+    head_dim = preset.head_dim
+    converted = model_to_mla(
+        model, calibration, kv_lora_rank=2 * head_dim - 4, rope_dim=4, method="pca", norm_linearity=1e12
+    )
+    tokens = torch.randint(0, preset.vocab_size, (16, 1))
+    assert relative_error(converted(tokens), model(tokens)) < 1e-5
+    assert len(attention_inputs(model, calibration)) == preset.n_layers
+    assert converted.config.attention.norm_eps >= max(
+        block.attn.kv_norm.weight[0].item() ** 2 * 0.999 for block in converted.blocks
+    )
+    with pytest.raises(ValueError, match="already uses MLA"):
+        model_to_mla(converted, calibration, kv_lora_rank=4, rope_dim=4)

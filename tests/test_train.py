@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,54 @@ def test_cli_errors_are_one_line(tmp_path, capsys, args, message):
 def test_python_dash_m_entry_point():
     result = _run(["-m", "latentattn", "train", "--help"])
     assert result.returncode == 0 and "--resume" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"d_ff": 0}, "TrainConfig.d_ff must be positive, got 0"),
+        ({"init_from": "run", "kv_lora_rank": 8}, "init_from takes the checkpoint's shape"),
+        ({"attn": "gqa", "n_heads": 3}, r"n_heads \(3\) must be a multiple of n_kv_heads \(2\)"),
+        ({"attn": "mla", "rope_head_dim": 5}, "qk_rope_head_dim must be even"),
+    ],
+)
+def test_shape_override_errors(options, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(out="x", preset="debug", **options)
+
+
+def _debug_run(tmp_path: Path, corpus: Path, name: str, **options) -> TrainConfig:
+    defaults = {"steps": 3, "batch_size": 2, "eval_every": 3, "eval_batches": 1, "log_every": 1}
+    return TrainConfig(
+        out=str(tmp_path / name),
+        preset="debug",
+        data=(str(corpus),),
+        cache_dir=str(corpus.parent / "cache"),
+        **{**defaults, **options},
+    )
+
+
+def test_shape_overrides_init_from_and_recompute_kv(tmp_path, corpus):
+    """Overrides reach the model; `init_from` starts from the checkpoint's weights and tokenizer (with a
+    negligible lr the weights stay put); `recompute_kv` changes memory, not the trajectory."""
+    shaped = _debug_run(
+        tmp_path, corpus, "a", attn="mla", n_heads=2, kv_lora_rank=12, rope_head_dim=4, d_ff=96
+    )
+    first = train(shaped, quiet=True)
+    source = ckpt.load_checkpoint(first.checkpoint)
+    attention = source.config.attention
+    assert (attention.n_heads, attention.kv_lora_rank, attention.qk_rope_head_dim) == (2, 12, 4)
+    assert source.config.d_ff == 96
+
+    tuned = train(
+        _debug_run(tmp_path, corpus, "b", steps=1, lr=1e-12, init_from=str(tmp_path / "a")), quiet=True
+    )
+    loaded = ckpt.load_checkpoint(tuned.checkpoint)
+    assert loaded.config == source.config and loaded.tokenizer.to_str() == source.tokenizer.to_str()
+    for name, weight in loaded.model.state_dict().items():
+        torch.testing.assert_close(weight, source.model.state_dict()[name], rtol=0, atol=1e-9)
+
+    recomputed = _debug_run(tmp_path, corpus, "c", attn="mla", n_heads=2, kv_lora_rank=12, rope_head_dim=4)
+    plain = train(replace(recomputed, out=str(tmp_path / "d")), quiet=True)
+    again = train(replace(recomputed, recompute_kv=True), quiet=True)
+    assert _log(tmp_path / "c") == _log(tmp_path / "d") and again.val_loss == plain.val_loss

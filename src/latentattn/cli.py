@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(verbs)
     _add_generate(verbs)
     _add_demo(verbs)
+    _add_study(verbs)
     return parser
 
 
@@ -311,6 +312,58 @@ def _run_demo(args: argparse.Namespace) -> None:
     from latentattn.demo import run_demo
 
     run_demo(args.out, **({} if args.steps is None else {"steps": args.steps}))
+
+
+def _add_study(verbs: argparse._SubParsersAction) -> None:
+    from latentattn.study import STUDY_PRESETS
+
+    study = verbs.add_parser(
+        "study",
+        help="train MHA/GQA/MQA/MLA variants alike, convert MHA to MLA post hoc; write a report",
+        description="The attention study: report.md, PNG plots and results.json in --out.",
+    )
+    study.add_argument(
+        "--preset",
+        choices=tuple(STUDY_PRESETS),
+        default="quick",
+        help="quick (<= 15 min), full, smoke (tests)",
+    )
+    study.add_argument(
+        "--out", required=True, metavar="DIR", help="report folder (training runs in DIR/runs)"
+    )
+    study.add_argument("--seeds", type=int, nargs="+", metavar="N", help="training seeds (default 0 1)")
+    study.add_argument("--steps", type=int, metavar="N", help="training steps per run (preset's)")
+    study.add_argument("--data", nargs="+", metavar="PATH", help="text files or folders (default: stdlib)")
+    study.add_argument("--cache-dir", metavar="DIR", help="tokenizer/token-id cache (~/.cache/latentattn)")
+    study.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch CPU threads (1 avoids oversubscription on shared cores)",
+    )
+    study.add_argument("--quiet", action="store_true", help="no progress lines")
+    study.set_defaults(run=_run_study)
+
+
+def _run_study(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    import torch
+
+    from latentattn.study import run_study, study_preset
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    given = {
+        "seeds": None if args.seeds is None else tuple(args.seeds),
+        "data": None if args.data is None else tuple(args.data),
+        "steps": args.steps,
+        "cache_dir": args.cache_dir,
+    }
+    config = replace(study_preset(args.preset, args.out), **{k: v for k, v in given.items() if v is not None})
+    run_study(config, say=(lambda _text: None) if args.quiet else lambda text: print(text, flush=True))
+    if not args.quiet:
+        print(f"report: {args.out}/report.md")
 
 
 def _emit(args: argparse.Namespace, payload: object, table: Callable[[], Table]) -> None:

@@ -16,11 +16,19 @@ R = d_R kept RoPE width, N = D − R NoPE width, C = d_c latent width, X calibra
 3. MLA normalises c_KV with RMSNorm, which no linear factorisation reproduces. The converted layer
    runs kv_norm in its linear regime: eps = `norm_linearity` · E[mean(c_KV²)] and weight √eps, so
    RMSNorm(c) ≈ c up to a relative 1 / (2 · norm_linearity); fine-tuning then starts from there.
+
+Whole models (`model_to_mla`): every block's attention is converted from its own inputs (the post-norm
+hidden states of the source model on calibration tokens, captured by forward pre-hooks, all from the
+unconverted model). `ModelConfig` holds one attention config for all layers, so all layers share one
+kv_norm eps: the largest of the per-layer eps (the layer with the most powerful latent), with weight
+√eps in every layer. A larger eps only deepens the linear regime, so every layer stays within its own
+1 / (2 · norm_linearity) bound.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Literal
 
 import torch
@@ -28,6 +36,7 @@ from torch import Tensor
 
 from latentattn.attention import MLA, GQAAttention
 from latentattn.config import MLAConfig, RopeConfig
+from latentattn.model import LanguageModel
 
 Method = Literal["svd", "pca"]
 
@@ -136,3 +145,56 @@ def gqa_to_mla(
         mla.w_ukv.weight.copy_(w_up.reshape(-1, kv_lora_rank))
         mla.w_o.weight.copy_(layer.w_o.weight)
     return mla
+
+
+@torch.no_grad()
+def attention_inputs(model: LanguageModel, tokens: Tensor) -> list[Tensor]:
+    """What each block's attention sees on `tokens: [B, T]`: the post-norm hidden states, `[B·T, d]`
+    per layer."""
+    captured: list[Tensor] = []
+    hooks = [
+        block.attn.register_forward_pre_hook(lambda _module, args: captured.append(args[0].flatten(0, 1)))
+        for block in model.blocks
+    ]
+    try:
+        model(tokens)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return captured
+
+
+def model_to_mla(
+    model: LanguageModel,
+    calibration: Tensor,
+    *,
+    kv_lora_rank: int,
+    rope_dim: int,
+    method: Method = "pca",
+    norm_linearity: float = 1e6,
+) -> LanguageModel:
+    """`model` (MHA/GQA/MQA attention) with every block's attention converted by `gqa_to_mla`, from the
+    block's inputs on the calibration tokens `[B, T]`; all other weights are copied."""
+    if isinstance(model.config.attention, MLAConfig):
+        raise ValueError("model_to_mla converts MHA/GQA/MQA models; this one already uses MLA")
+    layers = [
+        gqa_to_mla(
+            block.attn,
+            kv_lora_rank=kv_lora_rank,
+            rope_dim=rope_dim,
+            method=method,
+            calibration=inputs,
+            norm_linearity=norm_linearity,
+        )
+        for block, inputs in zip(model.blocks, attention_inputs(model, calibration), strict=True)
+    ]
+    eps = max(layer.config.norm_eps for layer in layers)
+    config = replace(model.config, attention=replace(layers[0].config, norm_eps=eps))
+    weight = model.embed.weight
+    converted = LanguageModel(config, device=weight.device, dtype=weight.dtype)
+    state = {name: value for name, value in model.state_dict().items() if ".attn." not in name}
+    for i, layer in enumerate(layers):
+        layer.kv_norm.weight.data.fill_(math.sqrt(eps))
+        state.update({f"blocks.{i}.attn.{name}": value for name, value in layer.state_dict().items()})
+    converted.load_state_dict(state)
+    return converted.train(model.training)

@@ -13,7 +13,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,14 +27,19 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from latentattn import checkpoint as ckpt
+from latentattn.attention import MLA
 from latentattn.config import AttentionKind
 from latentattn.data import Corpus, default_cache_dir, default_corpus_files, prepare_corpus, resolve_files
-from latentattn.model import ATTENTION_KINDS, LanguageModel, get_preset
+from latentattn.model import ATTENTION_KINDS, LanguageModel, Preset, get_preset
 
 LOG = "log.jsonl"
 DTYPES = ("fp32", "bf16")
-_RESUMABLE_CHANGES = frozenset({"out", "resume", "compile", "log_every", "checkpoint_every", "cache_dir"})
+_RESUMABLE_CHANGES = frozenset(
+    {"out", "resume", "compile", "log_every", "checkpoint_every", "cache_dir", "recompute_kv"}
+)
 """Fields a resumed run may change: they do not alter the training trajectory."""
+SHAPE_OVERRIDES = ("n_heads", "head_dim", "n_kv_heads", "kv_lora_rank", "rope_head_dim", "d_ff")
+"""`TrainConfig` fields that replace the preset's field of the same name (see `Preset`)."""
 
 
 @dataclass(frozen=True)
@@ -67,9 +72,28 @@ class TrainConfig:
     log_every: int = 10
     cache_dir: str | None = None
     resume: bool = False
+    n_heads: int | None = None
+    """Shape overrides of the preset (None: the preset's value): n_h, head width, GQA kv heads n_g,
+    MLA d_c and d_R, MLP width (e.g. to match parameter counts across attention kinds)."""
+    head_dim: int | None = None
+    n_kv_heads: int | None = None
+    kv_lora_rank: int | None = None
+    rope_head_dim: int | None = None
+    d_ff: int | None = None
+    init_from: str | None = None
+    """A checkpoint whose model, weights and tokenizer start this run at step 0 with a fresh optimizer
+    (fine-tuning, e.g. healing a converted model); excludes the shape overrides."""
+    recompute_kv: bool = False
+    """MLA: keep only the latent for backward and recompute per-head K/V (`MLA.recompute_kv`)."""
 
     def __post_init__(self) -> None:
         preset = get_preset(self.preset)
+        for name in SHAPE_OVERRIDES:
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"TrainConfig.{name} must be positive, got {value!r}")
+        if self.init_from is not None and any(getattr(self, name) is not None for name in SHAPE_OVERRIDES):
+            raise ValueError("TrainConfig.init_from takes the checkpoint's shape; drop the shape overrides")
         if self.attn not in ATTENTION_KINDS:
             raise ValueError(
                 f"TrainConfig.attn must be one of {', '.join(ATTENTION_KINDS)}, got {self.attn!r}"
@@ -90,11 +114,17 @@ class TrainConfig:
                 f"TrainConfig.context must lie in [1, {preset.max_seq_len}] for preset "
                 f"{self.preset!r}, got {self.context}"
             )
+        self.model_preset().attention(self.attn)  # invalid override combinations raise here
 
     @property
     def window(self) -> int:
         """Training context in tokens."""
         return self.context or get_preset(self.preset).max_seq_len
+
+    def model_preset(self) -> Preset:
+        """The preset with this run's shape overrides applied."""
+        overrides = {name: getattr(self, name) for name in SHAPE_OVERRIDES if getattr(self, name) is not None}
+        return replace(get_preset(self.preset), **overrides)
 
 
 @dataclass(frozen=True)
@@ -157,8 +187,12 @@ def next_token_loss(model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor
 
 
 @torch.no_grad()
-def evaluate(model: LanguageModel, tokens: np.ndarray, config: TrainConfig, env: _Distributed) -> float:
-    """Mean validation loss over `eval_batches · batch_size` evenly spaced windows, shared by the ranks."""
+def evaluate(
+    model: LanguageModel, tokens: np.ndarray, config: TrainConfig, env: _Distributed | None = None
+) -> float:
+    """Mean validation loss over `eval_batches · batch_size` evenly spaced windows, shared by the ranks
+    (one process on the model's device without `env`)."""
+    env = env or _Distributed(rank=0, world_size=1, device=model.embed.weight.device)
     n_windows = config.eval_batches * config.batch_size
     starts = np.linspace(0, len(tokens) - config.window - 1, n_windows).astype(np.int64)
     mine = starts[env.rank :: env.world_size]
@@ -270,11 +304,13 @@ def _train(config: TrainConfig, env: _Distributed, *, quiet: bool) -> TrainResul
         _check_resumable(start.train, config)
         console.print(f"resuming {start.directory} at step {start.step}")
 
-    corpus = _load_corpus(config, env, None if start is None else start.tokenizer)
-    model, optimizer, step = _build(config, env, corpus, start)
+    init = ckpt.load_checkpoint(config.init_from) if config.init_from and start is None else None
+    origin = start or init
+    corpus = _load_corpus(config, env, None if origin is None else origin.tokenizer)
+    model, optimizer, step = _build(config, env, corpus, start, init)
     counts = model.parameter_counts()
     console.print(
-        f"{config.attn} model, preset {config.preset!r}: "
+        f"{model.config.attention.kind} model, preset {config.preset!r}: "
         + ", ".join(f"{name} {count / 1e6:.2f}M" for name, count in counts.items())
         + f"; corpus {len(corpus.train):,} train / {len(corpus.val):,} val tokens"
     )
@@ -330,19 +366,30 @@ def _train(config: TrainConfig, env: _Distributed, *, quiet: bool) -> TrainResul
 
 
 def _build(
-    config: TrainConfig, env: _Distributed, corpus: Corpus, start: ckpt.Checkpoint | None
+    config: TrainConfig,
+    env: _Distributed,
+    corpus: Corpus,
+    start: ckpt.Checkpoint | None,
+    init: ckpt.Checkpoint | None,
 ) -> tuple[LanguageModel, torch.optim.AdamW, int]:
-    """A fresh model (seeded) and optimizer at step 0, or the checkpoint's weights, optimizer and step."""
+    """A fresh model (seeded, or `init`'s weights) and optimizer at step 0, or the resumed checkpoint's
+    weights, optimizer and step."""
     torch.manual_seed(config.seed)
-    if start is None:
-        vocab_size = corpus.tokenizer.get_vocab_size()
-        preset = get_preset(config.preset)
-        model_config = preset.model(config.attn, vocab_size=vocab_size, max_seq_len=config.window)
+    if start is not None or init is not None:
+        model_config = (start or init).config
     else:
-        model_config = start.config
+        vocab_size = corpus.tokenizer.get_vocab_size()
+        model_config = config.model_preset().model(
+            config.attn, vocab_size=vocab_size, max_seq_len=config.window
+        )
     model = LanguageModel(model_config, device=env.device)
+    for block in model.blocks:
+        if isinstance(block.attn, MLA):
+            block.attn.recompute_kv = config.recompute_kv
     optimizer = _optimizer(model, config)
     if start is None:
+        if init is not None:
+            model.load_state_dict(init.model.state_dict())
         return model, optimizer, 0
     model.load_state_dict(start.model.state_dict())
     state = ckpt.load_trainer_state(start.directory)
