@@ -241,6 +241,15 @@ def test_bad_inputs_raise_clear_errors():
         mla(torch.randn(2, 3, 32, dtype=torch.float64), n_new=torch.tensor([3, 2]))
     with pytest.raises(ValueError, match="entries are torch.float64 but the cache holds torch.float32"):
         mla(torch.randn(2, 3, 32, dtype=torch.float64), LatentCache(SMALL_MLA, 2, 8, dtype=torch.float32))
+    with pytest.raises(ValueError, match="MLA: x is torch.float32 but the layer's weights are torch.float64"):
+        mla(torch.randn(2, 3, 32))
+    with pytest.raises(ValueError, match="GQA: x is on meta but the layer's weights are on cpu"):
+        gqa(torch.randn(2, 3, 32, dtype=torch.float64, device="meta"))
+    for layer in (mla, gqa):
+        on_meta = layer.to("meta").new_cache(2, 8)
+        layer.to_empty(device="cpu")
+        with pytest.raises(ValueError, match="the cache is on meta but the layer's weights are on cpu"):
+            layer(torch.randn(2, 3, 32, dtype=torch.float64), on_meta)
     with pytest.raises(TypeError, match="MLAConfig or a GQAConfig"):
         build_attention({"kind": "mla"})
     assert isinstance(build_attention(SMALL["mqa"]), GQAAttention)

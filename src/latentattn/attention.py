@@ -66,13 +66,25 @@ def choose_mla_path(config: MLAConfig, mode: Mode, n_queries: int, n_keys: int, 
     return "absorbed" if flops["absorbed"] < flops["naive"] else "naive"
 
 
-def _check_input(x: Tensor, d_model: int, name: str) -> None:
+def _check_input(x: Tensor, d_model: int, weight: Tensor, cache: object | None, name: str) -> None:
+    """Raise a ValueError naming the problem unless `x` is `[B, T > 0, d]` on the layer's device, in its
+    dtype (any float dtype under autocast), and `cache` lives on the same device."""
     if x.dim() != 3 or x.shape[-1] != d_model:
         raise ValueError(
             f"{name} expects x of shape [batch, tokens, d_model={d_model}], got {tuple(x.shape)}"
         )
     if x.shape[1] == 0:
         raise ValueError(f"{name} got zero tokens (x has shape {tuple(x.shape)})")
+    if x.device != weight.device:
+        raise ValueError(f"{name}: x is on {x.device} but the layer's weights are on {weight.device}")
+    if x.dtype != weight.dtype and not (
+        x.dtype.is_floating_point and x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
+    ):
+        raise ValueError(f"{name}: x is {x.dtype} but the layer's weights are {weight.dtype}")
+    if cache is not None and cache.device != weight.device:
+        raise ValueError(
+            f"{name}: the cache is on {cache.device} but the layer's weights are on {weight.device}"
+        )
 
 
 def _positions(x: Tensor, cache: object | None, n_new: Tensor | None) -> Tensor:
@@ -210,10 +222,10 @@ class MLA(nn.Module):
         mode: Mode = "auto",
     ) -> Tensor:
         """x: [B, T, d] → [B, T, d]; see the module docstring for the cache protocol."""
-        _check_input(x, self.config.d_model, "MLA")
         if cache is not None and not isinstance(cache, LATENT_CACHES):
             names = ", ".join(kind.__name__ for kind in LATENT_CACHES)
             raise ValueError(f"MLA needs a latent cache ({names}), got {type(cache).__name__}")
+        _check_input(x, self.config.d_model, self.w_o.weight, cache, "MLA")
         positions = _positions(x, cache, n_new)
         q_nope, q_pe = self.queries(x, positions)
         latent = self.latent(x, positions)
@@ -307,13 +319,13 @@ class GQAAttention(nn.Module):
     ) -> Tensor:
         """x: [B, T, d] → [B, T, d]. One execution path: `mode` may be "auto" or "naive"."""
         c = self.config
-        _check_input(x, c.d_model, c.kind.upper())
         if mode not in ("auto", "naive"):
             raise ValueError(
                 f"{c.kind.upper()} has one execution path; mode must be 'auto' or 'naive', not {mode!r}"
             )
         if cache is not None and not isinstance(cache, KVCache):
             raise ValueError(f"{c.kind.upper()} needs a KVCache, got {type(cache).__name__}")
+        _check_input(x, c.d_model, self.w_o.weight, cache, c.kind.upper())
         batch, n_tokens = x.shape[:2]
         positions = _positions(x, cache, n_new)
         q = self.rope(self.w_q(x).view(batch, n_tokens, c.n_heads, c.head_dim), positions)  # [B, T, H, D]

@@ -41,6 +41,8 @@ IMPLS = (
 )
 """mla-paged, mla-int8 and mla-fp8 decode on the absorbed path from a paged or an 8-bit latent cache."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+GEMM_MIN_MS = 50.0
+"""The roofline's GEMM grows until one product takes this long: long enough to reach the peak."""
 
 
 @dataclass(frozen=True)
@@ -122,18 +124,24 @@ def time_ms(step: Callable[[], object], warmup: int, repeats: int) -> list[float
 
 
 def measure_roofline(dtypes: tuple[str, ...], device: str, repeats: int = 5) -> Roofline:
-    """Bandwidth: copy 256 MiB (bytes read + written); peak: a 2048³ GEMM per dtype."""
+    """Bandwidth: copy 256 MiB (bytes read + written); peak: the fastest of square GEMMs of side 256,
+    512, ... 2048 per dtype, growing while one GEMM takes under `GEMM_MIN_MS` (a CPU without native
+    bf16 runs bf16 GEMMs ~100x slower than fp32, and a 2048³ one would take a minute)."""
     source = torch.ones(64 * 2**20, device=device)  # 256 MiB of fp32
     target = torch.empty_like(source)
     copy_ms = statistics.median(time_ms(lambda: target.copy_(source), 1, repeats))
     bandwidth = 2 * source.nbytes / (copy_ms * 1e-3) / 1e9
     peaks = {}
-    n = 2048
     for name in dtypes:
-        a = torch.randn(n, n, device=device).to(DTYPES[name])
-        b = torch.randn(n, n, device=device).to(DTYPES[name])
-        gemm_ms = statistics.median(time_ms(lambda a=a, b=b: a @ b, 1, repeats))
-        peaks[name] = 2 * n**3 / (gemm_ms * 1e-3) / 1e9
+        peaks[name], n = 0.0, 256
+        while n <= 2048:
+            a = torch.randn(n, n, device=device).to(DTYPES[name])
+            b = torch.randn(n, n, device=device).to(DTYPES[name])
+            gemm_ms = statistics.median(time_ms(lambda a=a, b=b: a @ b, 1, repeats))
+            peaks[name] = max(peaks[name], 2 * n**3 / (gemm_ms * 1e-3) / 1e9)
+            if gemm_ms >= GEMM_MIN_MS:
+                break
+            n *= 2
     return Roofline(bandwidth_gbs=bandwidth, peak_gflops=peaks)
 
 
