@@ -13,7 +13,7 @@ from latentattn import checkpoint as ckpt
 from latentattn.cli import main
 from latentattn.data import train_tokenizer
 from latentattn.generate import SamplingConfig, generate, mha_cache_width, run_generate, sample_next
-from latentattn.model import ATTENTION_KINDS, LanguageModel, get_preset
+from latentattn.model import ATTENTION_KINDS, LanguageModel, ModelCache, get_preset
 
 GREEDY = SamplingConfig(temperature=0.0)
 
@@ -26,14 +26,33 @@ def _greedy_without_cache(model: LanguageModel, prompt: list[int], n_new: int) -
     return tokens[len(prompt) :]
 
 
-@pytest.mark.parametrize("kind", ATTENTION_KINDS)
-def test_cached_greedy_equals_recomputing_the_whole_sequence(kind):
-    """Oracle: greedy decoding without a cache (naive attention over all positions); fp64, exact tokens.
+def _context_sensitive_model(kind: str) -> LanguageModel:
+    """The `debug` model in fp64 with every matrix drawn from N(0, 0.2²).
 
-    The cached run prefills a ragged batch in one call and decodes (MLA: absorbed path) one token a step.
+    At the GPT-2 init (0.02) attention scores are ~0, so attention is uniform and blind to RoPE positions,
+    and the tied head echoes the last token: greedy decoding ignores the context. At 0.2 the scores
+    q·k/√d have a std of a few units (sharp, position-dependent attention) and continuations depend on
+    the prompt.
     """
     torch.manual_seed(0)
     model = LanguageModel(get_preset("debug").model(kind), dtype=torch.float64).eval()
+    with torch.no_grad():
+        for weight in model.parameters():
+            if weight.dim() >= 2:
+                weight.normal_(0.0, 0.2)
+    return model
+
+
+@pytest.mark.parametrize("kind", ATTENTION_KINDS)
+def test_cached_greedy_equals_recomputing_the_whole_sequence(kind, monkeypatch):
+    """Oracle: greedy decoding without a cache (naive attention over all positions); fp64, exact tokens.
+
+    The cached run prefills a ragged batch in one call and decodes (MLA: absorbed path) one token a step.
+    The oracle is only as strong as the model's use of context, so the continuations must also change
+    when the prompt is cut to its last token, and when the cache is overwritten with noise before every
+    decode step (only the first token, from the prefill, survives).
+    """
+    model = _context_sensitive_model(kind)
     prompts = [[5, 17, 42, 7, 99, 3, 250], [11], [64, 8, 300, 12]]
     result = generate(model, prompts, max_new_tokens=20, sampling=GREEDY)
     with torch.no_grad():
@@ -41,6 +60,30 @@ def test_cached_greedy_equals_recomputing_the_whole_sequence(kind):
     assert result.tokens == expected
     assert result.cache_tokens == sum(len(p) + 19 for p in prompts)
     assert result.cache_used_bytes == result.cache_tokens * result.cache_bytes_per_token
+
+    last_token_only = generate(model, [p[-1:] for p in prompts], max_new_tokens=20, sampling=GREEDY)
+    assert last_token_only.tokens[0] != result.tokens[0] and last_token_only.tokens[2] != result.tokens[2]
+
+    caches = []
+    new_cache = model.new_cache
+
+    def capture_cache(batch_size: int, max_len: int) -> ModelCache:
+        caches.append(new_cache(batch_size, max_len))
+        return caches[-1]
+
+    noise = torch.Generator().manual_seed(1)
+
+    def overwrite_cache_with_noise(_tokens: list[int | None]) -> None:
+        for layer in caches[0].layers:
+            for buffer in layer.buffers.values():
+                buffer.normal_(generator=noise)
+
+    monkeypatch.setattr(model, "new_cache", capture_cache)
+    corrupted = generate(
+        model, prompts, max_new_tokens=20, sampling=GREEDY, on_tokens=overwrite_cache_with_noise
+    )
+    for tokens, clean in zip(corrupted.tokens, result.tokens, strict=True):
+        assert tokens[0] == clean[0] and tokens[1:] != clean[1:]
 
 
 def test_stopped_sequences_take_no_more_tokens():
