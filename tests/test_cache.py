@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from latentattn import GQAConfig, KVCache, LatentCache, MLAConfig
+from latentattn import GQAConfig, KVCache, LatentCache, MLAConfig, PagedLatentCache, QuantizedLatentCache
+from latentattn.attention import latent_attention
 
 V2 = MLAConfig(d_model=5120, n_heads=128, kv_lora_rank=512, q_lora_rank=1536)
 TINY_MLA = MLAConfig(
@@ -35,7 +36,8 @@ def test_update_writes_at_per_sequence_offsets_and_masks_causally():
     assert cache.lengths.tolist() == [3, 1]
     assert cache.positions(2).tolist() == [[3, 4], [1, 2]]
     second = torch.randn(2, 2, 8)
-    cached, mask = cache.update(second)
+    keys, mask = cache.update(second)
+    cached = keys.full()
     assert cache.lengths.tolist() == [5, 3]
     assert cached.shape == (2, 5, 8)  # keys read: up to the longest sequence
     torch.testing.assert_close(cached[0, :3], first[0])
@@ -113,3 +115,32 @@ def test_bad_n_new_and_sizes():
         cache.update(k, k[:, :1])
     with pytest.raises(ValueError, match="batch_size > 0 and max_len > 0"):
         KVCache(TINY_GQA, batch_size=0, max_len=4)
+
+
+def _latent_caches() -> dict[str, object]:
+    paged = PagedLatentCache(TINY_MLA, num_blocks=16, block_size=4, dtype=torch.float64)
+    paged.new_batch(2)
+    return {
+        "contiguous": LatentCache(TINY_MLA, 2, 40, dtype=torch.float64),
+        "paged": paged,
+        "int8": QuantizedLatentCache(TINY_MLA, 2, 40, format="int8", dtype=torch.float64),
+    }
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "paged", "int8"])
+def test_keys_read_in_blocks_equal_the_whole_read(kind):
+    """Oracle: `full()`. Blocks of any size (paged: rounded to whole pages) tile the S rows in order, and
+    the absorbed attention over them equals one softmax over all keys (fp64, 1e-12)."""
+    cache = _latent_caches()[kind]
+    cache.update(torch.randn(2, 23, 8, dtype=torch.float64), n_new=torch.tensor([23, 17]))
+    keys, mask = cache.update(torch.randn(2, 3, 8, dtype=torch.float64))
+    whole = keys.full()
+    assert whole.shape == (2, 26, 8)
+    q = torch.randn(2, 3, 5, 8, dtype=torch.float64)
+    expected = latent_attention(q, whole, mask, 0.3, 6, block_size=26)
+    for size in (1, 3, 4, 7, 26, 100):
+        blocks = list(keys.blocks(size))
+        assert all(block.shape[1] % keys.granule == 0 for block in blocks[:-1])
+        torch.testing.assert_close(torch.cat(blocks, dim=1), whole, rtol=0, atol=0)
+        got = latent_attention(q, keys, mask, 0.3, 6, block_size=size)
+        assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-12

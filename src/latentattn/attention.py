@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from latentattn.cache import KVCache, LatentCache
+from latentattn.cache import KVCache, LatentCache, LatentKeys
 from latentattn.config import AttentionConfig, GQAConfig, MLAConfig
 from latentattn.layers import RMSNorm, fp32_or_wider
 from latentattn.paged_cache import PagedLatentCache
@@ -120,49 +120,70 @@ def _sdpa(
     )
 
 
+KEY_BLOCK = 4096
+"""Keys per block of the absorbed path: a block of the cache (4096 × 576 fp32 = 9 MiB) stays in the CPU's
+last-level cache between the score and the output GEMM."""
+SCORE_BLOCK_ELEMENTS = 2**22
+"""Upper bound on one block's scores `[B, s, T·H]` (16 MiB in fp32), for long chunks on many heads."""
+
+
+def gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype of the absorbed path's GEMMs: fp32 (or wider) on CPUs, whose bf16/fp16 GEMMs run
+    ~2.5x slower than fp32 without native bf16 units (measured on AVX2); the input dtype elsewhere.
+    bf16 products are exact in fp32, so this changes only the summation order and rounding."""
+    return fp32_or_wider(dtype) if device.type == "cpu" else dtype
+
+
 def latent_attention(
-    q: Tensor, kv: Tensor, mask: Tensor | None, scale: float, value_width: int, block_size: int = 2048
+    q: Tensor,
+    kv: Tensor | LatentKeys,
+    mask: Tensor | None,
+    scale: float,
+    value_width: int,
+    block_size: int | None = None,
 ) -> Tensor:
     """`softmax(q · kvᵀ · scale) · kv[..., :value_width]`: attention with one shared key/value "head".
 
     q: [B, T, H, W]; kv: [B, S, W] (W = C + R, the value is the first C columns); mask: [B, T, S]
-    or None (aligned causal) → [B, T, H, value_width]. Keys go in blocks with an online softmax
-    (flash-decoding), so each block of the cache is read from memory once for both GEMMs;
-    accumulation in fp32 (fp64 for fp64 inputs).
+    or None (aligned causal) → [B, T, H, value_width].
 
-    GEMM layouts, measured on CPU (MKL/oneDNN) for decode's 16 query rows: scores as the tall
-    product `block · qᵀ` ([s, W]·[W, T·H]) in every dtype; the output as `(valuesᵀ · probsᵀ)ᵀ` in
-    fp32/fp64 and `probs · values` in bf16 — each 1.5-8× faster than the other orientation.
+    Key-major, so every GEMM reads the cache where it lies: scores are the tall product
+    `keys · qᵀ` ([s, W]·[W, T·H], one column per query row), the softmax reduces over keys (dim 1 of
+    a contiguous block) and the output is `valuesᵀ · probs` ([C, s]·[s, T·H]). Keys go in blocks
+    (`block_size`, default `KEY_BLOCK`, fewer when the scores would exceed `SCORE_BLOCK_ELEMENTS`)
+    with an online softmax, so each block is read from memory once for both GEMMs; accumulation in
+    fp32 (fp64 for fp64 inputs). The running max carries no gradient: the softmax does not depend on
+    the shift.
     """
+    keys = kv if isinstance(kv, LatentKeys) else LatentKeys.of(kv)
     batch, n_tokens, heads, width = q.shape
-    n_rows, n_keys = n_tokens * heads, kv.shape[1]
+    n_rows, n_keys = n_tokens * heads, keys.shape[1]
     if mask is None and n_tokens > 1:
-        mask = causal_mask(n_tokens, n_keys, kv.device)
-    acc_dtype = fp32_or_wider(kv.dtype)
-    rows_t = q.reshape(batch, n_rows, width).transpose(1, 2)  # [B, W, T·H]: one column per (token, head)
-    running_max = torch.full((batch, n_rows, 1), float("-inf"), dtype=acc_dtype, device=kv.device)
-    denominator = torch.zeros_like(running_max)
-    out = torch.zeros(batch, n_rows, value_width, dtype=acc_dtype, device=kv.device)
-    for start in range(0, n_keys, block_size):
-        block = kv[:, start : start + block_size]  # [B, s, W]
-        scores = torch.matmul(block, rows_t).transpose(1, 2).to(acc_dtype) * scale  # [B, T·H, s]
+        mask = causal_mask(n_tokens, n_keys, q.device)
+    acc, gemm = fp32_or_wider(q.dtype), gemm_dtype(q.dtype, q.device)
+    rows_t = q.reshape(batch, n_rows, width).transpose(1, 2).to(gemm)  # [B, W, T·H]
+    size = block_size or max(1, min(KEY_BLOCK, SCORE_BLOCK_ELEMENTS // (batch * n_rows)))
+    running_max = torch.full((batch, 1, n_rows), float("-inf"), dtype=acc, device=q.device)
+    denominator = torch.zeros(batch, 1, n_rows, dtype=acc, device=q.device)
+    out = torch.zeros(batch, value_width, n_rows, dtype=acc, device=q.device)  # [B, C, T·H]
+    start = 0
+    for block in keys.blocks(size):
+        block = block.to(gemm)  # [B, s, W]
+        n_block = block.shape[1]
+        scores = torch.matmul(block, rows_t).to(acc).mul_(scale)  # [B, s, T·H]
         if mask is not None:
-            block_mask = mask[:, :, None, start : start + block_size]  # [B, T, 1, s]
-            scores = scores.view(batch, n_tokens, heads, -1).masked_fill(~block_mask, float("-inf"))
-            scores = scores.view(batch, n_rows, -1)
-        new_max = torch.maximum(running_max, scores.amax(dim=-1, keepdim=True))
+            keep = mask[:, :, start : start + n_block].transpose(1, 2)  # [B, s, T]
+            scores.view(batch, n_block, n_tokens, heads).masked_fill_(~keep[..., None], float("-inf"))
+        new_max = torch.maximum(running_max, scores.detach().amax(dim=1, keepdim=True))
         shift = new_max.masked_fill(new_max == float("-inf"), 0.0)  # rows with no key yet stay at zero
-        probs = (scores - shift).exp()
-        correction = (running_max - shift).exp()
-        denominator = denominator * correction + probs.sum(dim=-1, keepdim=True)
-        values, probs = block[..., :value_width], probs.to(kv.dtype)  # [B, s, C], [B, T·H, s]
-        if kv.dtype == torch.bfloat16:
-            block_out = torch.matmul(probs, values)
-        else:
-            block_out = torch.matmul(values.transpose(1, 2), probs.transpose(1, 2)).transpose(1, 2)
-        out = out * correction + block_out.to(acc_dtype)  # [B, T·H, C]
-        running_max = new_max
-    return (out / denominator).to(kv.dtype).view(batch, n_tokens, heads, value_width)
+        probs = scores.sub_(shift).exp_()
+        correction = running_max.sub_(shift).exp_()
+        denominator.mul_(correction).add_(probs.sum(dim=1, keepdim=True))
+        block_out = torch.matmul(block[..., :value_width].transpose(1, 2), probs.to(gemm))  # [B, C, T·H]
+        out.mul_(correction).add_(block_out)
+        running_max, start = new_max, start + n_block
+    out = (out / denominator).transpose(1, 2)  # [B, T·H, C]
+    return out.reshape(batch, n_tokens, heads, value_width).to(q.dtype)
 
 
 class MLA(nn.Module):
@@ -229,14 +250,14 @@ class MLA(nn.Module):
         positions = _positions(x, cache, n_new)
         q_nope, q_pe = self.queries(x, positions)
         latent = self.latent(x, positions)
-        kv, mask = (latent, None) if cache is None else cache.update(latent, n_new)
-        path = choose_mla_path(self.config, mode, x.shape[1], kv.shape[1], cached=cache is not None)
+        keys, mask = (LatentKeys.of(latent), None) if cache is None else cache.update(latent, n_new)
+        path = choose_mla_path(self.config, mode, x.shape[1], keys.shape[1], cached=cache is not None)
         if path == "absorbed":
-            o = self.attend_absorbed(q_nope, q_pe, kv, mask)  # [B, T, H, V]
+            o = self.attend_absorbed(q_nope, q_pe, keys, mask)  # [B, T, H, V]
         elif self.recompute_kv and torch.is_grad_enabled():
-            o = checkpoint(self.attend_naive, q_nope, q_pe, kv, mask, use_reentrant=False)
+            o = checkpoint(self.attend_naive, q_nope, q_pe, keys.full(), mask, use_reentrant=False)
         else:
-            o = self.attend_naive(q_nope, q_pe, kv, mask)
+            o = self.attend_naive(q_nope, q_pe, keys.full(), mask)
         return self.w_o(o.flatten(2))
 
     def queries(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
@@ -266,7 +287,9 @@ class MLA(nn.Module):
         o = _sdpa(q, k, v.transpose(1, 2), mask, c.softmax_scale)  # [B, H, T, V]
         return o.transpose(1, 2)  # [B, T, H, V]
 
-    def attend_absorbed(self, q_nope: Tensor, q_pe: Tensor, kv: Tensor, mask: Tensor | None) -> Tensor:
+    def attend_absorbed(
+        self, q_nope: Tensor, q_pe: Tensor, kv: Tensor | LatentKeys, mask: Tensor | None
+    ) -> Tensor:
         """Attend in latent space: MQA with one (C + R)-wide key per token whose value is c_KV.
 
         `q_lat = q_nope · W_UK` per head; scores are `[q_lat | q_pe] · [c_KV | k_pe]` — one GEMM of

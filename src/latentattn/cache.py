@@ -11,6 +11,8 @@ cached or new key at a position `<= lengths[b] + t` (a causal mask with a per-se
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import torch
 from torch import Tensor
 
@@ -184,6 +186,39 @@ def _bytes(tensor: Tensor) -> Tensor:
     return tensor.view(torch.uint8) if tensor.element_size() == 1 else tensor
 
 
+class LatentKeys:
+    """The S latent rows `[B, S, C + R]` that MLA reads this step, fetched on demand: whole (`full()`,
+    for the naive path) or in consecutive blocks (`blocks(size)`, for the absorbed path), so a paged
+    cache is gathered, and an 8-bit one dequantized, one block at a time instead of whole.
+
+    `read(start, stop)` returns rows `[B, stop - start, C + R]` in the compute dtype; block sizes are
+    rounded down to a multiple of `granule` (the paged cache's page).
+    """
+
+    def __init__(
+        self, read: Callable[[int, int], Tensor], shape: tuple[int, int, int], granule: int = 1
+    ) -> None:
+        self.read = read
+        self.shape = torch.Size(shape)
+        self.granule = granule
+
+    @classmethod
+    def of(cls, latent: Tensor) -> LatentKeys:
+        """Keys held in a tensor `[B, S, C + R]`: blocks are views."""
+        return cls(lambda start, stop: latent[:, start:stop], tuple(latent.shape))
+
+    def full(self) -> Tensor:
+        """All S rows, `[B, S, C + R]`."""
+        return self.read(0, self.shape[1])
+
+    def blocks(self, size: int) -> Iterator[Tensor]:
+        """Consecutive rows in blocks of about `size` (the last one shorter), `[B, s, C + R]` each."""
+        size = max(self.granule, size - size % self.granule)
+        n_keys = self.shape[1]
+        for start in range(0, n_keys, size):
+            yield self.read(start, min(start + size, n_keys))
+
+
 class LatentCache(_PreallocatedCache):
     """MLA's cache: one `[RMSNorm(c_KV) | RoPE(k_pe)]` row of width C + R per token, shared by all heads."""
 
@@ -205,11 +240,11 @@ class LatentCache(_PreallocatedCache):
         """The whole buffer `[B, L, C + R]`."""
         return self.buffers["latent"]
 
-    def update(self, latent: Tensor, n_new: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """Append `latent: [B, T, C + R]`; returns the cache `[B, S, C + R]` and the mask `[B, T, S]`
-        (None: causal, last token sees all)."""
+    def update(self, latent: Tensor, n_new: Tensor | None = None) -> tuple[LatentKeys, Tensor | None]:
+        """Append `latent: [B, T, C + R]`; returns the keys to read `[B, S, C + R]` (views of the
+        buffer) and the mask `[B, T, S]` (None: causal, last token sees all)."""
         (cached,), mask = self._update({"latent": latent}, n_new)
-        return cached, mask
+        return LatentKeys.of(cached), mask
 
 
 class KVCache(_PreallocatedCache):

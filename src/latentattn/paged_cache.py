@@ -12,11 +12,12 @@ Notation: B selected sequences, T new tokens, S keys read, W = C + R values per 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import Tensor
 
-from latentattn.cache import attention_mask, check_entry, check_n_new
+from latentattn.cache import LatentKeys, attention_mask, check_entry, check_n_new
 from latentattn.config import MLAConfig
 
 
@@ -151,9 +152,10 @@ class PagedLatentCache:
         """Positions `[B, T]` that the next `n_tokens` new tokens take: `lengths[b] + t`."""
         return self.lengths[:, None] + torch.arange(n_tokens, device=self.device)
 
-    def update(self, latent: Tensor, n_new: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def update(self, latent: Tensor, n_new: Tensor | None = None) -> tuple[LatentKeys, Tensor | None]:
         """Append `latent: [B, T, C + R]` to the selected sequences (taking blocks as needed); returns
-        their latents gathered `[B, S, C + R]` and the mask `[B, T, S]` (None: causal, last sees all)."""
+        their keys `[B, S, C + R]`, gathered page by page as attention reads them, and the mask
+        `[B, T, S]` (None: causal, last sees all)."""
         if not self.batch:
             raise ValueError("no sequences selected: call select(ids) or new_batch(n) before attention")
         width = self.pool.shape[-1]
@@ -172,7 +174,16 @@ class PagedLatentCache:
         self.pool.view(-1, width).index_copy_(0, slots, latent[rows, cols])
         for seq, count in zip(self.batch, n_new.tolist(), strict=True):
             self.seq_lengths[seq] += count
-        return self.pool[tables].flatten(1, 2)[:, :n_keys], mask  # [B, blocks · block_size, W] → [B, S, W]
+        return LatentKeys(
+            partial(self._gather, tables), (self.batch_size, n_keys, width), self.block_size
+        ), mask
+
+    def _gather(self, tables: Tensor, start: int, stop: int) -> Tensor:
+        """Rows `start:stop`, `[B, stop - start, W]`, of the sequences with block tables `[B, blocks]`."""
+        first = start // self.block_size
+        pages = self.pool[tables[:, first : math.ceil(stop / self.block_size)]]  # [B, pages, block_size, W]
+        offset = start - first * self.block_size
+        return pages.flatten(1, 2)[:, offset : offset + stop - start]
 
     def _reserve(self, needed_lengths: list[int]) -> None:
         """Give each selected sequence blocks for `needed_lengths` tokens, or raise before taking any."""

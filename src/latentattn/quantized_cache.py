@@ -2,8 +2,8 @@
 
 Per token per layer: c_KV as d_c int8 or fp8-e4m3 values with one fp32 scale per group of 128 values
 (symmetric absmax scaling), and the RoPE key k_pe kept in bf16: 512 + 4·4 + 64·2 = 656 bytes for
-DeepSeek's d_c = 512, d_R = 64, against 1,152 in bf16. `update` takes and returns the latent in the
-compute dtype, dequantizing what attention reads.
+DeepSeek's d_c = 512, d_R = 64, against 1,152 in bf16. `update` takes the latent in the compute
+dtype; attention reads it back dequantized one block of keys at a time (`LatentKeys`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from latentattn.cache import _PreallocatedCache, check_entry
+from latentattn.cache import LatentKeys, _PreallocatedCache, check_entry
 from latentattn.config import MLAConfig
 
 FORMATS: dict[str, tuple[torch.dtype, float]] = {
@@ -76,9 +76,9 @@ class QuantizedLatentCache(_PreallocatedCache):
         groups = c_kv.float().unflatten(-1, (-1, self.group_size)) * scale[..., None]
         return torch.cat([groups.flatten(-2).to(self.dtype), k_pe.to(self.dtype)], dim=-1)
 
-    def update(self, latent: Tensor, n_new: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """Append `latent: [B, T, C + R]` quantized; returns the dequantized cache `[B, S, C + R]` and
-        the mask `[B, T, S]` (None: causal, last token sees all)."""
+    def update(self, latent: Tensor, n_new: Tensor | None = None) -> tuple[LatentKeys, Tensor | None]:
+        """Append `latent: [B, T, C + R]` quantized; returns the keys to read, dequantized on demand
+        `[B, S, C + R]`, and the mask `[B, T, S]` (None: causal, last token sees all)."""
         check_entry(
             type(self).__name__,
             "latent",
@@ -88,5 +88,9 @@ class QuantizedLatentCache(_PreallocatedCache):
             self.dtype,
             self.device,
         )
-        (c_kv, scale, k_pe), mask = self._update(self.quantize(latent), n_new)
-        return self.dequantize(c_kv, scale, k_pe), mask
+        stored, mask = self._update(self.quantize(latent), n_new)
+        keys = LatentKeys(
+            lambda start, stop: self.dequantize(*(entry[:, start:stop] for entry in stored)),
+            (self.batch_size, stored[0].shape[1], self.cache_width),
+        )
+        return keys, mask
