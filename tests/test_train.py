@@ -114,6 +114,26 @@ def test_ddp_two_processes_on_gloo(tmp_path, corpus):
     assert ckpt.load_checkpoint(out).step == 6
 
 
+def test_ddp_error_on_rank_0_reaches_every_rank_in_one_line(tmp_path):
+    """Only rank 0 prepares the data; its error (an empty corpus) must reach rank 1 too, which would
+    otherwise die inside a collective with a traceback. torchrun writes each rank's stderr to a file."""
+    (tmp_path / "empty.txt").write_text("")
+    logs = tmp_path / "logs"
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    result = _run(
+        [
+            *(*torchrun, "--log-dir", str(logs), "--redirects", "2"),
+            *("-m", "latentattn", "train", "--data", str(tmp_path / "empty.txt"), "--preset", "debug"),
+            *("--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache")),
+        ]
+    )
+    assert result.returncode != 0
+    stderr_files = sorted(logs.glob("*/attempt_0/*/stderr.log"))
+    assert [path.parent.name for path in stderr_files] == ["0", "1"]
+    message = "latentattn train: error: the corpus is empty: no non-blank text in the given --data files\n"
+    assert [path.read_text() for path in stderr_files] == [message, message]
+
+
 def test_in_process_run_then_resume_rules(tmp_path, corpus):
     config = TrainConfig(
         out=str(tmp_path / "run"),

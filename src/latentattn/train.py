@@ -13,9 +13,10 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -40,6 +41,7 @@ _RESUMABLE_CHANGES = frozenset(
 """Fields a resumed run may change: they do not alter the training trajectory."""
 SHAPE_OVERRIDES = ("n_heads", "head_dim", "n_kv_heads", "kv_lora_rank", "rope_head_dim", "d_ff")
 """`TrainConfig` fields that replace the preset's field of the same name (see `Preset`)."""
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -148,9 +150,28 @@ class _Distributed:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
+    def on_main(self, work: Callable[[], _T]) -> _T | None:
+        """`work()` on rank 0 while the other ranks wait; its result on rank 0, None elsewhere.
+
+        Rank 0 broadcasts its outcome (gloo and NCCL both carry objects), so if `work` raises, rank 0
+        re-raises and every other rank raises a ValueError with the same message: all exit with the
+        same one-line error instead of dying in a collective.
+        """
+        if self.world_size == 1:
+            return work()
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = work()
+            except Exception as caught:
+                error = caught
+        message = [None if error is None else str(error) or type(error).__name__]
+        dist.broadcast_object_list(message, src=0)
+        if error is not None:
+            raise error
+        if message[0] is not None:
+            raise ValueError(message[0])
+        return result
 
     def mean(self, value: float) -> float:
         """Mean of `value` over the processes."""
@@ -250,16 +271,18 @@ def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
 
 
 def _load_corpus(config: TrainConfig, env: _Distributed, tokenizer: Any) -> Corpus:
-    """Rank 0 trains the tokenizer and encodes (or finds them cached); then the others read the cache."""
+    """Rank 0 trains the tokenizer and encodes (or finds them cached); then the others read the cache.
+    Rank 0's errors (e.g. an empty corpus) reach every rank."""
     files = resolve_files(config.data) if config.data else default_corpus_files()
     cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     vocab_size = get_preset(config.preset).vocab_size
-    corpus = None
-    if env.is_main:
-        corpus = prepare_corpus(files, vocab_size=vocab_size, cache_dir=cache_dir, tokenizer=tokenizer)
-    env.barrier()
-    if corpus is None:
-        corpus = prepare_corpus(files, vocab_size=vocab_size, cache_dir=cache_dir, tokenizer=tokenizer)
+
+    def prepare() -> Corpus:
+        return prepare_corpus(files, vocab_size=vocab_size, cache_dir=cache_dir, tokenizer=tokenizer)
+
+    corpus = env.on_main(prepare)
+    if corpus is None:  # the other ranks read what rank 0 cached
+        corpus = prepare()
     for name, split in (("training", corpus.train), ("validation", corpus.val)):
         if len(split) <= config.window:
             raise ValueError(
@@ -319,9 +342,12 @@ def _train(config: TrainConfig, env: _Distributed, *, quiet: bool) -> TrainResul
     if env.world_size > 1:
         net = DistributedDataParallel(net)
     log_path = run_dir / LOG
-    if env.is_main:
+
+    def start_log() -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         _truncate_log(log_path, step)
+
+    env.on_main(start_log)
     tokens_per_step = config.batch_size * config.window * config.grad_accum * env.world_size
     train_seconds, first_step, val_loss = 0.0, step, float("nan")
 
@@ -440,9 +466,9 @@ def _save(
     config: TrainConfig,
     env: _Distributed,
 ) -> None:
-    """Rank 0 writes the checkpoint; every rank waits for it."""
-    if env.is_main:
-        ckpt.save_checkpoint(
+    """Rank 0 writes the checkpoint; every rank waits for it (and fails with it)."""
+    env.on_main(
+        lambda: ckpt.save_checkpoint(
             run_dir,
             step=step,
             model=model,
@@ -450,4 +476,4 @@ def _save(
             train=_config_json(config),
             trainer_state={"optimizer": optimizer.state_dict(), "step": step},
         )
-    env.barrier()
+    )
