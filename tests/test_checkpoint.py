@@ -58,6 +58,9 @@ def test_missing_checkpoint(tmp_path):
     [
         ("model.safetensors", b"\x10\x00garbage", "corrupt checkpoint: cannot read"),
         ("config.json", b"{not json", "is not valid JSON"),
+        ("config.json", b"[]", r"step-0000003/config.json must hold a JSON object, got \[\]"),
+        ("config.json", b'{"train": [], "step": 3}', r"config.json: 'train' must be an object, got \[\]"),
+        ("config.json", b'{"train": {}, "step": "3"}', r"config.json: 'step' must be an integer, got \"3\""),
         ("tokenizer.json", b"[]", "corrupt checkpoint: cannot read"),
     ],
 )

@@ -91,12 +91,23 @@ class Checkpoint:
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
-    """`config.json` of the checkpoint `path` names."""
-    directory = _require_checkpoint(path)
+    """`config.json` of the checkpoint `path` names: an object whose optional "train" is an object and
+    "step" an integer."""
+    file = _require_checkpoint(path) / CONFIG
     try:
-        return json.loads((directory / CONFIG).read_text())
+        metadata = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"corrupt checkpoint: {directory / CONFIG} is not valid JSON ({error})") from None
+        raise ValueError(f"corrupt checkpoint: {file} is not valid JSON ({error})") from None
+    if not isinstance(metadata, dict):
+        raise ValueError(
+            f"corrupt checkpoint: {file} must hold a JSON object, got {json.dumps(metadata)[:40]}"
+        )
+    for key, kind, name in (("train", dict, "an object"), ("step", int, "an integer")):
+        if key in metadata and not isinstance(metadata[key], kind):
+            raise ValueError(
+                f"corrupt checkpoint: {file}: {key!r} must be {name}, got {json.dumps(metadata[key])[:40]}"
+            )
+    return metadata
 
 
 def load_checkpoint(
@@ -123,7 +134,7 @@ def load_checkpoint(
         config=config,
         tokenizer=tokenizer,
         train=metadata.get("train", {}),
-        step=int(metadata.get("step", 0)),
+        step=metadata.get("step", 0),
     )
 
 
