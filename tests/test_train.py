@@ -152,10 +152,17 @@ def test_in_process_run_then_resume_rules(tmp_path, corpus):
     assert [r["step"] for r in _log(tmp_path / "run") if "val_loss" in r] == [2, 4]
     with pytest.raises(ValueError, match="already holds a checkpoint; pass --resume"):
         train(config, quiet=True)
+    log = tmp_path / "run" / "log.jsonl"
+    complete = log.read_text()
+    log.write_text(complete + '{"step": 5, "loss": 2.')  # killed mid-write: the partial line goes
     finished = train(TrainConfig(**{**config.__dict__, "resume": True}), quiet=True)
     assert finished.step == 4 and finished.val_loss == pytest.approx(result.val_loss, rel=1e-6)
+    assert log.read_text() == complete
     with pytest.raises(ValueError, match=r"changed: lr 0.002 -> 0.001"):
         train(TrainConfig(**{**config.__dict__, "resume": True, "lr": 1e-3}), quiet=True)
+    log.write_text(complete.replace("\n", '\n{"step": 2, "lo\n', 1))  # not a partial last line: an error
+    with pytest.raises(ValueError, match=r"log.jsonl, line 2 is not a log record \(JSONDecodeError: "):
+        train(TrainConfig(**{**config.__dict__, "resume": True}), quiet=True)
 
 
 @pytest.mark.parametrize(

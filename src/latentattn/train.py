@@ -298,10 +298,26 @@ def _append_log(path: Path, record: dict[str, Any]) -> None:
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """Drop log records past `step` (written after the checkpoint a resumed run restarts from)."""
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        ckpt.write_text_atomically(path, "".join(line + "\n" for line in kept))
+    """Drop log records past `step`, written after the checkpoint a resumed run restarts from.
+
+    That includes an unterminated last line (a process killed mid-write): a step's records are written
+    before its checkpoint. Any other line that is not a record is an error naming the file and line.
+    """
+    if not path.exists():
+        return
+    lines = path.read_text().split("\n")
+    lines.pop()  # "" after the final newline, or the partial record of a killed process
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, TypeError, KeyError) as error:
+            raise ValueError(
+                f"{path}, line {number} is not a log record ({type(error).__name__}: {error}); "
+                "repair or delete that line to resume"
+            ) from None
+    ckpt.write_text_atomically(path, "".join(line + "\n" for line in kept))
 
 
 def train(config: TrainConfig, *, quiet: bool = False) -> TrainResult:
