@@ -65,12 +65,8 @@ def causal_additive_mask(n_queries: int, n_keys: int, offset: int) -> torch.Tens
 def run_hf(attn, rotary, x, start: int, cache=None):
     positions = torch.arange(start, start + x.shape[1])[None].expand(x.shape[0], -1)
     n_keys = start + x.shape[1]
-    out, _ = attn(
-        x,
-        position_embeddings=rotary(x, positions),
-        attention_mask=causal_additive_mask(x.shape[1], n_keys, start),
-        past_key_values=cache,
-    )
+    # positional: the cache argument is `past_key_values` before transformers 5.2x and `cache` after
+    out, _ = attn(x, rotary(x, positions), causal_additive_mask(x.shape[1], n_keys, start), cache)
     return out
 
 

@@ -233,7 +233,7 @@ def _hf_case(mla: MLA, x: torch.Tensor, latent: torch.Tensor) -> _Case:
     position_embeddings = rotary(x, positions)
 
     def step() -> torch.Tensor:
-        out = hf(x, position_embeddings=position_embeddings, attention_mask=None, past_key_values=cache)[0]
+        out = hf(x, position_embeddings, None, cache)[0]  # positional: HF renamed past_key_values to cache
         cache.crop(-1)  # drop the new token: every step decodes at the same context
         return out
 
