@@ -59,6 +59,14 @@ def test_empty_corpus_is_a_clear_error(tmp_path):
         prepare_corpus([], vocab_size=300, cache_dir=tmp_path / "cache")
 
 
+def test_a_tiny_corpus_has_an_empty_validation_split(tmp_path):
+    """12 characters make 12 one-character blocks, none of them the 20th (validation)."""
+    (tmp_path / "tiny.txt").write_text("hello world\n")
+    corpus = prepare_corpus([tmp_path / "tiny.txt"], vocab_size=300, cache_dir=tmp_path / "cache")
+    assert corpus.tokenizer.decode(corpus.train.tolist()) == "hello world\n"
+    assert corpus.val.shape == (0,) and corpus.val.dtype == corpus.train.dtype
+
+
 def test_token_ids_are_cached_and_reused_until_the_files_change(tmp_path, monkeypatch):
     files = _write_corpus(tmp_path / "corpus")
     cache_dir = tmp_path / "cache"

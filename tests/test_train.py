@@ -171,11 +171,20 @@ def test_in_process_run_then_resume_rules(tmp_path, corpus):
         (["--preset", "huge"], "unknown preset 'huge'"),
         (["--data", "EMPTY"], "the corpus is empty"),
         (["--data", "MISSING"], "does not exist"),
+        (
+            ["--data", "TINY", "--preset", "debug", "--context", "2"],
+            "the validation split has 0 tokens, not more than the context of 2; add text or lower --context",
+        ),
     ],
 )
 def test_cli_errors_are_one_line(tmp_path, capsys, args, message):
     (tmp_path / "empty").mkdir()
-    paths = {"EMPTY": str(tmp_path / "empty"), "MISSING": str(tmp_path / "missing")}
+    (tmp_path / "tiny.txt").write_text("hello world\n")
+    paths = {
+        "EMPTY": str(tmp_path / "empty"),
+        "MISSING": str(tmp_path / "missing"),
+        "TINY": str(tmp_path / "tiny.txt"),
+    }
     args = [paths.get(arg, arg) for arg in args]
     assert main(["train", "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "c"), *args]) == 2
     err = capsys.readouterr().err

@@ -113,7 +113,7 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int) -> Tokenizer:
 
 @dataclass(frozen=True)
 class Corpus:
-    """A tokenizer and the token ids of both splits (`[N]` integer memmaps)."""
+    """A tokenizer and the token ids of both splits (`[N]` integer memmaps; plain arrays when empty)."""
 
     tokenizer: Tokenizer
     train: np.ndarray
@@ -199,5 +199,12 @@ def prepare_corpus(
             )
 
         _write_dir_atomically(ids_dir, encode)
-    train, val = (np.memmap(ids_dir / f"{name}.bin", dtype=dtype, mode="r") for name in ("train", "val"))
+    train, val = (_read_ids(ids_dir / f"{name}.bin", dtype) for name in ("train", "val"))
     return Corpus(tokenizer=tokenizer, train=train, val=val)
+
+
+def _read_ids(path: Path, dtype: type[np.unsignedinteger]) -> np.ndarray:
+    """Token ids `[N]` mapped from `path`; an empty array for an empty split (mmap needs one byte)."""
+    if path.stat().st_size == 0:
+        return np.empty(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
