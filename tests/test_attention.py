@@ -110,6 +110,41 @@ def test_bf16_paths_close_to_fp64_truth(q_lora_rank, yarn):
         assert relative_l2(layer(x.bfloat16(), mode="absorbed"), layer(x.bfloat16(), mode="naive")) <= 2e-2
 
 
+@settings(max_examples=6, deadline=None)
+@given(data=st.data(), batch=st.integers(1, 2), prefix=st.integers(1, 12), steps=st.integers(1, 3))
+@pytest.mark.parametrize("q_lora", [False, True])
+@pytest.mark.parametrize("yarn", [False, True])
+def test_bf16_naive_and_absorbed_over_a_cache_close_to_fp64_truth(q_lora, yarn, data, batch, prefix, steps):
+    """Each path prefills `prefix` tokens into a bf16 latent cache, then decodes `steps` tokens one by
+    one; all outputs against one fp64 causal forward with the same bf16-rounded weights and inputs,
+    and against each other: relative L2 <= 2e-2. H·V >= 4 values per token, because with one value
+    (H = V = 1) every output is a single bf16 scalar times W_O and L2 averages nothing."""
+    config = data.draw(
+        mla_configs.filter(
+            lambda c: (
+                (c.q_lora_rank is not None) == q_lora
+                and (c.rope.yarn is not None) == yarn
+                and c.n_heads * c.v_head_dim >= 4
+            )
+        )
+    )
+    layer = make_layer(config, torch.bfloat16)
+    truth_layer = make_layer(config, torch.float64)
+    truth_layer.load_state_dict(layer.state_dict())
+    x = torch.randn(batch, prefix + steps, config.d_model, dtype=torch.bfloat16)
+    with torch.no_grad():
+        truth = truth_layer(x.double())
+        outs = {}
+        for mode in ("naive", "absorbed"):
+            cache = layer.new_cache(batch, prefix + steps)
+            chunks = [layer(x[:, :prefix], cache, mode=mode)]
+            chunks += [layer(x[:, t : t + 1], cache, mode=mode) for t in range(prefix, prefix + steps)]
+            outs[mode] = torch.cat(chunks, dim=1)
+            assert outs[mode].dtype == torch.bfloat16
+            assert relative_l2(outs[mode], truth) <= 2e-2, mode
+        assert relative_l2(outs["absorbed"], outs["naive"]) <= 2e-2
+
+
 @pytest.mark.parametrize("name", SMALL)
 def test_prefill_then_token_by_token_decode_equals_full_forward(name):
     config = SMALL[name]
