@@ -111,7 +111,7 @@ def test_ddp_two_processes_on_gloo(tmp_path, corpus):
     records = [r for r in _log(out) if "loss" in r]
     assert [r["step"] for r in records] == list(range(1, 7))
     assert records[-1]["tokens"] == 6 * 2 * 4 * 64  # steps · processes · batch · context
-    assert ckpt.load_checkpoint(out).step == 6
+    assert ckpt.load_checkpoint(out).step == 6 and ckpt.load_checkpoint(out).train["world_size"] == 2
 
 
 def test_ddp_error_on_rank_0_reaches_every_rank_in_one_line(tmp_path):
@@ -162,6 +162,16 @@ def test_in_process_run_then_resume_rules(tmp_path, corpus):
         train(TrainConfig(**{**config.__dict__, "resume": True, "lr": 1e-3}), quiet=True)
     log.write_text(complete.replace("\n", '\n{"step": 2, "lo\n', 1))  # not a partial last line: an error
     with pytest.raises(ValueError, match=r"log.jsonl, line 2 is not a log record \(JSONDecodeError: "):
+        train(TrainConfig(**{**config.__dict__, "resume": True}), quiet=True)
+
+    saved = result.checkpoint / ckpt.CONFIG
+    metadata = json.loads(saved.read_text())
+    assert metadata["train"]["world_size"] == 1
+    metadata["train"]["world_size"] = 2  # as if trained under torchrun --nproc_per_node=2
+    saved.write_text(json.dumps(metadata))
+    with pytest.raises(
+        ValueError, match=r"--resume needs the checkpoint's settings; changed: world_size 2 -> 1$"
+    ):
         train(TrainConfig(**{**config.__dict__, "resume": True}), quiet=True)
 
 

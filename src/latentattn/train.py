@@ -14,7 +14,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -255,16 +255,20 @@ def _init_distributed() -> _Distributed:
     return _Distributed(rank=dist.get_rank(), world_size=world_size, device=device)
 
 
-def _config_json(config: TrainConfig) -> dict[str, Any]:
-    return {**asdict(config), "data": list(config.data)}
+def _run_json(config: TrainConfig, world_size: int) -> dict[str, Any]:
+    """A checkpoint's "train" record: the config and the number of processes."""
+    return {**asdict(config), "data": list(config.data), "world_size": world_size}
 
 
-def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
-    current = _config_json(config)
+def _check_resumable(saved: dict[str, Any], config: TrainConfig, world_size: int) -> None:
+    """Refuse a resume that would change the trajectory: another setting or number of processes (each
+    process draws its own batches, so that changes the tokens per step and the batches themselves)."""
+    current = _run_json(config, world_size)
+    saved = {"world_size": world_size, **saved}  # not recorded by checkpoints older than the field
     changed = [
-        f"{f.name} {saved.get(f.name)!r} -> {current[f.name]!r}"
-        for f in fields(TrainConfig)
-        if f.name not in _RESUMABLE_CHANGES and saved.get(f.name) != current[f.name]
+        f"{name} {saved.get(name)!r} -> {value!r}"
+        for name, value in current.items()
+        if name not in _RESUMABLE_CHANGES and saved.get(name) != value
     ]
     if changed:
         raise ValueError(f"--resume needs the checkpoint's settings; changed: {', '.join(changed)}")
@@ -340,7 +344,7 @@ def _train(config: TrainConfig, env: _Distributed, *, quiet: bool) -> TrainResul
         )
     start = ckpt.load_checkpoint(existing) if existing is not None else None
     if start is not None:
-        _check_resumable(start.train, config)
+        _check_resumable(start.train, config, env.world_size)
         console.print(f"resuming {start.directory} at step {start.step}")
 
     init = ckpt.load_checkpoint(config.init_from) if config.init_from and start is None else None
@@ -489,7 +493,7 @@ def _save(
             step=step,
             model=model,
             tokenizer=corpus.tokenizer,
-            train=_config_json(config),
+            train=_run_json(config, env.world_size),
             trainer_state={"optimizer": optimizer.state_dict(), "step": step},
         )
     )
