@@ -10,9 +10,17 @@ import pytest
 import torch
 
 from latentattn import checkpoint as ckpt
+from latentattn import generate as generate_module
 from latentattn.cli import main
-from latentattn.data import train_tokenizer
-from latentattn.generate import SamplingConfig, generate, mha_cache_width, run_generate, sample_next
+from latentattn.data import EOS, train_tokenizer
+from latentattn.generate import (
+    Generation,
+    SamplingConfig,
+    generate,
+    mha_cache_width,
+    run_generate,
+    sample_next,
+)
 from latentattn.model import ATTENTION_KINDS, LanguageModel, ModelCache, get_preset
 
 GREEDY = SamplingConfig(temperature=0.0)
@@ -137,7 +145,40 @@ def test_batch_of_prompts_via_cli(run_dir, capsys):
     args = ["generate", str(run_dir), "--prompt", "import", "--prompt", "class Text", "--max-new-tokens", "5"]
     assert main([*args, "--top-k", "5", "--top-p", "0.9"]) == 0
     out = capsys.readouterr().out
-    assert "--- [1] ---\nimport" in out and "--- [2] ---\nclass Text" in out
+    lines = out.splitlines()
+    assert any(line.startswith("[1] import") for line in lines)
+    assert any(line.startswith("[2] class Text") for line in lines)
+
+
+def test_text_streams_and_ends_at_the_end_of_text_token(run_dir, monkeypatch):
+    """A scripted `generate` hands run_generate's printer fixed tokens, step by step. One prompt streams
+    as plain text; a batch streams each finished line as `[i] line`, and a sequence's last line as soon
+    as it emits the end-of-text token. Neither prints that token."""
+    tokenizer = ckpt.load_checkpoint(run_dir).tokenizer
+    eos = tokenizer.token_to_id(EOS)
+    script: list[list[int]] = []
+    out, seen = io.StringIO(), []  # seen: the output after each step
+
+    def scripted_generate(model, prompts, *, on_tokens, **options) -> Generation:
+        for step in range(max(map(len, script))):
+            on_tokens([ids[step] if step < len(ids) else None for ids in script])
+            seen.append(out.getvalue())
+        return Generation(script, 0, 0.0, 1.0, cache_tokens=0, cache_used_bytes=0, cache_bytes_per_token=0)
+
+    monkeypatch.setattr(generate_module, "generate", scripted_generate)
+    script[:] = [[*tokenizer.encode("x = 1").ids, eos]]
+    run_generate(run_dir, prompts=["a"], max_new_tokens=20, out=out)
+    assert seen[-2] == seen[-1] == "ax = 1" and out.getvalue().startswith("ax = 1\n\n")
+
+    out, seen[:] = io.StringIO(), []
+    script[:] = [[*tokenizer.encode("x = 1\ny = 2").ids, eos], tokenizer.encode(" = 3\nz = 4\nzz = 5\nw").ids]
+    run_generate(run_dir, prompts=["a", "b"], max_new_tokens=20, out=out)
+    stopped = seen[len(script[0]) - 1]  # after sequence 1's end-of-text token, before sequence 2 ends
+    assert "[1] ax = 1\n" in stopped and "[1] y = 2\n" in stopped and "[2] w" not in stopped
+    text = out.getvalue().split("\n\n")[0]
+    for i, lines in enumerate([["ax = 1", "y = 2"], ["b = 3", "z = 4", "zz = 5", "w"]], start=1):
+        assert [line[4:] for line in text.splitlines() if line.startswith(f"[{i}] ")] == lines
+    assert EOS not in out.getvalue()
 
 
 def test_prompt_longer_than_the_context(run_dir, capsys):

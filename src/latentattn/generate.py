@@ -167,22 +167,67 @@ def mha_cache_width(config: AttentionConfig) -> int:
     return 2 * config.n_heads * config.head_dim
 
 
-class _Streamer:
-    """Writes one sequence's text as its tokens arrive, holding back incomplete UTF-8 characters."""
+class _Detokenizer:
+    """One sequence's text, token by token: `add` returns the new text, holding back an incomplete UTF-8
+    character; special tokens (the end-of-text `EOS`) add nothing."""
 
-    def __init__(self, tokenizer: Tokenizer, out: TextIO) -> None:
-        self.tokenizer, self.out = tokenizer, out
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.written = 0
 
-    def __call__(self, tokens: list[int | None]) -> None:
-        if tokens[0] is None:
-            return
-        self.ids.append(tokens[0])
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=False).rstrip("\ufffd")
-        self.out.write(text[self.written :])
-        self.out.flush()
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids).rstrip("\ufffd")
+        new = text[self.written :]
         self.written = max(self.written, len(text))
+        return new
+
+
+class _Streamer:
+    """Writes the prompt, then its completion as the tokens arrive, to `out`."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt: str, out: TextIO) -> None:
+        self.text, self.out = _Detokenizer(tokenizer), out
+        out.write(prompt)
+
+    def __call__(self, tokens: list[int | None]) -> None:
+        if tokens[0] is not None:
+            self.out.write(self.text.add(tokens[0]))
+            self.out.flush()
+
+    def close(self) -> None:
+        self.out.write("\n")
+
+
+class _LineStreamer:
+    """Writes a batch's completions to `out` as they arrive, one finished line at a time as `[i] line`
+    (i: the prompt's number, from 1); a sequence's last partial line follows when it emits `eos_id`,
+    or at `close`."""
+
+    def __init__(self, tokenizer: Tokenizer, prompts: Sequence[str], out: TextIO, eos_id: int) -> None:
+        self.texts = [_Detokenizer(tokenizer) for _ in prompts]
+        self.pending = list(prompts)  # per sequence: the unfinished line, not written yet
+        self.out, self.eos_id = out, eos_id
+
+    def __call__(self, tokens: list[int | None]) -> None:
+        for i, token in enumerate(tokens):
+            if token is None:
+                continue
+            *lines, self.pending[i] = (self.pending[i] + self.texts[i].add(token)).split("\n")
+            self.out.write("".join(f"[{i + 1}] {line}\n" for line in lines))
+            if token == self.eos_id:
+                self._finish(i)
+        self.out.flush()
+
+    def close(self) -> None:
+        for i in range(len(self.pending)):
+            self._finish(i)
+
+    def _finish(self, i: int) -> None:
+        if self.pending[i]:
+            self.out.write(f"[{i + 1}] {self.pending[i]}\n")
+            self.pending[i] = ""
 
 
 def run_generate(
@@ -196,7 +241,9 @@ def run_generate(
 ) -> Generation:
     """Load `checkpoint`, sample a completion for each prompt and print it, then the speed and cache size.
 
-    One prompt streams to `out` (default stdout) as it is produced; several print once all are done.
+    Text streams to `out` (default stdout) as it is produced: one prompt as plain text, several line by
+    line, each line prefixed with its prompt's number (`[2] ...`). A completion ends at the end-of-text
+    token, which is not printed.
     """
     out = out or sys.stdout
     loaded = load_checkpoint(checkpoint)
@@ -217,9 +264,11 @@ def run_generate(
             file=sys.stderr,
         )
         max_new_tokens = room
-    streamer = _Streamer(tokenizer, out) if len(prompts) == 1 else None
-    if streamer is not None:
-        out.write(prompts[0])
+    streamer = (
+        _Streamer(tokenizer, prompts[0], out)
+        if len(prompts) == 1
+        else _LineStreamer(tokenizer, prompts, out, eos_id)
+    )
     result = generate(
         loaded.model,
         encoded,
@@ -229,10 +278,8 @@ def run_generate(
         eos_id=eos_id,
         on_tokens=streamer,
     )
-    if streamer is None:
-        for i, (prompt, tokens) in enumerate(zip(prompts, result.tokens, strict=True)):
-            out.write(f"--- [{i + 1}] ---\n{prompt}{tokenizer.decode(tokens)}\n")
-    out.write("\n\n")
+    streamer.close()
+    out.write("\n")
     out.write(_report(result, config.attention, config.n_layers, loaded.model.embed.weight.element_size()))
     return result
 
