@@ -319,6 +319,19 @@ def test_cli_list(capsys):
     assert {row["name"] for row in json.loads(capsys.readouterr().out)} == set(PRESETS)
 
 
+def test_cli_baseline_bits_sets_the_baseline_precision(capsys):
+    argv = ["cache", "deepseek-v2", "--bits", "6", "--baseline", "deepseek-67b", "--baseline-bits", "8"]
+    assert main([*argv, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["baseline"]["bits"], data["baseline"]["bytes_per_token"]) == (8, 194_560)
+    assert data["models"][0]["reduction_vs_baseline"] == 1 - 25_920 / 194_560
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "194,560" in out
+    assert "86.7%" in out
+    assert "deepseek-67b at 8 bits" in out
+
+
 def test_cli_plot_writes_a_png(capsys, tmp_path):
     path = tmp_path / "cache.png"
     assert main(["cache", "deepseek-v2", "llama-3-8b", "--budget", "80GiB", "--plot", str(path)]) == 0
@@ -336,6 +349,7 @@ def test_cli_plot_writes_a_png(capsys, tmp_path):
         (["deepseek-v2", "--context", "0"], "context must be a positive"),
         (["deepseek-v2", "--batch", "0"], "batch must be a positive"),
         (["deepseek-v2", "--bits", "0"], "bits must be an integer from 1 to 64"),
+        (["deepseek-v2", "--baseline-bits", "65"], "baseline_bits must be an integer from 1 to 64"),
         (["deepseek-v2", "--baseline", "nope"], "unknown model 'nope'"),
         ([], "no model given"),
         (["--attn", "gqa", "--layers", "4", "--head-dim", "8"], "model 'custom-gqa': gqa needs"),
