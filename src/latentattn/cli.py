@@ -380,6 +380,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
+        sys.stdout.flush()  # a closed pipe raises here, not in Python's own flush at exit
+    except BrokenPipeError:
+        # The reader left early (`latentattn cache --json | head -c 10`): stop quietly, as rich does.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (ValueError, FileNotFoundError, KeyError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"latentattn {args.verb}: error: {message}", file=sys.stderr)
