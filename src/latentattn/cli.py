@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from rich.table import Table
 
@@ -91,7 +92,9 @@ def _add_cache(verbs: argparse._SubParsersAction) -> None:
         "--budget", metavar="SIZE", help="cache memory, e.g. 80GiB or 40GB: longest context that fits"
     )
     cache.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    cache.add_argument("--plot", metavar="FILE.png", help="draw cache size against context length")
+    cache.add_argument(
+        "--plot", metavar="FILE.png", help="draw cache size against context length (.png, .svg, .pdf, …)"
+    )
     cache.set_defaults(run=_run_cache)
 
 
@@ -126,11 +129,12 @@ def _run_cache(args: argparse.Namespace) -> None:
         batch=args.batch,
         budget_bytes=calc.parse_size(args.budget) if args.budget else None,
     )
+    plot = None
     if args.plot:
         from latentattn.plots import plot_cache_vs_context
 
-        plot_cache_vs_context(comparison, args.plot)
-    _emit(args, comparison.as_dict(), lambda: calc.comparison_table(comparison))
+        plot = plot_cache_vs_context(comparison, args.plot)
+    _emit(args, comparison.as_dict(), lambda: calc.comparison_table(comparison), plot)
 
 
 def _add_bench(verbs: argparse._SubParsersAction) -> None:
@@ -154,7 +158,9 @@ def _add_bench(verbs: argparse._SubParsersAction) -> None:
     bench.add_argument("--threads", type=int, metavar="N", help="torch threads (default: torch's choice)")
     bench.add_argument("--device", default="cpu", help="torch device (default cpu)")
     bench.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
-    bench.add_argument("--plot", metavar="FILE.png", help="draw latency against context per implementation")
+    bench.add_argument(
+        "--plot", metavar="FILE.png", help="draw latency against context per implementation (.png, .svg, …)"
+    )
     bench.set_defaults(run=_run_bench)
 
 
@@ -165,6 +171,10 @@ def _run_bench(args: argparse.Namespace) -> None:
     from latentattn.bench import BenchConfig, results_table, run_bench
     from latentattn.calculator import parse_context
 
+    if args.plot:
+        from latentattn.plots import image_path, plot_decode_latency
+
+        image_path(args.plot)  # fail before the benchmark, not after it
     if args.threads:
         torch.set_num_threads(args.threads)
     config = BenchConfig(
@@ -180,11 +190,8 @@ def _run_bench(args: argparse.Namespace) -> None:
     )
     progress = None if args.json else (lambda message: print(f"  {message}", file=sys.stderr))
     report = run_bench(config, progress=progress)
-    if args.plot:
-        from latentattn.plots import plot_decode_latency
-
-        plot_decode_latency(report, args.plot)
-    _emit(args, report, lambda: results_table(report))
+    plot = plot_decode_latency(report, args.plot) if args.plot else None
+    _emit(args, report, lambda: results_table(report), plot)
 
 
 def _add_eval(verbs: argparse._SubParsersAction) -> None:
@@ -366,14 +373,16 @@ def _run_study(args: argparse.Namespace) -> None:
         print(f"report: {args.out}/report.md")
 
 
-def _emit(args: argparse.Namespace, payload: object, table: Callable[[], Table]) -> None:
-    """Print `payload` as JSON with --json, else the table (and where --plot wrote its figure)."""
+def _emit(
+    args: argparse.Namespace, payload: object, table: Callable[[], Table], plot: Path | None = None
+) -> None:
+    """Print `payload` as JSON with --json, else the table and the file `plot` was written to."""
     if args.json:
         print(json.dumps(payload, indent=2))
         return
     print_table(table())
-    if getattr(args, "plot", None):
-        print(f"plot written to {args.plot}")
+    if plot is not None:
+        print(f"plot written to {plot}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

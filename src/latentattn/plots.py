@@ -12,6 +12,26 @@ from matplotlib.ticker import FuncFormatter
 from latentattn.calculator import CacheEstimate, Comparison, format_bytes
 
 GIB = 2**30
+IMAGE_FORMATS = tuple(sorted(FigureCanvasAgg.get_supported_filetypes()))
+"""File suffixes (without the dot) that the Agg canvas writes: png, svg, pdf, …"""
+
+
+def image_path(path: str | Path) -> Path:
+    """`path` if it ends in an image suffix (IMAGE_FORMATS), else a ValueError: matplotlib would save
+    'foo' as 'foo.png', a file other than the one named."""
+    path = Path(path)
+    if path.suffix[1:].lower() not in IMAGE_FORMATS:
+        found = f"the suffix {path.suffix!r}" if path.suffix else "no suffix"
+        suffixes = ", ".join(f".{name}" for name in IMAGE_FORMATS)
+        raise ValueError(f"plot file {str(path)!r} has {found}; end it in an image suffix: {suffixes}")
+    return path
+
+
+def _save(figure: Figure, path: str | Path) -> Path:
+    """Write `figure` to `path` in the format its suffix names; the path written."""
+    path = image_path(path)
+    figure.savefig(path, dpi=120)
+    return path
 
 
 def _tokens(value: float, _position: int) -> str:
@@ -25,7 +45,7 @@ def _tokens(value: float, _position: int) -> str:
 def plot_cache_vs_context(comparison: Comparison, path: str | Path) -> Path:
     """Cache size (GiB, whole batch) against context length (tokens) on log-log axes, one line per
     model, the baseline dashed, the chosen context as a dotted vertical line and the budget, if any,
-    as a horizontal line. Writes an image whose format follows `path`'s suffix (e.g. .png)."""
+    as a horizontal line. Writes an image whose format follows `path`'s suffix (see `image_path`)."""
     base = comparison.baseline
     top = max(2**20, 4 * base.context)
     contexts = np.geomspace(min(2**10, base.context), top, num=64)  # tokens per sequence
@@ -57,14 +77,13 @@ def plot_cache_vs_context(comparison: Comparison, path: str | Path) -> Path:
     axes.set_title(f"KV cache vs context; baseline {base.model.name} at {base.bits} bits")
     axes.grid(True, which="major", alpha=0.3)
     axes.legend(fontsize="small")
-    path = Path(path)
-    figure.savefig(path, dpi=120)
-    return path
+    return _save(figure, path)
 
 
 def plot_decode_latency(report: dict, path: str | Path) -> Path:
     """`latentattn bench`: ms per decode step against context, one line per implementation, one panel
-    per dtype (the first batch size), with each point's roofline bound as a dotted line for MLA-absorbed."""
+    per dtype (the first batch size), with each point's roofline bound as a dotted line for MLA-absorbed.
+    `path` must end in an image suffix (see `image_path`); returns it."""
     results = report["results"]
     dtypes = list(dict.fromkeys(row["dtype"] for row in results))
     batch = results[0]["batch"]
@@ -91,6 +110,4 @@ def plot_decode_latency(report: dict, path: str | Path) -> Path:
     figure.suptitle(
         f"Decode step latency on {report['machine']['cpu']}, {report['machine']['torch_threads']} threads"
     )
-    path = Path(path)
-    figure.savefig(path, dpi=120)
-    return path
+    return _save(figure, path)
