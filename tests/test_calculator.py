@@ -332,6 +332,20 @@ def test_cli_baseline_bits_sets_the_baseline_precision(capsys):
     assert "deepseek-67b at 8 bits" in out
 
 
+def test_plot_gives_every_model_its_own_line_style_and_marker():
+    """deepseek-v2 and -v3 differ by one layer (69,120 vs 70,272 B/token): on log axes the lines
+    coincide, so line style and staggered markers, not colour alone, must tell them apart."""
+    from latentattn.plots import cache_vs_context_figure
+
+    names = ["deepseek-v2", "deepseek-v3", "deepseek-v2-lite", "llama-3-8b", "mistral-7b"]
+    figure = cache_vs_context_figure(compare([preset(name) for name in names]))
+    lines = {line.get_label().split()[0]: line for line in figure.axes[0].get_lines()}
+    models = [lines[name] for name in names]
+    assert all(line.get_marker() not in (None, "None", "") for line in models)
+    assert len({(line.get_linestyle(), line.get_marker()) for line in models}) == len(names)
+    assert len({line.get_markevery()[0] for line in models}) == len(names)
+
+
 def test_cli_plot_writes_a_png(capsys, tmp_path):
     path = tmp_path / "cache.png"
     assert main(["cache", "deepseek-v2", "llama-3-8b", "--budget", "80GiB", "--plot", str(path)]) == 0

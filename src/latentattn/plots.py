@@ -14,6 +14,9 @@ from latentattn.calculator import CacheEstimate, Comparison, format_bytes
 GIB = 2**30
 IMAGE_FORMATS = tuple(sorted(FigureCanvasAgg.get_supported_filetypes()))
 """File suffixes (without the dot) that the Agg canvas writes: png, svg, pdf, …"""
+_LINESTYLES = ("-", "-.", ":")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+_MARKER_EVERY = 8
 
 
 def image_path(path: str | Path) -> Path:
@@ -42,10 +45,11 @@ def _tokens(value: float, _position: int) -> str:
     return f"{value:g}"
 
 
-def plot_cache_vs_context(comparison: Comparison, path: str | Path) -> Path:
+def cache_vs_context_figure(comparison: Comparison) -> Figure:
     """Cache size (GiB, whole batch) against context length (tokens) on log-log axes, one line per
     model, the baseline dashed, the chosen context as a dotted vertical line and the budget, if any,
-    as a horizontal line. Writes an image whose format follows `path`'s suffix (see `image_path`)."""
+    as a horizontal line. Each model has its own line style and marker, markers staggered, so lines
+    that nearly coincide (deepseek-v2 and -v3 differ by one layer in 61) stay distinguishable."""
     base = comparison.baseline
     top = max(2**20, 4 * base.context)
     contexts = np.geomspace(min(2**10, base.context), top, num=64)  # tokens per sequence
@@ -58,8 +62,14 @@ def plot_cache_vs_context(comparison: Comparison, path: str | Path) -> Path:
         label = f"{prefix}{row.model.name} ({row.model.kind}, {row.storage})"
         axes.plot(contexts, gib, label=label, **style)
 
-    for row in comparison.rows:
-        draw(row, linewidth=2)
+    for index, row in enumerate(comparison.rows):
+        draw(
+            row,
+            linewidth=2,
+            linestyle=_LINESTYLES[index % len(_LINESTYLES)],
+            marker=_MARKERS[index % len(_MARKERS)],
+            markevery=(index * 3 % _MARKER_EVERY, _MARKER_EVERY),  # (first point, stride): no stacking
+        )
     draw(base, "baseline: ", color="grey", linestyle="--", linewidth=1.5)
     axes.axvline(base.context, color="black", linestyle=":", linewidth=1, label=f"context {base.context:,}")
     if base.budget_bytes is not None:
@@ -77,7 +87,12 @@ def plot_cache_vs_context(comparison: Comparison, path: str | Path) -> Path:
     axes.set_title(f"KV cache vs context; baseline {base.model.name} at {base.bits} bits")
     axes.grid(True, which="major", alpha=0.3)
     axes.legend(fontsize="small")
-    return _save(figure, path)
+    return figure
+
+
+def plot_cache_vs_context(comparison: Comparison, path: str | Path) -> Path:
+    """Write `cache_vs_context_figure` to `path` (an image suffix, see `image_path`); the path."""
+    return _save(cache_vs_context_figure(comparison), path)
 
 
 def plot_decode_latency(report: dict, path: str | Path) -> Path:
