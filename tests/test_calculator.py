@@ -2,13 +2,16 @@
 
 Oracles: the DeepSeek-V2 paper's per-token formulas (MHA 2·n_h·d_h·l, GQA 2·n_g·d_h·l, MQA 2·d_h·l,
 MLA (d_c + d_R)·l), the published figures in docs/kv-cache.md (exact integers, so exact equality; the
-93.3% headline to 0.05 percentage points, as it is quoted), and the byte accounting of the real cache
-objects in `latentattn.cache`.
+93.3% headline to 0.05 percentage points, as it is quoted), the byte accounting of the real cache
+objects in `latentattn.cache`, and the outputs pasted in docs/kv-cache.md (byte for byte).
 """
 
 from __future__ import annotations
 
 import json
+import re
+import shlex
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,6 +48,7 @@ DEEPSEEK_V2_LITE_JSON = {
     "v_head_dim": 128,
     "rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096},
 }
+DOC = Path(__file__).resolve().parents[1] / "docs" / "kv-cache.md"
 LLAMA_3_8B_JSON = {
     "architectures": ["LlamaForCausalLM"],
     "hidden_size": 4096,
@@ -411,3 +415,38 @@ def test_latent_format_in_comparisons_and_cli(capsys):
         calc.CacheEstimate(calc.preset("llama-3-8b"), latent_format="int8")
     assert main(["cache", "deepseek-v2", "--latent-format", "int8", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["models"][0]["bytes_per_token_per_layer"] == 656
+
+
+# docs/kv-cache.md shows real output.
+
+DOC_COMMANDS = re.findall(
+    r"```console\n\$ latentattn (cache .*?)\n(.*?)```", DOC.read_text(), flags=re.DOTALL
+)
+
+
+def test_doc_console_blocks_are_all_found():
+    assert len(DOC_COMMANDS) == DOC.read_text().count("```console") >= 7
+
+
+@pytest.mark.parametrize(("command", "expected"), DOC_COMMANDS, ids=[c for c, _ in DOC_COMMANDS])
+def test_doc_console_blocks_are_the_tool_output(capsys, tmp_path, monkeypatch, command, expected):
+    """Byte for byte, trailing spaces included; `| tail -N` keeps the last N lines."""
+    monkeypatch.chdir(tmp_path)  # where --plot writes
+    argv, _, tail = command.partition(" | tail -")
+    assert main(shlex.split(argv)) == 0
+    lines = capsys.readouterr().out.splitlines(keepends=True)
+    assert "".join(lines[-int(tail) :] if tail else lines) == expected
+
+
+def test_doc_json_example_is_the_tool_output(capsys):
+    """The condensed `--json` example: its models entry exactly, and the keys of the rest."""
+    ((command, block),) = re.findall(
+        r"here for\s+`latentattn (cache [^`]*)`.*?```json\n(.*?)```", DOC.read_text(), flags=re.DOTALL
+    )
+    shown = json.loads(re.sub(r'"baseline": \{ \.\.\..*\},', '"baseline": null,', block))
+    assert main(shlex.split(command)) == 0
+    real = json.loads(capsys.readouterr().out)
+    assert shown["models"] == real["models"]
+    assert shown.keys() == real.keys()
+    per_model = {"reduction_vs_baseline", "factor_vs_baseline"}
+    assert real["baseline"].keys() == real["models"][0].keys() - per_model
