@@ -226,9 +226,12 @@ def test_auto_mode_really_takes_the_absorbed_path_for_decode(monkeypatch):
     cache = layer.new_cache(1, 40)
     layer(torch.randn(1, 30, 32, dtype=torch.float64), cache)
     taken = []
-    monkeypatch.setattr(
-        MLA, "attend_absorbed", lambda self, *a: taken.append("absorbed") or MLA.attend_naive(self, *a)
-    )
+
+    def absorbed(self, q_nope, q_pe, keys, mask):
+        taken.append("absorbed")
+        return MLA.attend_naive(self, q_nope, q_pe, keys.full(), mask)
+
+    monkeypatch.setattr(MLA, "attend_absorbed", absorbed)
     layer(torch.randn(1, 1, 32, dtype=torch.float64), cache)
     assert taken == ["absorbed"]
 
