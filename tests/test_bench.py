@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
 from latentattn import MLAConfig
-from latentattn.bench import IMPLS, BenchConfig, run_bench
+from latentattn.bench import IMPLS, MIN_REPEATS, BenchConfig, measure_roofline, run_bench, time_ms
 from latentattn.cli import main
 
 TINY = MLAConfig(
@@ -66,3 +67,24 @@ def test_bad_config_is_named():
     with pytest.raises(ValueError, match="unknown implementation 'flash'"):
         BenchConfig(impls=("flash",))
     assert main(["bench", "--contexts", "lots"]) == 2
+
+
+def test_slow_steps_stop_repeating_after_the_time_budget():
+    calls = []
+
+    def step():
+        calls.append(None)
+        time.sleep(0.02)
+
+    assert len(time_ms(step, warmup=2, repeats=50, max_seconds=0.05)) == MIN_REPEATS
+    assert len(calls) == 1 + MIN_REPEATS  # the first warm-up step took over a third of the budget
+    calls.clear()
+    assert len(time_ms(step, warmup=2, repeats=2, max_seconds=0.05)) == 2  # never more than asked
+    assert len(time_ms(step, warmup=0, repeats=5, max_seconds=60)) == 5
+
+
+def test_bf16_peak_is_the_fastest_way_to_multiply_bf16_on_this_device():
+    """On CPU the absorbed path multiplies bf16 data in fp32 (exact products), so bf16's roofline peak
+    is at least fp32's, however slow native bf16 GEMMs are."""
+    roofline = measure_roofline(("float32", "bfloat16"), "cpu", repeats=1)
+    assert roofline.peak_gflops["bfloat16"] >= roofline.peak_gflops["float32"] > 0

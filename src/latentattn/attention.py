@@ -13,6 +13,7 @@ R qk_rope_head_dim (d_h^R), N qk_nope_head_dim (d_h), V v_head_dim, G kv heads, 
 
 from __future__ import annotations
 
+import itertools
 from typing import Literal
 
 import torch
@@ -120,11 +121,10 @@ def _sdpa(
     )
 
 
-KEY_BLOCK = 4096
-"""Keys per block of the absorbed path: a block of the cache (4096 × 576 fp32 = 9 MiB) stays in the CPU's
-last-level cache between the score and the output GEMM."""
 SCORE_BLOCK_ELEMENTS = 2**22
-"""Upper bound on one block's scores `[B, s, T·H]` (16 MiB in fp32), for long chunks on many heads."""
+"""Upper bound on the scores `[B, s, T·H]` of one key block (16 MiB in fp32). Decode at batch 1 with 16
+heads reads up to 262K keys of a contiguous cache as one block: one plain softmax, measured faster on
+CPU than blocks of 2K-8K keys kept in cache between the two GEMMs."""
 
 
 def gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -147,13 +147,13 @@ def latent_attention(
     q: [B, T, H, W]; kv: [B, S, W] (W = C + R, the value is the first C columns); mask: [B, T, S]
     or None (aligned causal) → [B, T, H, value_width].
 
-    Key-major, so every GEMM reads the cache where it lies: scores are the tall product
-    `keys · qᵀ` ([s, W]·[W, T·H], one column per query row), the softmax reduces over keys (dim 1 of
-    a contiguous block) and the output is `valuesᵀ · probs` ([C, s]·[s, T·H]). Keys go in blocks
-    (`block_size`, default `KEY_BLOCK`, fewer when the scores would exceed `SCORE_BLOCK_ELEMENTS`)
-    with an online softmax, so each block is read from memory once for both GEMMs; accumulation in
-    fp32 (fp64 for fp64 inputs). The running max carries no gradient: the softmax does not depend on
-    the shift.
+    Key-major, so both GEMMs read the cache where it lies: scores are the tall product `keys · qᵀ`
+    ([s, W]·[W, T·H], one column per query row), the softmax reduces over keys (dim 1) and the output
+    is `valuesᵀ · probs` ([C, s]·[s, T·H]). Keys that fit in one block (`block_size`, default: as
+    many as keep the scores under `SCORE_BLOCK_ELEMENTS`, at most `kv.max_block` for caches that
+    gather or dequantize) take one softmax; more go block by block with an online softmax whose
+    running max carries no gradient (the softmax does not depend on the shift). Scale, softmax and
+    accumulation in fp32 (fp64 for fp64 inputs).
     """
     keys = kv if isinstance(kv, LatentKeys) else LatentKeys.of(kv)
     batch, n_tokens, heads, width = q.shape
@@ -162,28 +162,39 @@ def latent_attention(
         mask = causal_mask(n_tokens, n_keys, q.device)
     acc, gemm = fp32_or_wider(q.dtype), gemm_dtype(q.dtype, q.device)
     rows_t = q.reshape(batch, n_rows, width).transpose(1, 2).to(gemm)  # [B, W, T·H]
-    size = block_size or max(1, min(KEY_BLOCK, SCORE_BLOCK_ELEMENTS // (batch * n_rows)))
-    running_max = torch.full((batch, 1, n_rows), float("-inf"), dtype=acc, device=q.device)
-    denominator = torch.zeros(batch, 1, n_rows, dtype=acc, device=q.device)
-    out = torch.zeros(batch, value_width, n_rows, dtype=acc, device=q.device)  # [B, C, T·H]
-    start = 0
-    for block in keys.blocks(size):
-        block = block.to(gemm)  # [B, s, W]
-        n_block = block.shape[1]
-        scores = torch.matmul(block, rows_t).to(acc).mul_(scale)  # [B, s, T·H]
+
+    def scores_of(block: Tensor, start: int) -> Tensor:
+        """Scaled scores `[B, s, T·H]` of the keys `block: [B, s, W]` from key `start` on; masked: -inf."""
+        scores = torch.matmul(block, rows_t).to(acc).mul_(scale)
         if mask is not None:
-            keep = mask[:, :, start : start + n_block].transpose(1, 2)  # [B, s, T]
-            scores.view(batch, n_block, n_tokens, heads).masked_fill_(~keep[..., None], float("-inf"))
-        new_max = torch.maximum(running_max, scores.detach().amax(dim=1, keepdim=True))
-        shift = new_max.masked_fill(new_max == float("-inf"), 0.0)  # rows with no key yet stay at zero
-        probs = scores.sub_(shift).exp_()
-        correction = running_max.sub_(shift).exp_()
-        denominator.mul_(correction).add_(probs.sum(dim=1, keepdim=True))
-        block_out = torch.matmul(block[..., :value_width].transpose(1, 2), probs.to(gemm))  # [B, C, T·H]
-        out.mul_(correction).add_(block_out)
-        running_max, start = new_max, start + n_block
-    out = (out / denominator).transpose(1, 2)  # [B, T·H, C]
-    return out.reshape(batch, n_tokens, heads, value_width).to(q.dtype)
+            keep = mask[:, :, start : start + block.shape[1]].transpose(1, 2)  # [B, s, T]
+            scores.view(batch, -1, n_tokens, heads).masked_fill_(~keep[..., None], float("-inf"))
+        return scores
+
+    def weighted_values(block: Tensor, probs: Tensor) -> Tensor:
+        """`valuesᵀ · probs`: [B, C, s]·[B, s, T·H] → [B, C, T·H]."""
+        return torch.matmul(block[..., :value_width].transpose(1, 2), probs.to(gemm)).to(acc)
+
+    blocks = keys.blocks(block_size or max(1, SCORE_BLOCK_ELEMENTS // (batch * n_rows)))
+    first = next(blocks).to(gemm)  # [B, s, W]
+    if first.shape[1] == n_keys:  # every query row sees key 0, so no row is fully masked
+        out = weighted_values(first, torch.softmax(scores_of(first, 0), dim=1))  # [B, C, T·H]
+    else:
+        running_max = torch.full((batch, 1, n_rows), float("-inf"), dtype=acc, device=q.device)
+        denominator = torch.zeros(batch, 1, n_rows, dtype=acc, device=q.device)
+        out = torch.zeros(batch, value_width, n_rows, dtype=acc, device=q.device)
+        start = 0
+        for block in itertools.chain([first], (block.to(gemm) for block in blocks)):
+            scores = scores_of(block, start)
+            new_max = torch.maximum(running_max, scores.detach().max(dim=1, keepdim=True).values)
+            shift = new_max.masked_fill(new_max == float("-inf"), 0.0)  # rows with no key yet stay at 0
+            probs = scores.sub_(shift).exp_()
+            correction = running_max.sub_(shift).exp_()
+            denominator.mul_(correction).add_(probs.sum(dim=1, keepdim=True))
+            out.mul_(correction).add_(weighted_values(block, probs))
+            running_max, start = new_max, start + block.shape[1]
+        out = out / denominator
+    return out.transpose(1, 2).reshape(batch, n_tokens, heads, value_width).to(q.dtype)
 
 
 class MLA(nn.Module):

@@ -10,6 +10,7 @@ and peak from a large GEMM timed in the same run.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import statistics
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from rich.table import Table
 
-from latentattn.attention import MLA, GQAAttention, mla_path_flops
+from latentattn.attention import MLA, GQAAttention, gemm_dtype, mla_path_flops
 from latentattn.calculator import format_bytes
 from latentattn.config import GQAConfig, MLAConfig
 from latentattn.hf import attention_state_dict_to_hf, mla_config_to_hf
@@ -59,6 +60,8 @@ class BenchConfig:
     hf_max_context: int = 65536
     warmup: int = 2
     repeats: int = 7
+    max_seconds: float = 10.0
+    """A row stops repeating once its timed steps took this long (after at least `MIN_REPEATS`)."""
     seed: int = 0
     device: str = "cpu"
 
@@ -72,8 +75,11 @@ class BenchConfig:
         for name in ("contexts", "batch_sizes"):
             if not getattr(self, name) or min(getattr(self, name)) <= 0:
                 raise ValueError(f"BenchConfig.{name} must be positive integers, got {getattr(self, name)}")
-        if self.repeats <= 0 or self.warmup < 0:
-            raise ValueError(f"need repeats > 0 and warmup >= 0, got {self.repeats} and {self.warmup}")
+        if self.repeats <= 0 or self.warmup < 0 or self.max_seconds <= 0:
+            raise ValueError(
+                f"need repeats > 0, warmup >= 0 and max_seconds > 0, got {self.repeats}, {self.warmup} "
+                f"and {self.max_seconds}"
+            )
         if self.mla.n_heads % self.gqa_kv_heads:
             raise ValueError(f"gqa_kv_heads={self.gqa_kv_heads} must divide the {self.mla.n_heads} heads")
 
@@ -111,37 +117,59 @@ class Result:
     vs_hf: float | None = None
 
 
-def time_ms(step: Callable[[], object], warmup: int, repeats: int) -> list[float]:
-    """Wall-clock milliseconds of `repeats` calls of `step` after `warmup` calls."""
+MIN_REPEATS = 3
+
+
+def time_ms(
+    step: Callable[[], object], warmup: int, repeats: int, max_seconds: float = math.inf
+) -> list[float]:
+    """Wall-clock milliseconds of `repeats` calls of `step` after `warmup` calls; a slow step stops
+    early, once the timed calls took `max_seconds` (after at least `MIN_REPEATS`, or `repeats` if
+    fewer), and skips the rest of its warm-up once one call took a third of that."""
     for _ in range(warmup):
+        start = time.perf_counter()
         step()
-    times = []
-    for _ in range(repeats):
+        if time.perf_counter() - start > max_seconds / 3:
+            break
+    times: list[float] = []
+    while len(times) < repeats and (len(times) < MIN_REPEATS or sum(times) < max_seconds * 1e3):
         start = time.perf_counter()
         step()
         times.append((time.perf_counter() - start) * 1e3)
     return times
 
 
+def gemm_peak_gflops(dtype: torch.dtype, device: str, repeats: int = 5) -> float:
+    """The fastest of square GEMMs of side 256, 512, ... 2048, growing while one GEMM takes under
+    `GEMM_MIN_MS` (a CPU without native bf16 runs bf16 GEMMs ~100x slower than fp32, and a 2048³ one
+    would take a minute)."""
+    peak, n = 0.0, 256
+    while n <= 2048:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        gemm_ms = statistics.median(time_ms(lambda a=a, b=b: a @ b, 1, repeats))
+        peak = max(peak, 2 * n**3 / (gemm_ms * 1e-3) / 1e9)
+        if gemm_ms >= GEMM_MIN_MS:
+            break
+        n *= 2
+    return peak
+
+
 def measure_roofline(dtypes: tuple[str, ...], device: str, repeats: int = 5) -> Roofline:
-    """Bandwidth: copy 256 MiB (bytes read + written); peak: the fastest of square GEMMs of side 256,
-    512, ... 2048 per dtype, growing while one GEMM takes under `GEMM_MIN_MS` (a CPU without native
-    bf16 runs bf16 GEMMs ~100x slower than fp32, and a 2048³ one would take a minute)."""
+    """Bandwidth: copy 256 MiB (bytes read + written). Peak per dtype: the faster of a GEMM in that
+    dtype and one in the dtype the absorbed path multiplies it in (`gemm_dtype`: fp32 for bf16 on a
+    CPU, exact for bf16 products) — the fastest this machine multiplies such data."""
     source = torch.ones(64 * 2**20, device=device)  # 256 MiB of fp32
     target = torch.empty_like(source)
     copy_ms = statistics.median(time_ms(lambda: target.copy_(source), 1, repeats))
     bandwidth = 2 * source.nbytes / (copy_ms * 1e-3) / 1e9
+    measured: dict[torch.dtype, float] = {}
     peaks = {}
     for name in dtypes:
-        peaks[name], n = 0.0, 256
-        while n <= 2048:
-            a = torch.randn(n, n, device=device).to(DTYPES[name])
-            b = torch.randn(n, n, device=device).to(DTYPES[name])
-            gemm_ms = statistics.median(time_ms(lambda a=a, b=b: a @ b, 1, repeats))
-            peaks[name] = max(peaks[name], 2 * n**3 / (gemm_ms * 1e-3) / 1e9)
-            if gemm_ms >= GEMM_MIN_MS:
-                break
-            n *= 2
+        candidates = {DTYPES[name], gemm_dtype(DTYPES[name], torch.device(device))}
+        for dtype in candidates - measured.keys():
+            measured[dtype] = gemm_peak_gflops(dtype, device, repeats)
+        peaks[name] = max(measured[dtype] for dtype in candidates)
     return Roofline(bandwidth_gbs=bandwidth, peak_gflops=peaks)
 
 
@@ -313,7 +341,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
                     error = None
                     if impl.startswith(("mla", "hf")):
                         error = _relative_error(output, reference)
-                    times = time_ms(case.step, config.warmup, config.repeats)
+                    times = time_ms(case.step, config.warmup, config.repeats, config.max_seconds)
                     median = statistics.median(times)
                     bound = roofline.bound_ms(case.bytes_moved, case.flops, dtype_name)
                     rows.append(
@@ -364,7 +392,10 @@ def results_table(report: dict[str, Any]) -> Table:
     machine, roof = report["machine"], report["roofline"]
     peaks = ", ".join(f"{name} {gflops:,.0f} GFLOP/s" for name, gflops in roof["peak_gflops"].items())
     table = Table(
-        title=f"Decode step, {report['config']['repeats']} repeats (median; min–max)",
+        title=(
+            f"Decode step: median (min–max) of up to {report['config']['repeats']} steps, "
+            f"at most ~{report['config']['max_seconds']:g} s per row"
+        ),
         caption=(
             f"{machine['cpu']}, {machine['torch_threads']} threads, torch {machine['torch']}; roofline: "
             f"{roof['bandwidth_gbs']:.1f} GB/s copy, {peaks}. ×roof = measured / max(bytes/BW, FLOPs/peak); "

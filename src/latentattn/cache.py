@@ -194,21 +194,32 @@ def _bytes(tensor: Tensor) -> Tensor:
     return tensor.view(torch.uint8) if tensor.element_size() == 1 else tensor
 
 
+COPIED_BLOCK = 4096
+"""Rows per block of a paged or 8-bit cache, gathered or dequantized for attention (9 MiB at 576 fp32)."""
+
+
 class LatentKeys:
     """The S latent rows `[B, S, C + R]` that MLA reads this step, fetched on demand: whole (`full()`,
     for the naive path) or in consecutive blocks (`blocks(size)`, for the absorbed path), so a paged
     cache is gathered, and an 8-bit one dequantized, one block at a time instead of whole.
 
     `read(start, stop)` returns rows `[B, stop - start, C + R]` in the compute dtype; block sizes are
-    rounded down to a multiple of `granule` (the paged cache's page).
+    capped at `max_block` rows (for reads that copy: `COPIED_BLOCK`; None for views) and rounded down
+    to a multiple of `granule` (the paged cache's page).
     """
 
     def __init__(
-        self, read: Callable[[int, int], Tensor], shape: tuple[int, int, int], granule: int = 1
+        self,
+        read: Callable[[int, int], Tensor],
+        shape: tuple[int, int, int],
+        *,
+        granule: int = 1,
+        max_block: int | None = None,
     ) -> None:
         self.read = read
         self.shape = torch.Size(shape)
         self.granule = granule
+        self.max_block = max_block
 
     @classmethod
     def of(cls, latent: Tensor) -> LatentKeys:
@@ -221,6 +232,7 @@ class LatentKeys:
 
     def blocks(self, size: int) -> Iterator[Tensor]:
         """Consecutive rows in blocks of about `size` (the last one shorter), `[B, s, C + R]` each."""
+        size = min(size, self.max_block or size)
         size = max(self.granule, size - size % self.granule)
         n_keys = self.shape[1]
         for start in range(0, n_keys, size):

@@ -155,6 +155,13 @@ def _add_bench(verbs: argparse._SubParsersAction) -> None:
     )
     bench.add_argument("--repeats", type=int, default=7, metavar="N", help="timed steps per row")
     bench.add_argument("--warmup", type=int, default=2, metavar="N", help="untimed steps per row first")
+    bench.add_argument(
+        "--max-seconds",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="stop repeating a slow row after S seconds of timed steps (at least 3 steps)",
+    )
     bench.add_argument("--threads", type=int, metavar="N", help="torch threads (default: torch's choice)")
     bench.add_argument("--device", default="cpu", help="torch device (default cpu)")
     bench.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
@@ -186,6 +193,7 @@ def _run_bench(args: argparse.Namespace) -> None:
         hf_max_context=parse_context(args.hf_max_context),
         warmup=args.warmup,
         repeats=args.repeats,
+        max_seconds=args.max_seconds,
         device=args.device,
     )
     progress = None if args.json else (lambda message: print(f"  {message}", file=sys.stderr))

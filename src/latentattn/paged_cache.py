@@ -17,7 +17,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from latentattn.cache import LatentKeys, attention_mask, check_entry, check_n_new
+from latentattn.cache import COPIED_BLOCK, LatentKeys, attention_mask, check_entry, check_n_new
 from latentattn.config import MLAConfig
 
 
@@ -174,9 +174,11 @@ class PagedLatentCache:
         self.pool.view(-1, width).index_copy_(0, slots, latent[rows, cols])
         for seq, count in zip(self.batch, n_new.tolist(), strict=True):
             self.seq_lengths[seq] += count
-        return LatentKeys(
-            partial(self._gather, tables), (self.batch_size, n_keys, width), self.block_size
-        ), mask
+        shape = (self.batch_size, n_keys, width)
+        keys = LatentKeys(
+            partial(self._gather, tables), shape, granule=self.block_size, max_block=COPIED_BLOCK
+        )
+        return keys, mask
 
     def _gather(self, tables: Tensor, start: int, stop: int) -> Tensor:
         """Rows `start:stop`, `[B, stop - start, W]`, of the sequences with block tables `[B, blocks]`."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from latentattn.cache import LatentKeys, _PreallocatedCache, check_entry
+from latentattn.cache import COPIED_BLOCK, LatentKeys, _PreallocatedCache, check_entry
 from latentattn.config import MLAConfig
 
 FORMATS: dict[str, tuple[torch.dtype, float]] = {
@@ -92,5 +92,6 @@ class QuantizedLatentCache(_PreallocatedCache):
         keys = LatentKeys(
             lambda start, stop: self.dequantize(*(entry[:, start:stop] for entry in stored)),
             (self.batch_size, stored[0].shape[1], self.cache_width),
+            max_block=COPIED_BLOCK,
         )
         return keys, mask
