@@ -132,3 +132,18 @@ def test_bytes_follow_flashmla_layout():
     pages.new_batch(1)
     pages.update(torch.zeros(1, 65, 576, dtype=torch.bfloat16))
     assert pages.used_bytes == 2 * 64 * 1152  # two blocks taken
+
+
+def test_one_sequence_in_consecutive_blocks_is_read_in_place():
+    """Oracle: the pool itself. A lone sequence whose blocks follow each other is a view of the pool;
+    after a fork the child's blocks do not, and its keys are gathered (equal values either way)."""
+    pages = paged()
+    parent = pages.new_batch(1)[0]
+    keys, _ = pages.update(torch.randn(1, 10, CONFIG.cache_width, dtype=torch.float64))
+    assert keys.full().untyped_storage().data_ptr() == pages.pool.untyped_storage().data_ptr()
+    torch.testing.assert_close(keys.full()[0], pages.pool[:3].flatten(0, 1)[:10], rtol=0, atol=0)
+    child = pages.fork(parent)  # shares blocks 0, 1; its third block is a copy elsewhere
+    pages.select([child])
+    keys, _ = pages.update(torch.randn(1, 1, CONFIG.cache_width, dtype=torch.float64))
+    assert keys.full().untyped_storage().data_ptr() != pages.pool.untyped_storage().data_ptr()
+    torch.testing.assert_close(keys.full()[0, :10], pages.pool[:3].flatten(0, 1)[:10], rtol=0, atol=0)

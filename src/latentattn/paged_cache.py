@@ -174,11 +174,21 @@ class PagedLatentCache:
         self.pool.view(-1, width).index_copy_(0, slots, latent[rows, cols])
         for seq, count in zip(self.batch, n_new.tolist(), strict=True):
             self.seq_lengths[seq] += count
-        shape = (self.batch_size, n_keys, width)
-        keys = LatentKeys(
+        return self._keys(tables, n_keys), mask
+
+    def _keys(self, tables: Tensor, n_keys: int) -> LatentKeys:
+        """The first `n_keys` rows of the sequences with block tables `tables: [B, blocks]`: one
+        sequence whose blocks follow each other in the pool is read in place (a view, one block of
+        keys); otherwise pages are gathered `COPIED_BLOCK` rows at a time."""
+        first = int(tables[0, 0])
+        if len(tables) == 1 and bool(
+            (tables[0] == torch.arange(first, first + tables.shape[1], device=tables.device)).all()
+        ):
+            return LatentKeys.of(self.pool[first : first + tables.shape[1]].flatten(0, 1)[None, :n_keys])
+        shape = (len(tables), n_keys, self.pool.shape[-1])
+        return LatentKeys(
             partial(self._gather, tables), shape, granule=self.block_size, max_block=COPIED_BLOCK
         )
-        return keys, mask
 
     def _gather(self, tables: Tensor, start: int, stop: int) -> Tensor:
         """Rows `start:stop`, `[B, stop - start, W]`, of the sequences with block tables `[B, blocks]`."""
