@@ -127,10 +127,17 @@ def _latent_caches() -> dict[str, object]:
     }
 
 
+@pytest.mark.parametrize("grad", [True, False])
 @pytest.mark.parametrize("kind", ["contiguous", "paged", "int8"])
-def test_keys_read_in_blocks_equal_the_whole_read(kind):
+def test_keys_read_in_blocks_equal_the_whole_read(kind, grad):
     """Oracle: `full()`. Blocks of any size (paged: rounded to whole pages) tile the S rows in order, and
-    the absorbed attention over them equals one softmax over all keys (fp64, 1e-12)."""
+    the absorbed attention over them equals one softmax over all keys (fp64, 1e-12) — also without
+    autograd, where copied blocks share one workspace (each valid until the next is read)."""
+    with torch.set_grad_enabled(grad):
+        _check_blocks(kind)
+
+
+def _check_blocks(kind: str) -> None:
     cache = _latent_caches()[kind]
     cache.update(torch.randn(2, 23, 8, dtype=torch.float64), n_new=torch.tensor([23, 17]))
     keys, mask = cache.update(torch.randn(2, 3, 8, dtype=torch.float64))
@@ -139,7 +146,7 @@ def test_keys_read_in_blocks_equal_the_whole_read(kind):
     q = torch.randn(2, 3, 5, 8, dtype=torch.float64)
     expected = latent_attention(q, whole, mask, 0.3, 6, block_size=26)
     for size in (1, 3, 4, 7, 26, 100):
-        blocks = list(keys.blocks(size))
+        blocks = [block.clone() for block in keys.blocks(size)]
         assert all(block.shape[1] % keys.granule == 0 for block in blocks[:-1])
         torch.testing.assert_close(torch.cat(blocks, dim=1), whole, rtol=0, atol=0)
         got = latent_attention(q, keys, mask, 0.3, 6, block_size=size)

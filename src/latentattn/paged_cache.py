@@ -17,7 +17,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from latentattn.cache import COPIED_BLOCK, LatentKeys, attention_mask, check_entry, check_n_new
+from latentattn.cache import COPIED_BLOCK, LatentKeys, Workspace, attention_mask, check_entry, check_n_new
 from latentattn.config import MLAConfig
 
 
@@ -70,6 +70,7 @@ class PagedLatentCache:
         self.dtype = dtype
         self.pool = torch.zeros(num_blocks, block_size, config.cache_width, device=device, dtype=dtype)
         self.allocator = BlockAllocator(num_blocks)
+        self.workspace = Workspace()
         self.tables: dict[int, list[int]] = {}
         self.seq_lengths: dict[int, int] = {}
         self.batch: list[int] = []
@@ -187,13 +188,23 @@ class PagedLatentCache:
             return LatentKeys.of(self.pool[first : first + tables.shape[1]].flatten(0, 1)[None, :n_keys])
         shape = (len(tables), n_keys, self.pool.shape[-1])
         return LatentKeys(
-            partial(self._gather, tables), shape, granule=self.block_size, max_block=COPIED_BLOCK
+            partial(self._gather, tables),
+            shape,
+            granule=self.block_size,
+            max_block=COPIED_BLOCK,
+            workspace=self.workspace,
         )
 
-    def _gather(self, tables: Tensor, start: int, stop: int) -> Tensor:
-        """Rows `start:stop`, `[B, stop - start, W]`, of the sequences with block tables `[B, blocks]`."""
+    def _gather(self, tables: Tensor, start: int, stop: int, workspace: Workspace | None) -> Tensor:
+        """Rows `start:stop`, `[B, stop - start, W]`, of the sequences with block tables `[B, blocks]`
+        (gathered into `workspace` when given)."""
         first = start // self.block_size
-        pages = self.pool[tables[:, first : math.ceil(stop / self.block_size)]]  # [B, pages, block_size, W]
+        ids = tables[:, first : math.ceil(stop / self.block_size)]  # [B, pages]
+        if workspace is None:
+            pages = self.pool[ids]  # [B, pages, block_size, W]
+        else:
+            pages = workspace.take((*ids.shape, *self.pool.shape[1:]), self.pool.dtype, self.device)
+            torch.index_select(self.pool, 0, ids.flatten(), out=pages.flatten(0, 1))
         offset = start - first * self.block_size
         return pages.flatten(1, 2)[:, offset : offset + stop - start]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from latentattn.cache import COPIED_BLOCK, LatentKeys, _PreallocatedCache, check_entry
+from latentattn.cache import COPIED_BLOCK, LatentKeys, Workspace, _PreallocatedCache, check_entry
 from latentattn.config import MLAConfig
 
 FORMATS: dict[str, tuple[torch.dtype, float]] = {
@@ -58,6 +58,7 @@ class QuantizedLatentCache(_PreallocatedCache):
             "k_pe": ((config.qk_rope_head_dim,), torch.bfloat16),
         }
         super().__init__(entries, batch_size, max_len, device=device, dtype=dtype)
+        self.workspace = Workspace()
 
     def quantize(self, latent: Tensor) -> dict[str, Tensor]:
         """`latent: [B, T, C + R]` → the stored entries (c_kv, scale, k_pe)."""
@@ -71,10 +72,20 @@ class QuantizedLatentCache(_PreallocatedCache):
         stored = scaled.flatten(-2).to(self.buffers["c_kv"].dtype)
         return {"c_kv": stored, "scale": scale, "k_pe": k_pe.to(torch.bfloat16)}
 
-    def dequantize(self, c_kv: Tensor, scale: Tensor, k_pe: Tensor) -> Tensor:
-        """Stored entries `[B, S, ...]` → the latent `[B, S, C + R]` in the compute dtype."""
-        groups = c_kv.float().unflatten(-1, (-1, self.group_size)) * scale[..., None]
-        return torch.cat([groups.flatten(-2).to(self.dtype), k_pe.to(self.dtype)], dim=-1)
+    def dequantize(
+        self, c_kv: Tensor, scale: Tensor, k_pe: Tensor, workspace: Workspace | None = None
+    ) -> Tensor:
+        """Stored entries `[B, S, ...]` → the latent `[B, S, C + R]` in the compute dtype (built in
+        `workspace` when given)."""
+        shape = (*c_kv.shape[:2], self.cache_width)
+        if workspace is None:
+            latent = torch.empty(shape, dtype=self.dtype, device=c_kv.device)
+        else:
+            latent = workspace.take(shape, self.dtype, c_kv.device)
+        latent[..., : self.kv_lora_rank] = c_kv
+        latent[..., : self.kv_lora_rank].unflatten(-1, (-1, self.group_size)).mul_(scale[..., None])
+        latent[..., self.kv_lora_rank :] = k_pe
+        return latent
 
     def update(self, latent: Tensor, n_new: Tensor | None = None) -> tuple[LatentKeys, Tensor | None]:
         """Append `latent: [B, T, C + R]` quantized; returns the keys to read, dequantized on demand
@@ -90,8 +101,11 @@ class QuantizedLatentCache(_PreallocatedCache):
         )
         stored, mask = self._update(self.quantize(latent), n_new)
         keys = LatentKeys(
-            lambda start, stop: self.dequantize(*(entry[:, start:stop] for entry in stored)),
+            lambda start, stop, workspace: self.dequantize(
+                *(entry[:, start:stop] for entry in stored), workspace
+            ),
             (self.batch_size, stored[0].shape[1], self.cache_width),
             max_block=COPIED_BLOCK,
+            workspace=self.workspace,
         )
         return keys, mask
