@@ -368,15 +368,22 @@ class GQAAttention(nn.Module):
         mask = None
         if cache is not None:
             k, v, mask = cache.update(k, v, n_new)  # [B, S, G, D] each, mask [B, T, S]
-        o = _sdpa(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            mask,
-            c.softmax_scale,
-            c.n_kv_heads != c.n_heads,
-        )  # [B, H, T, D]
-        return self.w_o(o.transpose(1, 2).flatten(2))
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, G, S, D]
+        if n_tokens == 1 and c.n_kv_heads != c.n_heads:
+            # Decode: each group's H/G query heads become its query rows, [B, G, H/G, D], so SDPA reads
+            # every K/V head once instead of repeating it per query head (MQA 3x faster at 16K on CPU).
+            o = F.scaled_dot_product_attention(
+                q.view(batch, c.n_kv_heads, -1, c.head_dim),
+                k,
+                v,
+                attn_mask=None if mask is None else mask[:, None],  # [B, 1, 1, S]
+                scale=c.softmax_scale,
+            )
+        else:
+            o = _sdpa(
+                q.transpose(1, 2), k, v, mask, c.softmax_scale, c.n_kv_heads != c.n_heads
+            )  # [B, H, T, D]
+        return self.w_o(o.reshape(batch, c.n_heads, n_tokens, c.head_dim).transpose(1, 2).flatten(2))
 
 
 def build_attention(
