@@ -302,12 +302,12 @@ def test_bad_inputs_raise_clear_errors():
     ragged=st.booleans(),
 )
 def test_blocked_latent_attention_equals_one_softmax(batch, tokens, prefix, block, ragged):
-    """Oracle: one softmax over all keys. Blocks smaller than the key count exercise the online
-    softmax, including rows whose first blocks are fully masked."""
+    """Oracle: one softmax over all keys, outputs and gradients. Blocks smaller than the key count
+    exercise the online softmax, including rows whose first blocks are fully masked."""
     heads, width, value_width = 3, 7, 5
     n_keys = prefix + tokens
-    q = torch.randn(batch, tokens, heads, width, dtype=torch.float64)
-    kv = torch.randn(batch, n_keys, width, dtype=torch.float64)
+    q = torch.randn(batch, tokens, heads, width, dtype=torch.float64, requires_grad=True)
+    kv = torch.randn(batch, n_keys, width, dtype=torch.float64, requires_grad=True)
     mask = causal_mask(tokens, n_keys, kv.device).expand(batch, -1, -1).clone()
     if ragged:  # later sequences see only a suffix of the keys
         for b in range(batch):
@@ -318,6 +318,11 @@ def test_blocked_latent_attention_equals_one_softmax(batch, tokens, prefix, bloc
     expected = torch.einsum("bths,bsv->bthv", scores.softmax(-1), kv[..., :value_width])
     got = latent_attention(q, kv, mask if ragged else None, 0.3, value_width, block_size=block)
     assert relative_error(got, expected) <= 1e-12
+    weights = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad((expected * weights).sum(), (q, kv))
+    got_grads = torch.autograd.grad((got * weights).sum(), (q, kv))
+    for grad, expected_grad in zip(got_grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
 
 
 def test_recompute_kv_keeps_only_the_latent_for_backward():
