@@ -121,21 +121,31 @@ MIN_REPEATS = 3
 
 
 def time_ms(
-    step: Callable[[], object], warmup: int, repeats: int, max_seconds: float = math.inf
+    step: Callable[[], object],
+    warmup: int,
+    repeats: int,
+    max_seconds: float = math.inf,
+    device: torch.device | str = "cpu",
 ) -> list[float]:
-    """Wall-clock milliseconds of `repeats` calls of `step` after `warmup` calls; a slow step stops
-    early, once the timed calls took `max_seconds` (after at least `MIN_REPEATS`, or `repeats` if
-    fewer), and skips the rest of its warm-up once one call took a third of that."""
-    for _ in range(warmup):
+    """Wall-clock milliseconds of `repeats` calls of `step` after `warmup` calls, each waiting for the
+    kernels it queued on `device`; a slow step stops early, once the timed calls took `max_seconds`
+    (after at least `MIN_REPEATS`, or `repeats` if fewer), and skips the rest of its warm-up once one
+    call took a third of that."""
+    device = torch.device(device)
+
+    def timed() -> float:
         start = time.perf_counter()
         step()
-        if time.perf_counter() - start > max_seconds / 3:
+        if device.type != "cpu":  # accelerators run asynchronously
+            getattr(torch, device.type).synchronize()
+        return (time.perf_counter() - start) * 1e3
+
+    for _ in range(warmup):
+        if timed() > max_seconds * 1e3 / 3:
             break
     times: list[float] = []
     while len(times) < repeats and (len(times) < MIN_REPEATS or sum(times) < max_seconds * 1e3):
-        start = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - start) * 1e3)
+        times.append(timed())
     return times
 
 
@@ -147,7 +157,7 @@ def gemm_peak_gflops(dtype: torch.dtype, device: str, repeats: int = 5) -> float
     while n <= 2048:
         a = torch.randn(n, n, device=device).to(dtype)
         b = torch.randn(n, n, device=device).to(dtype)
-        gemm_ms = statistics.median(time_ms(lambda a=a, b=b: a @ b, 1, repeats))
+        gemm_ms = statistics.median(time_ms(lambda a=a, b=b: a @ b, 1, repeats, device=device))
         peak = max(peak, 2 * n**3 / (gemm_ms * 1e-3) / 1e9)
         if gemm_ms >= GEMM_MIN_MS:
             break
@@ -161,7 +171,7 @@ def measure_roofline(dtypes: tuple[str, ...], device: str, repeats: int = 5) -> 
     CPU, exact for bf16 products) — the fastest this machine multiplies such data."""
     source = torch.ones(64 * 2**20, device=device)  # 256 MiB of fp32
     target = torch.empty_like(source)
-    copy_ms = statistics.median(time_ms(lambda: target.copy_(source), 1, repeats))
+    copy_ms = statistics.median(time_ms(lambda: target.copy_(source), 1, repeats, device=device))
     bandwidth = 2 * source.nbytes / (copy_ms * 1e-3) / 1e9
     measured: dict[torch.dtype, float] = {}
     peaks = {}
@@ -173,7 +183,8 @@ def measure_roofline(dtypes: tuple[str, ...], device: str, repeats: int = 5) -> 
     return Roofline(bandwidth_gbs=bandwidth, peak_gflops=peaks)
 
 
-def machine_info() -> dict[str, Any]:
+def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """CPU, threads, versions, and the accelerator's name when `device` is one."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as info:
@@ -187,6 +198,10 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "device": str(device),
+        **(
+            {"device_name": torch.cuda.get_device_name(device)} if torch.device(device).type == "cuda" else {}
+        ),
     }
 
 
@@ -341,7 +356,9 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
                     error = None
                     if impl.startswith(("mla", "hf")):
                         error = _relative_error(output, reference)
-                    times = time_ms(case.step, config.warmup, config.repeats, config.max_seconds)
+                    times = time_ms(
+                        case.step, config.warmup, config.repeats, config.max_seconds, config.device
+                    )
                     median = statistics.median(times)
                     bound = roofline.bound_ms(case.bytes_moved, case.flops, dtype_name)
                     rows.append(
@@ -367,7 +384,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
                     del case
                 results += _with_ratios(rows)
     return {
-        "machine": machine_info(),
+        "machine": machine_info(config.device),
         "roofline": asdict(roofline),
         "config": asdict(config),
         "results": [asdict(result) for result in results],
