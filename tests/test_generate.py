@@ -141,6 +141,14 @@ def test_run_generate_streams_and_reports_the_cache(run_dir):
     assert "(4.0x)" in text  # debug MLA: 32 + 8 cached vs 4 heads x (16 + 8 + 16)
 
 
+def test_8_bit_latent_cache_via_cli(run_dir, capsys):
+    """The debug MLA model (d_c 32, d_R 8, 2 layers) with int8 latents: 32 B + one fp32 scale + 8 bf16
+    k_pe = 52 B per token per layer, 104 over both layers (fp32 latents: 320)."""
+    args = ["generate", str(run_dir), "--prompt", "def ", "--max-new-tokens", "5", "--latent-format", "int8"]
+    assert main(args) == 0
+    assert "x 104 B/token" in capsys.readouterr().out
+
+
 def test_batch_of_prompts_via_cli(run_dir, capsys):
     args = ["generate", str(run_dir), "--prompt", "import", "--prompt", "class Text", "--max-new-tokens", "5"]
     assert main([*args, "--top-k", "5", "--top-p", "0.9"]) == 0

@@ -299,6 +299,11 @@ def _add_generate(verbs: argparse._SubParsersAction) -> None:
     generate.add_argument("--top-k", type=int, metavar="K", help="sample among the K likeliest tokens")
     generate.add_argument("--top-p", type=float, metavar="P", help="nucleus: smallest set with mass P")
     generate.add_argument("--seed", type=int, default=0, metavar="N", help="sampling seed (default 0)")
+    generate.add_argument(
+        "--latent-format",
+        choices=("int8", "fp8"),
+        help="MLA: keep the latent cache in 8 bits (FlashMLA's 656-byte layout at d_c 512, d_R 64)",
+    )
     generate.set_defaults(run=_run_generate)
 
 
@@ -311,6 +316,7 @@ def _run_generate(args: argparse.Namespace) -> None:
         max_new_tokens=args.max_new_tokens,
         sampling=SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p),
         seed=args.seed,
+        latent_format=args.latent_format,
     )
 
 

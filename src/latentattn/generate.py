@@ -94,8 +94,10 @@ def generate(
     generator: torch.Generator | None = None,
     eos_id: int | None = None,
     on_tokens: Callable[[list[int | None]], None] | None = None,
+    latent_format: str | None = None,
 ) -> Generation:
-    """Sample up to `max_new_tokens` per prompt through the model's cache.
+    """Sample up to `max_new_tokens` per prompt through the model's cache (MLA: 8-bit latents with
+    `latent_format` "int8" or "fp8").
 
     Prompts may have different lengths. A sequence stops after it emits `eos_id`; `on_tokens` receives
     each step's new token per sequence (None for stopped ones).
@@ -117,7 +119,7 @@ def generate(
     for b, prompt in enumerate(prompts):
         padded[b, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
     n_new = torch.tensor(lengths, device=device)
-    cache = model.new_cache(batch, max(lengths) + max_new_tokens)
+    cache = model.new_cache(batch, max(lengths) + max_new_tokens, latent_format=latent_format)
     decode_mode = "absorbed" if isinstance(model.config.attention, MLAConfig) else "auto"
 
     start = time.perf_counter()
@@ -237,9 +239,11 @@ def run_generate(
     max_new_tokens: int = 200,
     sampling: SamplingConfig | None = None,
     seed: int = 0,
+    latent_format: str | None = None,
     out: TextIO | None = None,
 ) -> Generation:
-    """Load `checkpoint`, sample a completion for each prompt and print it, then the speed and cache size.
+    """Load `checkpoint`, sample a completion for each prompt and print it, then the speed and cache size
+    (MLA models may keep their latents in 8 bits: `latent_format` "int8" or "fp8").
 
     Text streams to `out` (default stdout) as it is produced: one prompt as plain text, several line by
     line, each line prefixed with its prompt's number (`[2] ...`). A completion ends at the end-of-text
@@ -277,6 +281,7 @@ def run_generate(
         generator=torch.Generator().manual_seed(seed),
         eos_id=eos_id,
         on_tokens=streamer,
+        latent_format=latent_format,
     )
     streamer.close()
     out.write("\n")
