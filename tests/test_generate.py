@@ -75,8 +75,8 @@ def test_cached_greedy_equals_recomputing_the_whole_sequence(kind, monkeypatch):
     caches = []
     new_cache = model.new_cache
 
-    def capture_cache(batch_size: int, max_len: int) -> ModelCache:
-        caches.append(new_cache(batch_size, max_len))
+    def capture_cache(batch_size: int, max_len: int, **options) -> ModelCache:
+        caches.append(new_cache(batch_size, max_len, **options))
         return caches[-1]
 
     noise = torch.Generator().manual_seed(1)
