@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 
 import pytest
+import torch
 
-from latentattn import MLAConfig
-from latentattn.bench import IMPLS, MIN_REPEATS, BenchConfig, measure_roofline, run_bench, time_ms
+from latentattn import MLA, MLAConfig
+from latentattn.bench import (
+    IMPLS,
+    MIN_REPEATS,
+    BenchConfig,
+    _fragmented_pages,
+    measure_roofline,
+    run_bench,
+    time_ms,
+)
 from latentattn.cli import main
 
 TINY = MLAConfig(
@@ -88,3 +98,16 @@ def test_bf16_peak_is_the_fastest_way_to_multiply_bf16_on_this_device():
     is at least fp32's, however slow native bf16 GEMMs are."""
     roofline = measure_roofline(("float32", "bfloat16"), "cpu", repeats=1)
     assert roofline.peak_gflops["bfloat16"] >= roofline.peak_gflops["float32"] > 0
+
+
+def test_the_paged_row_reads_a_fragmented_pool():
+    """The benchmark's paged cache holds every sequence in non-consecutive blocks, so its rows measure
+    gathered pages, and the same latents as the contiguous cache."""
+    mla = MLA(TINY, dtype=torch.float64)
+    latent = torch.randn(2, 150, TINY.cache_width, dtype=torch.float64)
+    pages = _fragmented_pages(mla, latent)
+    for seq in pages.batch:
+        table = pages.tables[seq]
+        assert len(table) == 3 and all(b - a > 1 for a, b in itertools.pairwise(table))
+    keys, _ = pages.update(torch.zeros(2, 1, TINY.cache_width, dtype=torch.float64))
+    torch.testing.assert_close(keys.full()[:, :150], latent, rtol=0, atol=0)

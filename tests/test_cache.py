@@ -130,24 +130,61 @@ def _latent_caches() -> dict[str, object]:
 @pytest.mark.parametrize("grad", [True, False])
 @pytest.mark.parametrize("kind", ["contiguous", "paged", "int8"])
 def test_keys_read_in_blocks_equal_the_whole_read(kind, grad):
-    """Oracle: `full()`. Blocks of any size (paged: rounded to whole pages) tile the S rows in order, and
-    the absorbed attention over them equals one softmax over all keys (fp64, 1e-12) — also without
-    autograd, where copied blocks share one workspace (each valid until the next is read)."""
+    """Oracles: what was written (exact, int8 within its rounding) for `full()`; `full()` for blocks of
+    any size (paged: whole pages), which tile the S rows in order; one softmax over all keys for the
+    absorbed attention over the blocks, outputs and gradients (fp64). Without autograd, copied blocks
+    share one workspace buffer (each valid until the next is read)."""
     with torch.set_grad_enabled(grad):
-        _check_blocks(kind)
+        _check_blocks(kind, grad)
 
 
-def _check_blocks(kind: str) -> None:
+def _check_blocks(kind: str, grad: bool) -> None:
     cache = _latent_caches()[kind]
-    cache.update(torch.randn(2, 23, 8, dtype=torch.float64), n_new=torch.tensor([23, 17]))
-    keys, mask = cache.update(torch.randn(2, 3, 8, dtype=torch.float64))
+    first, second = torch.randn(2, 23, 8, dtype=torch.float64), torch.randn(2, 3, 8, dtype=torch.float64)
+    cache.update(first, n_new=torch.tensor([23, 17]))
+    keys, mask = cache.update(second)
     whole = keys.full()
-    assert whole.shape == (2, 26, 8)
-    q = torch.randn(2, 3, 5, 8, dtype=torch.float64)
+    written = torch.cat([first[:, :23], second], dim=1)  # [2, 26, 8]; sequence 1 holds 17 + 3 rows
+    tolerance = 2e-2 if kind == "int8" else 0.0
+    torch.testing.assert_close(whole[0], written[0], rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(
+        whole[1, :20], torch.cat([first[1, :17], second[1]]), rtol=tolerance, atol=tolerance
+    )
+    q = torch.randn(2, 3, 5, 8, dtype=torch.float64, requires_grad=grad)
     expected = latent_attention(q, whole, mask, 0.3, 6, block_size=26)
+    expected_grad = torch.autograd.grad(expected.sum(), q)[0] if grad else None
     for size in (1, 3, 4, 7, 26, 100):
-        blocks = [block.clone() for block in keys.blocks(size)]
+        blocks, buffers = [], set()
+        for block in keys.blocks(size):
+            blocks.append(block.clone())
+            buffers.add(block.untyped_storage().data_ptr())
         assert all(block.shape[1] % keys.granule == 0 for block in blocks[:-1])
         torch.testing.assert_close(torch.cat(blocks, dim=1), whole, rtol=0, atol=0)
+        if kind != "contiguous" and not grad:
+            assert len(buffers) == 1, "copied blocks should reuse the workspace"
         got = latent_attention(q, keys, mask, 0.3, 6, block_size=size)
         assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-12
+        if grad:
+            torch.testing.assert_close(
+                torch.autograd.grad(got.sum(), q)[0], expected_grad, rtol=1e-10, atol=1e-12
+            )
+
+
+def test_workspace_from_inference_mode_is_rebuilt_outside_it():
+    """A workspace first filled under `torch.inference_mode()` holds an inference tensor, which no
+    write outside that mode may touch; the next take outside it gets a fresh buffer."""
+    cache = _latent_caches()["paged"]
+    cache.update(torch.randn(2, 9, 8, dtype=torch.float64))
+    with torch.inference_mode():
+        keys, _ = cache.update(torch.randn(2, 1, 8, dtype=torch.float64))
+        inside = [block.clone() for block in keys.blocks(4)]
+    with torch.no_grad():
+        keys, _ = cache.update(torch.randn(2, 1, 8, dtype=torch.float64))
+        outside = [block.clone() for block in keys.blocks(4)]
+    torch.testing.assert_close(torch.cat(outside, 1)[:, :10], torch.cat(inside, 1), rtol=0, atol=0)
+
+
+def test_kv_cache_stores_each_head_contiguously():
+    cache = KVCache(TINY_GQA, batch_size=2, max_len=5)
+    for buffer in cache.buffers.values():  # seen [B, L, G, D], stored [B, G, L, D]
+        assert buffer.shape == (2, 5, 2, 4) and buffer.transpose(1, 2).is_contiguous()

@@ -251,6 +251,10 @@ def test_shape_overrides_init_from_and_recompute_kv(tmp_path, corpus):
     for name, weight in loaded.model.state_dict().items():
         torch.testing.assert_close(weight, source.model.state_dict()[name], rtol=0, atol=1e-9)
 
+    short = train(_debug_run(tmp_path, corpus, "short", context=16), quiet=True)
+    with pytest.raises(ValueError, match=r"--context 64 exceeds the context of .* \(16 tokens\)"):
+        train(_debug_run(tmp_path, corpus, "long", init_from=str(short.checkpoint)), quiet=True)
+
     recomputed = _debug_run(tmp_path, corpus, "c", attn="mla", n_heads=2, kv_lora_rank=12, rope_head_dim=4)
     plain = train(replace(recomputed, out=str(tmp_path / "d")), quiet=True)
     again = train(replace(recomputed, recompute_kv=True), quiet=True)

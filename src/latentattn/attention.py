@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from latentattn.cache import KVCache, LatentCache, LatentKeys
+from latentattn.cache import KVCache, LatentCache, LatentKeys, Workspace
 from latentattn.config import AttentionConfig, GQAConfig, MLAConfig
 from latentattn.layers import RMSNorm, fp32_or_wider
 from latentattn.paged_cache import PagedLatentCache
@@ -125,12 +125,15 @@ SCORE_BLOCK_ELEMENTS = 2**22
 """Upper bound on the scores `[B, s, T·H]` of one key block (16 MiB in fp32). Decode at batch 1 with 16
 heads reads up to 262K keys of a contiguous cache as one block: one plain softmax, measured faster on
 CPU than blocks of 2K-8K keys kept in cache between the two GEMMs."""
+MIN_KEY_BLOCK = 64
+"""Keys per block at least, however many query rows a long chunk brings."""
 
 
 def gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype of the absorbed path's GEMMs: fp32 (or wider) on CPUs, whose bf16/fp16 GEMMs run
-    ~2.5x slower than fp32 without native bf16 units (measured on AVX2); the input dtype elsewhere.
-    bf16 products are exact in fp32, so this changes only the summation order and rounding."""
+    """The dtype of the absorbed path's GEMMs: fp32 (or wider) on every CPU, since bf16/fp16 GEMMs
+    ran ~2.5x slower than fp32 on this project's AVX2 machine (no native bf16 units; CPUs with AMX
+    may differ, unmeasured); the input dtype elsewhere. bf16 products are exact in fp32, so this
+    changes only the summation order and rounding."""
     return fp32_or_wider(dtype) if device.type == "cpu" else dtype
 
 
@@ -175,8 +178,8 @@ def latent_attention(
         """`valuesᵀ · probs`: [B, C, s]·[B, s, T·H] → [B, C, T·H]."""
         return torch.matmul(block[..., :value_width].transpose(1, 2), probs.to(gemm)).to(acc)
 
-    blocks = keys.blocks(block_size or max(1, SCORE_BLOCK_ELEMENTS // (batch * n_rows)))
-    first = next(blocks).to(gemm)  # [B, s, W]
+    blocks = keys.blocks(block_size or max(MIN_KEY_BLOCK, SCORE_BLOCK_ELEMENTS // (batch * n_rows)), gemm)
+    first = next(blocks)  # [B, s, W]
     if first.shape[1] == n_keys:  # every query row sees key 0, so no row is fully masked
         out = weighted_values(first, torch.softmax(scores_of(first, 0), dim=1))  # [B, C, T·H]
     else:
@@ -184,7 +187,7 @@ def latent_attention(
         denominator = torch.zeros(batch, 1, n_rows, dtype=acc, device=q.device)
         out = torch.zeros(batch, value_width, n_rows, dtype=acc, device=q.device)
         start = 0
-        for block in itertools.chain([first], (block.to(gemm) for block in blocks)):
+        for block in itertools.chain([first], blocks):
             scores = scores_of(block, start)
             new_max = torch.maximum(running_max, scores.detach().max(dim=1, keepdim=True).values)
             shift = new_max.masked_fill(new_max == float("-inf"), 0.0)  # rows with no key yet stay at 0
@@ -236,14 +239,22 @@ class MLA(nn.Module):
         self.rope = RotaryEmbedding(c.qk_rope_head_dim, c.rope)
 
     def new_cache(
-        self, batch_size: int, max_len: int, *, latent_format: str | None = None
+        self,
+        batch_size: int,
+        max_len: int,
+        *,
+        latent_format: str | None = None,
+        workspace: Workspace | None = None,
     ) -> LatentCache | QuantizedLatentCache:
         """An empty latent cache on this layer's device, in its dtype; `latent_format` ("int8", "fp8")
-        stores it in FlashMLA's 8-bit layout instead."""
+        stores it in FlashMLA's 8-bit layout instead (dequantizing into `workspace`, which a model's
+        layers may share)."""
         factory = {"device": self.w_dkv.weight.device, "dtype": self.w_dkv.weight.dtype}
         if latent_format is None:
             return LatentCache(self.config, batch_size, max_len, **factory)
-        return QuantizedLatentCache(self.config, batch_size, max_len, format=latent_format, **factory)
+        return QuantizedLatentCache(
+            self.config, batch_size, max_len, format=latent_format, workspace=workspace, **factory
+        )
 
     def forward(
         self,
@@ -303,8 +314,9 @@ class MLA(nn.Module):
     ) -> Tensor:
         """Attend in latent space: MQA with one (C + R)-wide key per token whose value is c_KV.
 
-        `q_lat = q_nope · W_UK` per head; scores are `[q_lat | q_pe] · [c_KV | k_pe]` — one GEMM of
-        [B, T·H, C + R] against the cache [B, S, C + R]; `o = (softmax · c_KV) · W_UV` per head.
+        `q_lat = q_nope · W_UK` per head; scores are `[q_lat | q_pe] · [c_KV | k_pe]` for all T·H query
+        rows at once against the cache rows (`latent_attention`, blocked for paged and 8-bit caches);
+        `o = (softmax · c_KV) · W_UV` per head.
         """
         c = self.config
         heads = c.n_heads

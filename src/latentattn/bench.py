@@ -223,19 +223,36 @@ class _Case:
     flops: int
 
 
+def _fragmented_pages(mla: MLA, latent: torch.Tensor, block_size: int = 64) -> PagedLatentCache:
+    """A paged cache holding `latent: [B, S, C + R]` in every other block of the pool, as in a busy
+    server, so attention gathers pages (a lone sequence in consecutive blocks is read in place)."""
+    batch, context = latent.shape[:2]
+    n_blocks = -(-(context + 1) // block_size)
+    cache = PagedLatentCache(
+        mla.config, 2 * batch * n_blocks, block_size=block_size, device=latent.device, dtype=latent.dtype
+    )
+    sequences, spacer = cache.new_batch(batch), cache.add_sequence()
+    for start in range(0, context, block_size):
+        cache.select(sequences).update(latent[:, start : start + block_size])
+        cache.select([spacer]).update(latent[:1, start : start + 1])  # takes the next block
+    cache.free(spacer)
+    cache.select(sequences)
+    return cache
+
+
 def _mla_case(mla: MLA, x: torch.Tensor, latent: torch.Tensor, impl: str) -> _Case:
     batch, context = latent.shape[:2]
     storage = impl.removeprefix("mla-")
     mode = "naive" if storage == "naive" else "absorbed"
     factory = {"device": latent.device, "dtype": latent.dtype}
     if storage == "paged":
-        cache = PagedLatentCache(mla.config, batch * -(-(context + 1) // 64), **factory)
-        cache.new_batch(batch)
-    elif storage in ("int8", "fp8"):
-        cache = QuantizedLatentCache(mla.config, batch, context + 1, format=storage, **factory)
+        cache = _fragmented_pages(mla, latent)
     else:
-        cache = mla.new_cache(batch, context + 1)
-    cache.update(latent)
+        if storage in ("int8", "fp8"):
+            cache = QuantizedLatentCache(mla.config, batch, context + 1, format=storage, **factory)
+        else:
+            cache = mla.new_cache(batch, context + 1)
+        cache.update(latent)
 
     def step() -> torch.Tensor:
         if isinstance(cache, PagedLatentCache):  # every step decodes at the same context

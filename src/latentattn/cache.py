@@ -211,13 +211,20 @@ class Workspace:
         """A contiguous tensor of `shape` on the buffer (grown, or rebuilt for another dtype/device)."""
         numel = math.prod(shape)
         buffer = self.buffer
-        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype or buffer.device != device:
+        if (
+            buffer is None
+            or buffer.numel() < numel
+            or buffer.dtype != dtype
+            or buffer.device != device
+            or (buffer.is_inference() and not torch.is_inference_mode_enabled())  # read-only outside
+        ):
             buffer = self.buffer = torch.empty(numel, dtype=dtype, device=device)
         return buffer[:numel].view(shape)
 
 
-Reader = Callable[[int, int, Workspace | None], Tensor]
-"""`read(start, stop, workspace)`: rows `[B, stop - start, C + R]`, built in `workspace` when given."""
+Reader = Callable[[int, int, Workspace | None, torch.dtype | None], Tensor]
+"""`read(start, stop, workspace, dtype)`: rows `[B, stop - start, C + R]` in `dtype` (None: the
+compute dtype), built in `workspace` when given."""
 
 
 class LatentKeys:
@@ -225,10 +232,9 @@ class LatentKeys:
     for the naive path) or in consecutive blocks (`blocks(size)`, for the absorbed path), so a paged
     cache is gathered, and an 8-bit one dequantized, one block at a time instead of whole.
 
-    `read` returns rows in the compute dtype. Block sizes are capped at `max_block` rows (for reads
-    that copy: `COPIED_BLOCK`; None for views) and rounded down to a multiple of `granule` (the
-    paged cache's page). Outside autograd, copied blocks reuse the cache's `workspace`, so each block
-    is valid until the next one is read.
+    Block sizes are capped at `max_block` rows (for reads that copy: `COPIED_BLOCK`; None for views)
+    and rounded down to a multiple of `granule` (the paged cache's page). Outside autograd, copied
+    blocks reuse the cache's `workspace`, so each block is valid until the next one is read.
     """
 
     def __init__(
@@ -249,20 +255,24 @@ class LatentKeys:
     @classmethod
     def of(cls, latent: Tensor) -> LatentKeys:
         """Keys held in a tensor `[B, S, C + R]`: blocks are views."""
-        return cls(lambda start, stop, _workspace: latent[:, start:stop], tuple(latent.shape))
+        return cls(
+            lambda start, stop, _workspace, dtype: latent[:, start:stop].to(dtype or latent.dtype),
+            tuple(latent.shape),
+        )
 
     def full(self) -> Tensor:
-        """All S rows, `[B, S, C + R]` (a tensor of its own, or a view of the cache)."""
-        return self.read(0, self.shape[1], None)
+        """All S rows, `[B, S, C + R]` in the compute dtype (a tensor of its own, or a view of the cache)."""
+        return self.read(0, self.shape[1], None, None)
 
-    def blocks(self, size: int) -> Iterator[Tensor]:
-        """Consecutive rows in blocks of about `size` (the last one shorter), `[B, s, C + R]` each."""
+    def blocks(self, size: int, dtype: torch.dtype | None = None) -> Iterator[Tensor]:
+        """Consecutive rows in blocks of about `size` (the last one shorter), `[B, s, C + R]` each, in
+        `dtype` (None: the compute dtype)."""
         size = min(size, self.max_block or size)
         size = max(self.granule, size - size % self.granule)
         workspace = None if torch.is_grad_enabled() else self.workspace
         n_keys = self.shape[1]
         for start in range(0, n_keys, size):
-            yield self.read(start, min(start + size, n_keys), workspace)
+            yield self.read(start, min(start + size, n_keys), workspace, dtype)
 
 
 class LatentCache(_PreallocatedCache):

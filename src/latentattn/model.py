@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from latentattn.attention import Mode, build_attention
-from latentattn.cache import Cache
+from latentattn.cache import Cache, Workspace
 from latentattn.config import AttentionConfig, AttentionKind, GQAConfig, MLAConfig
 from latentattn.layers import RMSNorm
 
@@ -262,8 +262,12 @@ class LanguageModel(nn.Module):
             raise ValueError(
                 f"8-bit latent caches need an MLA model, this one is {self.config.attention.kind}"
             )
+        shared = Workspace()  # the layers attend one after another: one dequantized block at a time
         return ModelCache(
-            [block.attn.new_cache(batch_size, max_len, latent_format=latent_format) for block in self.blocks]
+            [
+                block.attn.new_cache(batch_size, max_len, latent_format=latent_format, workspace=shared)
+                for block in self.blocks
+            ]
         )
 
     def forward(

@@ -71,6 +71,7 @@ class PagedLatentCache:
         self.pool = torch.zeros(num_blocks, block_size, config.cache_width, device=device, dtype=dtype)
         self.allocator = BlockAllocator(num_blocks)
         self.workspace = Workspace()
+        """Where attention's gathered pages are built (≤ `COPIED_BLOCK` rows, outside `nbytes`)."""
         self.tables: dict[int, list[int]] = {}
         self.seq_lengths: dict[int, int] = {}
         self.batch: list[int] = []
@@ -181,11 +182,11 @@ class PagedLatentCache:
         """The first `n_keys` rows of the sequences with block tables `tables: [B, blocks]`: one
         sequence whose blocks follow each other in the pool is read in place (a view, one block of
         keys); otherwise pages are gathered `COPIED_BLOCK` rows at a time."""
-        first = int(tables[0, 0])
-        if len(tables) == 1 and bool(
-            (tables[0] == torch.arange(first, first + tables.shape[1], device=tables.device)).all()
-        ):
-            return LatentKeys.of(self.pool[first : first + tables.shape[1]].flatten(0, 1)[None, :n_keys])
+        n_blocks = tables.shape[1]
+        if len(self.batch) == 1:
+            table = self.tables[self.batch[0]][:n_blocks]
+            if table and table == list(range(table[0], table[0] + n_blocks)):  # empty: padding
+                return LatentKeys.of(self.pool[table[0] : table[0] + n_blocks].flatten(0, 1)[None, :n_keys])
         shape = (len(tables), n_keys, self.pool.shape[-1])
         return LatentKeys(
             partial(self._gather, tables),
@@ -195,9 +196,11 @@ class PagedLatentCache:
             workspace=self.workspace,
         )
 
-    def _gather(self, tables: Tensor, start: int, stop: int, workspace: Workspace | None) -> Tensor:
-        """Rows `start:stop`, `[B, stop - start, W]`, of the sequences with block tables `[B, blocks]`
-        (gathered into `workspace` when given)."""
+    def _gather(
+        self, tables: Tensor, start: int, stop: int, workspace: Workspace | None, dtype: torch.dtype | None
+    ) -> Tensor:
+        """Rows `start:stop`, `[B, stop - start, W]` in `dtype` (None: the pool's), of the sequences
+        with block tables `[B, blocks]` (gathered into `workspace` when given)."""
         first = start // self.block_size
         ids = tables[:, first : math.ceil(stop / self.block_size)]  # [B, pages]
         if workspace is None:
@@ -206,7 +209,7 @@ class PagedLatentCache:
             pages = workspace.take((*ids.shape, *self.pool.shape[1:]), self.pool.dtype, self.device)
             torch.index_select(self.pool, 0, ids.flatten(), out=pages.flatten(0, 1))
         offset = start - first * self.block_size
-        return pages.flatten(1, 2)[:, offset : offset + stop - start]
+        return pages.flatten(1, 2)[:, offset : offset + stop - start].to(dtype or self.dtype)
 
     def _reserve(self, needed_lengths: list[int]) -> None:
         """Give each selected sequence blocks for `needed_lengths` tokens, or raise before taking any."""

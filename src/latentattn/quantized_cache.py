@@ -39,6 +39,7 @@ class QuantizedLatentCache(_PreallocatedCache):
         group_size: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        workspace: Workspace | None = None,
     ) -> None:
         if format not in FORMATS:
             raise ValueError(f"unknown latent cache format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -58,7 +59,9 @@ class QuantizedLatentCache(_PreallocatedCache):
             "k_pe": ((config.qk_rope_head_dim,), torch.bfloat16),
         }
         super().__init__(entries, batch_size, max_len, device=device, dtype=dtype)
-        self.workspace = Workspace()
+        self.workspace = workspace or Workspace()
+        """Where attention's dequantized blocks are built (≤ `COPIED_BLOCK` rows, outside `nbytes`);
+        the layers of one model may share one, since they attend one after another."""
 
     def quantize(self, latent: Tensor) -> dict[str, Tensor]:
         """`latent: [B, T, C + R]` → the stored entries (c_kv, scale, k_pe)."""
@@ -73,15 +76,20 @@ class QuantizedLatentCache(_PreallocatedCache):
         return {"c_kv": stored, "scale": scale, "k_pe": k_pe.to(torch.bfloat16)}
 
     def dequantize(
-        self, c_kv: Tensor, scale: Tensor, k_pe: Tensor, workspace: Workspace | None = None
+        self,
+        c_kv: Tensor,
+        scale: Tensor,
+        k_pe: Tensor,
+        workspace: Workspace | None = None,
+        dtype: torch.dtype | None = None,
     ) -> Tensor:
-        """Stored entries `[B, S, ...]` → the latent `[B, S, C + R]` in the compute dtype (built in
-        `workspace` when given)."""
-        shape = (*c_kv.shape[:2], self.cache_width)
+        """Stored entries `[B, S, ...]` → the latent `[B, S, C + R]` in `dtype` (default: the compute
+        dtype), built in `workspace` when given."""
+        shape, dtype = (*c_kv.shape[:2], self.cache_width), dtype or self.dtype
         if workspace is None:
-            latent = torch.empty(shape, dtype=self.dtype, device=c_kv.device)
+            latent = torch.empty(shape, dtype=dtype, device=c_kv.device)
         else:
-            latent = workspace.take(shape, self.dtype, c_kv.device)
+            latent = workspace.take(shape, dtype, c_kv.device)
         latent[..., : self.kv_lora_rank] = c_kv
         latent[..., : self.kv_lora_rank].unflatten(-1, (-1, self.group_size)).mul_(scale[..., None])
         latent[..., self.kv_lora_rank :] = k_pe
@@ -101,8 +109,8 @@ class QuantizedLatentCache(_PreallocatedCache):
         )
         stored, mask = self._update(self.quantize(latent), n_new)
         keys = LatentKeys(
-            lambda start, stop, workspace: self.dequantize(
-                *(entry[:, start:stop] for entry in stored), workspace
+            lambda start, stop, workspace, dtype: self.dequantize(
+                *(entry[:, start:stop] for entry in stored), workspace, dtype
             ),
             (self.batch_size, stored[0].shape[1], self.cache_width),
             max_block=COPIED_BLOCK,

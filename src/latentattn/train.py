@@ -348,6 +348,11 @@ def _train(config: TrainConfig, env: _Distributed, *, quiet: bool) -> TrainResul
         console.print(f"resuming {start.directory} at step {start.step}")
 
     init = ckpt.load_checkpoint(config.init_from) if config.init_from and start is None else None
+    if init is not None and config.window > init.config.max_seq_len:
+        raise ValueError(
+            f"--context {config.window} exceeds the context of {config.init_from} "
+            f"({init.config.max_seq_len} tokens); its architecture comes from the checkpoint"
+        )
     origin = start or init
     corpus = _load_corpus(config, env, None if origin is None else origin.tokenizer)
     model, optimizer, step = _build(config, env, corpus, start, init)
