@@ -234,7 +234,7 @@ STUDY_PRESETS: MappingProxyType[str, Callable[[str], StudyConfig]] = MappingProx
             decode_contexts=(256, 2048, 8192),
             timing_repeats=3,
         ),
-        # The committed report (docs/study/), 43.5 minutes measured: quick with 2x the steps and batch.
+        # The committed report (docs/study/), 43-54 minutes measured: quick with 2x the steps and batch.
         "full": lambda out: _preset(
             "full",
             out,
