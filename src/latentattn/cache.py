@@ -232,15 +232,18 @@ class LatentKeys:
     for the naive path) or in consecutive blocks (`blocks(size)`, for the absorbed path), so a paged
     cache is gathered, and an 8-bit one dequantized, one block at a time instead of whole.
 
-    Block sizes are capped at `max_block` rows (for reads that copy: `COPIED_BLOCK`; None for views)
-    and rounded down to a multiple of `granule` (the paged cache's page). Outside autograd, copied
-    blocks reuse the cache's `workspace`, so each block is valid until the next one is read.
+    `dtype` is the compute dtype rows come in by default. Block sizes are capped at `max_block` rows
+    (for reads that copy: `COPIED_BLOCK`; None for views, which copy only to change dtype, then in
+    `COPIED_BLOCK` rows too) and rounded down to a multiple of `granule` (the paged cache's page).
+    Outside autograd, copied blocks reuse the cache's `workspace`, so each block is valid until the
+    next one is read.
     """
 
     def __init__(
         self,
         read: Reader,
         shape: tuple[int, int, int],
+        dtype: torch.dtype,
         *,
         granule: int = 1,
         max_block: int | None = None,
@@ -248,17 +251,25 @@ class LatentKeys:
     ) -> None:
         self.read = read
         self.shape = torch.Size(shape)
+        self.dtype = dtype
         self.granule = granule
         self.max_block = max_block
         self.workspace = workspace
 
     @classmethod
-    def of(cls, latent: Tensor) -> LatentKeys:
-        """Keys held in a tensor `[B, S, C + R]`: blocks are views."""
-        return cls(
-            lambda start, stop, _workspace, dtype: latent[:, start:stop].to(dtype or latent.dtype),
-            tuple(latent.shape),
-        )
+    def of(cls, latent: Tensor, workspace: Workspace | None = None) -> LatentKeys:
+        """Keys held in a tensor `[B, S, C + R]`: blocks are views, or copies in `COPIED_BLOCK` rows
+        (built in `workspace` when given) when read in another dtype."""
+
+        def read(start: int, stop: int, workspace: Workspace | None, dtype: torch.dtype | None) -> Tensor:
+            rows = latent[:, start:stop]
+            if dtype in (None, latent.dtype):
+                return rows
+            if workspace is None:
+                return rows.to(dtype)
+            return workspace.take(tuple(rows.shape), dtype, rows.device).copy_(rows)
+
+        return cls(read, tuple(latent.shape), latent.dtype, workspace=workspace)
 
     def full(self) -> Tensor:
         """All S rows, `[B, S, C + R]` in the compute dtype (a tensor of its own, or a view of the cache)."""
@@ -266,8 +277,9 @@ class LatentKeys:
 
     def blocks(self, size: int, dtype: torch.dtype | None = None) -> Iterator[Tensor]:
         """Consecutive rows in blocks of about `size` (the last one shorter), `[B, s, C + R]` each, in
-        `dtype` (None: the compute dtype)."""
-        size = min(size, self.max_block or size)
+        `dtype` (None: the compute dtype `self.dtype`; another one copies, in `COPIED_BLOCK` rows)."""
+        converts = dtype not in (None, self.dtype)
+        size = min(size, self.max_block or (COPIED_BLOCK if converts else size))
         size = max(self.granule, size - size % self.granule)
         workspace = None if torch.is_grad_enabled() else self.workspace
         n_keys = self.shape[1]
@@ -290,6 +302,8 @@ class LatentCache(_PreallocatedCache):
         entries = {"latent": ((config.cache_width,), None)}
         super().__init__(entries, batch_size, max_len, device=device, dtype=dtype)
         self.kv_lora_rank = config.kv_lora_rank
+        self.workspace = Workspace()
+        """Where attention converts blocks of a bf16 cache to fp32 on CPU (outside `nbytes`)."""
 
     @property
     def latent(self) -> Tensor:
@@ -300,7 +314,7 @@ class LatentCache(_PreallocatedCache):
         """Append `latent: [B, T, C + R]`; returns the keys to read `[B, S, C + R]` (views of the
         buffer) and the mask `[B, T, S]` (None: causal, last token sees all)."""
         (cached,), mask = self._update({"latent": latent}, n_new)
-        return LatentKeys.of(cached), mask
+        return LatentKeys.of(cached, self.workspace), mask
 
 
 class KVCache(_PreallocatedCache):

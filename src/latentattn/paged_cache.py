@@ -191,6 +191,7 @@ class PagedLatentCache:
         return LatentKeys(
             partial(self._gather, tables),
             shape,
+            self.dtype,
             granule=self.block_size,
             max_block=COPIED_BLOCK,
             workspace=self.workspace,

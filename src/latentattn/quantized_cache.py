@@ -113,6 +113,7 @@ class QuantizedLatentCache(_PreallocatedCache):
                 *(entry[:, start:stop] for entry in stored), workspace, dtype
             ),
             (self.batch_size, stored[0].shape[1], self.cache_width),
+            self.dtype,
             max_block=COPIED_BLOCK,
             workspace=self.workspace,
         )
