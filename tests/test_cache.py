@@ -7,6 +7,7 @@ import torch
 
 from latentattn import GQAConfig, KVCache, LatentCache, MLAConfig, PagedLatentCache, QuantizedLatentCache
 from latentattn.attention import latent_attention
+from latentattn.cache import COPIED_BLOCK
 
 V2 = MLAConfig(d_model=5120, n_heads=128, kv_lora_rank=512, q_lora_rank=1536)
 TINY_MLA = MLAConfig(
@@ -188,3 +189,19 @@ def test_kv_cache_stores_each_head_contiguously():
     cache = KVCache(TINY_GQA, batch_size=2, max_len=5)
     for buffer in cache.buffers.values():  # seen [B, L, G, D], stored [B, G, L, D]
         assert buffer.shape == (2, 5, 2, 4) and buffer.transpose(1, 2).is_contiguous()
+
+
+def test_views_read_in_another_dtype_are_copied_in_capped_blocks():
+    """A bf16 cache read for fp32 GEMMs (CPU): blocks are fp32 copies of at most `COPIED_BLOCK` rows,
+    built in the cache's workspace outside autograd; same values as the whole read, upcast."""
+    cache = LatentCache(TINY_MLA, 1, COPIED_BLOCK + 5, dtype=torch.bfloat16)
+    keys, _ = cache.update(torch.randn(1, COPIED_BLOCK + 5, 8, dtype=torch.bfloat16))
+    with torch.no_grad():
+        blocks = []
+        for block in keys.blocks(10**6, torch.float32):
+            assert block.dtype == torch.float32
+            assert block.untyped_storage().data_ptr() == cache.workspace.buffer.untyped_storage().data_ptr()
+            blocks.append(block.clone())
+    assert [block.shape[1] for block in blocks] == [COPIED_BLOCK, 5]
+    torch.testing.assert_close(torch.cat(blocks, 1), keys.full().float(), rtol=0, atol=0)
+    assert [block.shape[1] for block in keys.blocks(10**6)] == [COPIED_BLOCK + 5]  # same dtype: one view
