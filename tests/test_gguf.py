@@ -367,6 +367,21 @@ def byte_vocabulary(extra: list[str]) -> tuple[list[str], list[str]]:
     return tokens, merges
 
 
+def tokenizer_only(path: Path, pre: str, tokens: list[str], merges: list[str]) -> Tokenizer:
+    """Our tokenizer for a GGUF file that holds nothing but a gpt2 vocabulary."""
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_merges(merges)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    meta = {name: field.contents() for name, field in gguf.GGUFReader(path).fields.items()}
+    return gguf_import._build_tokenizer(meta, path)
+
+
 @pytest.mark.parametrize(
     ("pre", "pieces"),
     [
@@ -380,19 +395,16 @@ def byte_vocabulary(extra: list[str]) -> tuple[list[str], list[str]]:
 def test_pre_tokenizer_splits_digits_as_llama_cpp(tmp_path, pre, pieces):
     """llama.cpp's split rules per `tokenizer.ggml.pre`, with a vocabulary that could merge any digit run."""
     tokens, merges = byte_vocabulary(["1234", "Ġ5", "Ġ5a", "5a"])
-    path = tmp_path / "tokens.gguf"
-    writer = gguf.GGUFWriter(path, "llama")
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_merges(merges)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    meta = {name: field.contents() for name, field in gguf.GGUFReader(path).fields.items()}
-    tokenizer = gguf_import._build_tokenizer(meta, path)
+    tokenizer = tokenizer_only(tmp_path / "tokens.gguf", pre, tokens, merges)
     assert tokenizer.encode("1234 5a").tokens == pieces
+
+
+@pytest.mark.parametrize(("pre", "pieces"), [("llama-bpe", ["Ġabc"]), ("gpt-2", ["Ġab", "c"])])
+def test_llama3_takes_a_whole_vocabulary_word_before_merges(tmp_path, pre, pieces):
+    """llama.cpp's ignore_merges for llama3 vocabularies: 'Ġabc' is a token though no merge builds it."""
+    tokens, merges = byte_vocabulary(["Ġab"])
+    tokenizer = tokenizer_only(tmp_path / "tokens.gguf", pre, [*tokens, "Ġabc"], merges)
+    assert tokenizer.encode(" abc").tokens == pieces
 
 
 @pytest.mark.parametrize(
