@@ -436,6 +436,61 @@ def test_linear_rope_scaling_becomes_hf_rope_parameters(tmp_path):
     assert transformers.LlamaConfig(rope_parameters=rope).rope_parameters == rope
 
 
+def hf_inv_freq(rope_parameters: dict) -> torch.Tensor:
+    """transformers' RoPE inverse frequencies [HEAD_DIM/2] for the tiny model's heads."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = transformers.LlamaConfig(
+        hidden_size=HIDDEN, num_attention_heads=HEADS, head_dim=HEAD_DIM, rope_parameters=rope_parameters
+    )
+    kind = rope_parameters["rope_type"]
+    compute = (
+        LlamaRotaryEmbedding.compute_default_rope_parameters
+        if kind == "default"
+        else ROPE_INIT_FUNCTIONS[kind]
+    )
+    return compute(config, device="cpu")[0]
+
+
+@pytest.mark.parametrize(
+    "llama3",
+    [
+        {
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        {
+            "factor": 8.0,
+            "low_freq_factor": 2.0,
+            "high_freq_factor": 8.0,
+            "original_max_position_embeddings": 16384,
+        },
+    ],
+    ids=["llama-3.2", "same-ratios"],
+)
+def test_rope_freqs_tensor_becomes_hf_llama3_parameters(tmp_path, llama3):
+    """llama.cpp stores llama3 scaling as per-frequency divisors; transformers' llama3 RoPE is the oracle."""
+    rope = {**llama3, "rope_theta": 500000.0, "rope_type": "llama3"}
+    default = hf_inv_freq({"rope_theta": 500000.0, "rope_type": "default"})
+    divisors = (default / hf_inv_freq(rope)).numpy().astype(np.float32)
+
+    def llama3_file(writer):
+        writer.add_rope_freq_base(500000.0)
+        writer.add_tensor("rope_freqs.weight", divisors)
+
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path, tied=True, edit=llama3_file)
+    model = read_gguf(path)
+    recovered = model.config["rope_parameters"]
+    assert recovered["rope_type"] == "llama3" and "rope_freqs.weight" not in model.tensors
+    torch.testing.assert_close(hf_inv_freq(recovered), hf_inv_freq(rope), rtol=1e-6, atol=0)
+    if llama3["low_freq_factor"] == 1.0:
+        assert recovered == rope
+
+
 def test_write_hf_directory_never_overwrites(tiny, tmp_path):
     _, _, model, directory = tiny
     before = (directory / "config.json").read_bytes()
@@ -518,8 +573,8 @@ def test_unsupported_architecture(tmp_path):
             r"tensor 'blk\.2\.attn_norm\.weight' has no place",
         ),
         (
-            lambda w: w.add_tensor("rope_freqs.weight", np.ones(HEAD_DIM // 2, np.float32)),
-            r"tensor 'rope_freqs\.weight' \(llama3 RoPE frequency factors\) is not supported",
+            lambda w: w.add_tensor("rope_freqs.weight", np.linspace(1, 3, HEAD_DIM // 2, dtype=np.float32)),
+            r"tensor 'rope_freqs\.weight' does not follow llama3 RoPE scaling",
         ),
     ],
     ids=[

@@ -127,6 +127,7 @@ _PRE_TOKENIZERS = MappingProxyType(
     }
 )
 _CONTROL, _USER_DEFINED, _UNKNOWN = 3, 4, 2  # llama.cpp's token types (1 is a normal token)
+_ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's per-frequency RoPE divisors (llama3 scaling)
 
 
 @dataclass(frozen=True)
@@ -175,13 +176,11 @@ def read_gguf(path: str | Path) -> GGUFModel:
             f"{path}: general.architecture is {architecture!r}; only 'llama' GGUF files are read"
         )
     tokenizer = _build_tokenizer(meta, path)
-    rope_freqs = [tensor for tensor in reader.tensors if tensor.name == "rope_freqs.weight"]
-    if rope_freqs:
-        raise ValueError(
-            f"{path}: tensor 'rope_freqs.weight' (llama3 RoPE frequency factors) is not supported"
-        )
+    rope_freqs = [tensor for tensor in reader.tensors if tensor.name == _ROPE_FREQS]
     config = _llama_config(meta, path, vocab_size=tokenizer.get_vocab_size(with_added_tokens=False))
-    tensors = _hf_tensors(reader.tensors, config, path)
+    if rope_freqs:
+        config["rope_parameters"] = _llama3_rope_parameters(rope_freqs[0], config, meta, path)
+    tensors = _hf_tensors([tensor for tensor in reader.tensors if tensor.name != _ROPE_FREQS], config, path)
     config["tie_word_embeddings"] = "lm_head.weight" not in tensors
     return GGUFModel(
         config=config,
@@ -327,6 +326,55 @@ def _rope_parameters(meta: dict[str, Any], path: Path) -> dict[str, Any]:
     if factor is None:
         raise ValueError(f"{path}: linear RoPE scaling without the GGUF key 'llama.rope.scaling.factor'")
     return {"factor": _plain(factor), "rope_theta": theta, "rope_type": "linear"}
+
+
+def _llama3_rope_parameters(
+    tensor: Any, config: dict[str, Any], meta: dict[str, Any], path: Path
+) -> dict[str, Any]:
+    """HF's llama3 `rope_parameters` that reproduce llama.cpp's `rope_freqs` divisors r_i (one per frequency).
+
+    llama3 scaling keeps r = 1 for wavelengths λ below L/hi, r = factor above L/lo, and between them
+    r = 1/((1 − s)/factor + s) with s = (L/λ − lo)/(hi − lo), linear in 1/λ. A line through the
+    in-between points gives L/lo and L/hi; only those ratios matter, so lo is taken as 1.
+    """
+    head_dim, rope = config["head_dim"], config["rope_parameters"]
+    divisors = np.asarray(tensor.data, dtype=np.float64).reshape(-1)
+    if (
+        tensor.tensor_type.name != "F32"
+        or divisors.shape != (head_dim // 2,)
+        or rope["rope_type"] != "default"
+    ):
+        raise ValueError(
+            f"{path}: tensor {_ROPE_FREQS!r} must be {head_dim // 2} F32 values without other scaling"
+        )
+    if np.all(divisors == 1):
+        return rope
+    wavelengths = 2 * np.pi * rope["rope_theta"] ** (np.arange(0, head_dim, 2) / head_dim)
+    factor = divisors.max()
+    middle = (divisors > 1 + 1e-6) & (divisors < factor * (1 - 1e-6))
+    if middle.sum() < 2:
+        raise ValueError(
+            f"{path}: tensor {_ROPE_FREQS!r} has {middle.sum()} smoothed frequencies; llama3 needs 2"
+        )
+    smooth = (1 / divisors[middle] - 1 / factor) / (1 - 1 / factor)
+    slope, intercept = np.polyfit(1 / wavelengths[middle], smooth, 1)
+    original, high = round(-slope / intercept), float(f"{1 - 1 / intercept:.6g}")
+    smooth = (original / wavelengths - 1) / (high - 1)
+    expected = np.where(
+        wavelengths < original / high,
+        1.0,
+        np.where(wavelengths > original, factor, 1 / ((1 - smooth) / factor + smooth)),
+    )
+    if not np.allclose(expected, divisors, rtol=1e-5, atol=0):
+        raise ValueError(f"{path}: tensor {_ROPE_FREQS!r} does not follow llama3 RoPE scaling")
+    return {
+        "factor": _plain(factor),
+        "high_freq_factor": high,
+        "low_freq_factor": 1.0,
+        "original_max_position_embeddings": original,
+        "rope_theta": rope["rope_theta"],
+        "rope_type": "llama3",
+    }
 
 
 def _hf_name(gguf_name: str, n_layers: int, path: Path) -> str:
