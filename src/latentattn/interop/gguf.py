@@ -179,7 +179,7 @@ def read_gguf(path: str | Path) -> GGUFModel:
     rope_freqs = [tensor for tensor in reader.tensors if tensor.name == _ROPE_FREQS]
     config = _llama_config(meta, path, vocab_size=tokenizer.get_vocab_size(with_added_tokens=False))
     if rope_freqs:
-        config["rope_parameters"] = _llama3_rope_parameters(rope_freqs[0], config, meta, path)
+        config["rope_parameters"] = _llama3_rope_parameters(rope_freqs[0], config, path)
     tensors = _hf_tensors([tensor for tensor in reader.tensors if tensor.name != _ROPE_FREQS], config, path)
     config["tie_word_embeddings"] = "lm_head.weight" not in tensors
     return GGUFModel(
@@ -206,8 +206,7 @@ def write_hf_directory(model: GGUFModel, out: str | Path) -> Path:
     _write_json(out / "generation_config.json", generation)
     save_file(model.tensors, out / "model.safetensors", metadata={"format": "pt"})
     model.tokenizer.save(str(out / "tokenizer.json"))
-    special = {"bos_token": config["bos_token_id"], "eos_token": config["eos_token_id"]}
-    special["pad_token"] = config["pad_token_id"]
+    special = {f"{kind}_token": config[f"{kind}_token_id"] for kind in ("bos", "eos", "pad")}
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **{key: model.tokenizer.id_to_token(index) for key, index in special.items() if index is not None},
@@ -278,19 +277,13 @@ def _llama_config(meta: dict[str, Any], path: Path, *, vocab_size: int) -> dict[
         )
     if "llama.attention.layer_norm_rms_epsilon" not in meta:
         raise ValueError(f"{path}: GGUF key 'llama.attention.layer_norm_rms_epsilon' is missing")
-    token_ids = {
-        field: meta.get(f"tokenizer.ggml.{key}")
-        for field, key in (
-            ("bos_token_id", "bos_token_id"),
-            ("eos_token_id", "eos_token_id"),
-            ("pad_token_id", "padding_token_id"),
-        )
-    }
+    bos, eos, pad = (meta.get(f"tokenizer.ggml.{key}_token_id") for key in ("bos", "eos", "padding"))
     return {
         "architectures": ["LlamaForCausalLM"],
         "attention_bias": False,
         "attention_dropout": 0.0,
-        **{field: token_ids[field] for field in ("bos_token_id", "eos_token_id")},
+        "bos_token_id": bos,
+        "eos_token_id": eos,
         "head_dim": head_dim,
         "hidden_act": "silu",
         "hidden_size": sizes["hidden_size"],
@@ -302,7 +295,7 @@ def _llama_config(meta: dict[str, Any], path: Path, *, vocab_size: int) -> dict[
         "num_attention_heads": n_heads,
         "num_hidden_layers": sizes["num_hidden_layers"],
         "num_key_value_heads": integer("attention.head_count_kv", n_heads),
-        "pad_token_id": token_ids["pad_token_id"],
+        "pad_token_id": pad,
         "pretraining_tp": 1,
         "rms_norm_eps": _plain(meta["llama.attention.layer_norm_rms_epsilon"]),
         "rope_parameters": _rope_parameters(meta, path),
@@ -328,9 +321,7 @@ def _rope_parameters(meta: dict[str, Any], path: Path) -> dict[str, Any]:
     return {"factor": _plain(factor), "rope_theta": theta, "rope_type": "linear"}
 
 
-def _llama3_rope_parameters(
-    tensor: Any, config: dict[str, Any], meta: dict[str, Any], path: Path
-) -> dict[str, Any]:
+def _llama3_rope_parameters(tensor: Any, config: dict[str, Any], path: Path) -> dict[str, Any]:
     """HF's llama3 `rope_parameters` that reproduce llama.cpp's `rope_freqs` divisors r_i (one per frequency).
 
     llama3 scaling keeps r = 1 for wavelengths λ below L/hi, r = factor above L/lo, and between them
