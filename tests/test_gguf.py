@@ -202,7 +202,8 @@ def write_tiny_gguf(
     edit=None,
     omit: str | None = None,
 ) -> dict[str, np.ndarray]:
-    """A 2-layer GQA llama GGUF; returns HF name -> the fp32 values written (before quantization)."""
+    """A 2-layer GQA llama GGUF; returns HF name -> the values written (fp32 before quantization, or
+    for K-quants the values their packed blocks encode), in HF row order."""
     tokens, merges = train_vocabulary()
     rng = np.random.default_rng(0)
     shapes = {
