@@ -20,6 +20,7 @@ import torch
 from tokenizers import Tokenizer, processors
 
 from latentattn.checkpoint import load_checkpoint
+from latentattn.cli import main
 from latentattn.data import train_tokenizer
 from latentattn.generate import SamplingConfig, run_generate
 from latentattn.interop.hf_import import import_model, import_parts, read_hf_directory
@@ -153,7 +154,7 @@ def test_sharded_directory_and_special_tokens(tmp_path):
     assert tokens.chat_template == CHAT_TEMPLATE
 
 
-def test_import_parts_takes_parts_from_any_reader(tmp_path):
+def test_import_parts_takes_parts_from_any_reader(tmp_path, capsys):
     """The entry point other readers (GGUF) feed: a config dict, HF-named tensors and a tokenizer."""
     hf = hf_model()
     parts = read_hf_directory(save_hf(hf, tmp_path / "hf"))
@@ -173,6 +174,8 @@ def test_import_parts_takes_parts_from_any_reader(tmp_path):
         out=tmp_path / "b",
     )
     assert load_checkpoint(forced).tokens.add_bos
+    assert main(["generate", str(out), "--max-new-tokens", "3"]) == 2  # no prompt and no BOS to start from
+    assert "prompt 1 is empty and the model has no BOS token" in capsys.readouterr().err
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
