@@ -207,6 +207,20 @@ def test_converted_mla_is_refused_with_what_to_do(tmp_path):
     assert not (tmp_path / "hf").exists()
 
 
+def test_mla_with_another_block_norm_eps_is_refused(tmp_path):
+    """vLLM/SGLang take rms_norm_eps for the latent norms, transformers 1e-6: refused unless both agree."""
+    torch.manual_seed(0)
+    tok = tokenizer()
+    config = dataclasses.replace(
+        get_preset("debug").model("mla", vocab_size=tok.get_vocab_size()), norm_eps=1e-5
+    )
+    ckpt.save_checkpoint(
+        tmp_path / "run", step=1, model=LanguageModel(config), tokenizer=tok, train={}, trainer_state={}
+    )
+    with pytest.raises(ValueError, match="rms_norm_eps is 1e-05: vLLM and SGLang use it for q_a_layernorm"):
+        export_checkpoint(tmp_path / "run", out=tmp_path / "hf")
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "latentattn", *args],

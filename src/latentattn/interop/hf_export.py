@@ -71,6 +71,12 @@ def export_refusal(config: ModelConfig) -> str | None:
             f"transformers' DeepSeek-V3 fixes them at {HF_MLA_NORM_EPS:g} (a post-hoc converted model "
             f"runs kv_norm in its linear regime): heal it with norm_eps {HF_MLA_NORM_EPS:g} first"
         )
+    if isinstance(attention, MLAConfig) and config.norm_eps != HF_MLA_NORM_EPS:
+        return (
+            f"rms_norm_eps is {config.norm_eps:g}: vLLM and SGLang use it for q_a_layernorm and "
+            f"kv_a_layernorm too, transformers {HF_MLA_NORM_EPS:g}, so the engines would disagree; "
+            f"export needs norm_eps {HF_MLA_NORM_EPS:g} in the model's blocks"
+        )
     yarn = attention.rope.yarn
     if isinstance(attention, GQAConfig) and yarn is not None and yarn.mscale_all_dim:
         return (
