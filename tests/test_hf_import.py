@@ -23,6 +23,7 @@ from latentattn.checkpoint import load_checkpoint
 from latentattn.cli import main
 from latentattn.data import train_tokenizer
 from latentattn.generate import SamplingConfig, run_generate
+from latentattn.interop.hf_export import export_checkpoint
 from latentattn.interop.hf_import import import_model, import_parts, read_hf_directory
 from latentattn.interop.hf_model import model_config_from_hf
 
@@ -138,6 +139,23 @@ def test_import_reproduces_transformers_logits(tmp_path, arch, rope, kv_heads, t
     config = load_checkpoint(out).config
     assert config.tie_embeddings == tie and config.norm_eps == 1e-5 and config.max_seq_len == 256
     assert config.attention.qkv_bias == (arch == "qwen2")
+
+
+@pytest.mark.parametrize(("arch", "rope"), [("llama", "llama3"), ("qwen2", "linear")])
+def test_imported_models_export_to_the_same_logits(tmp_path, arch, rope):
+    """HF → latentattn → HF: the re-exported directory computes what the source did."""
+    hf = hf_model(arch, rope=rope)
+    ckpt = import_model(save_hf(hf, tmp_path / "hf"), out=tmp_path / "ckpt")
+    out = export_checkpoint(ckpt, out=tmp_path / "again")
+    again = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert json.loads((out / "config.json").read_text())["rope_parameters"] == ROPES[rope]
+    tokens = torch.randint(0, VOCAB, (1, 200), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert relative_error(again(tokens).logits, hf(tokens).logits) <= 1e-4
+    prompt = "x = 1"
+    auto = transformers.AutoTokenizer.from_pretrained(out)
+    assert auto(prompt)["input_ids"] == llama_tokenizer().encode(prompt).ids  # BOS as the source adds it
+    assert auto.chat_template == CHAT_TEMPLATE
 
 
 def test_sharded_directory_and_special_tokens(tmp_path):

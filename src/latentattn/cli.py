@@ -389,6 +389,11 @@ def _run_study(args: argparse.Namespace) -> None:
         print(f"report: {args.out}/report.md")
 
 
+def _add_output_dir(verb: argparse.ArgumentParser, what: str) -> None:
+    verb.add_argument("--out", required=True, metavar="DIR", help=what)
+    verb.add_argument("--force", action="store_true", help="replace a non-empty --out")
+
+
 def _add_import(verbs: argparse._SubParsersAction) -> None:
     verb = verbs.add_parser(
         "import",
@@ -396,8 +401,7 @@ def _add_import(verbs: argparse._SubParsersAction) -> None:
         description="Read config.json, *.safetensors (sharded too) and tokenizer.json; write a checkpoint.",
     )
     verb.add_argument("src", metavar="SRC", help="a Hugging Face model directory")
-    verb.add_argument("--out", required=True, metavar="DIR", help="the checkpoint directory to write")
-    verb.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    _add_output_dir(verb, "the checkpoint directory to write")
     verb.set_defaults(run=_run_import)
 
 
@@ -414,8 +418,7 @@ def _add_export(verbs: argparse._SubParsersAction) -> None:
         description="Write config.json, safetensors, generation_config.json and the tokenizer files.",
     )
     verb.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a run directory or one checkpoint")
-    verb.add_argument("--out", required=True, metavar="DIR", help="the Hugging Face directory to write")
-    verb.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    _add_output_dir(verb, "the Hugging Face directory to write")
     verb.add_argument(
         "--max-shard-size", default="5GB", metavar="SIZE", help="split the weights above this (default 5GB)"
     )

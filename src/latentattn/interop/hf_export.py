@@ -227,9 +227,11 @@ def export_tokenizer(tokenizer: Tokenizer, tokens: SpecialTokens) -> Tokenizer:
         return tokenizer
     exported = Tokenizer.from_str(tokenizer.to_str())
     bos = exported.id_to_token(tokens.bos_id)
-    exported.post_processor = processors.TemplateProcessing(
+    template = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1", special_tokens=[(bos, tokens.bos_id)]
     )
+    existing = exported.post_processor
+    exported.post_processor = template if existing is None else processors.Sequence([existing, template])
     return exported
 
 
