@@ -123,7 +123,9 @@ def generate(
     n_new = torch.tensor(lengths, device=device)
     cache = model.new_cache(batch, max(lengths) + max_new_tokens, latent_format=latent_format)
     decode_mode = "absorbed" if isinstance(model.config.attention, MLAConfig) else "auto"
-    stop_ids = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id or ()), device=device)
+    stop_ids = torch.tensor(
+        [eos_id] if isinstance(eos_id, int) else list(eos_id or ()), dtype=torch.long, device=device
+    )
 
     start = time.perf_counter()
     logits = model(padded, cache, n_new=n_new)  # [B, T, V]
