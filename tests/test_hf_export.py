@@ -24,7 +24,7 @@ from latentattn.config import MLAConfig, RopeConfig, YarnConfig
 from latentattn.convert import model_to_mla
 from latentattn.data import train_tokenizer
 from latentattn.generate import SamplingConfig, run_generate
-from latentattn.interop.hf_export import export_checkpoint
+from latentattn.interop.hf_export import export_checkpoint, export_refusal
 from latentattn.interop.hf_import import import_model
 from latentattn.model import LanguageModel, get_preset
 
@@ -192,6 +192,19 @@ def test_qkv_biases_export_as_qwen2(tmp_path):
     tokens = torch.randint(0, 300, (1, 30))
     with torch.no_grad():
         assert relative_error(load_hf(out)(tokens).logits, model(tokens)) <= 1e-4
+
+
+def test_what_hf_cannot_express_is_named():
+    config = get_preset("debug").model("gqa")
+    wide_heads = dataclasses.replace(config.attention, qkv_bias=True, head_dim=32)
+    assert "heads span hidden_size; here 4 x 32 != 64" in export_refusal(
+        dataclasses.replace(config, attention=wide_heads)
+    )
+    scaled_softmax = dataclasses.replace(config.attention, rope=RopeConfig(interleave=False, yarn=YARN))
+    assert "Llama's attention does not" in export_refusal(
+        dataclasses.replace(config, attention=scaled_softmax)
+    )
+    assert export_refusal(config) is None
 
 
 def test_converted_mla_is_refused_with_what_to_do(tmp_path):

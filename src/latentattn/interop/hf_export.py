@@ -83,6 +83,15 @@ def export_refusal(config: ModelConfig) -> str | None:
             "YaRN with mscale_all_dim scales the softmax, which Llama's attention does not: "
             "set mscale_all_dim=0 (and retrain) to export this model"
         )
+    if (
+        isinstance(attention, GQAConfig)
+        and attention.qkv_bias
+        and attention.head_dim * attention.n_heads != config.d_model
+    ):
+        return (
+            f"a model with q/k/v biases goes out as Qwen2, whose heads span hidden_size; here "
+            f"{attention.n_heads} x {attention.head_dim} != {config.d_model}"
+        )
     return None
 
 
@@ -144,11 +153,6 @@ def hf_config(config: ModelConfig, tokens: SpecialTokens, config_format: ConfigF
             "head_dim": attention.head_dim,
             **({"mlp_bias": False} if llama else {"use_sliding_window": False, "sliding_window": None}),
         }
-        if not llama and attention.head_dim * attention.n_heads != config.d_model:
-            raise ValueError(
-                f"Qwen2 needs head_dim x heads = hidden_size, got {attention.head_dim} x "
-                f"{attention.n_heads} != {config.d_model}"
-            )
     return {**common, **specific, **_rope_fields(attention.rope, config_format)}
 
 
