@@ -10,6 +10,7 @@ tensors dequantized from the same bytes ≤ 1e-6 relative.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from importlib import metadata
@@ -25,6 +26,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from conftest import relative_error, relative_l2
 from latentattn.interop import gguf as gguf_import
 from latentattn.interop.gguf import SUPPORTED_TENSOR_TYPES, read_gguf, resolve_model_name, write_hf_directory
+from latentattn.interop.hf_model import model_from_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -334,6 +336,16 @@ def test_hf_directory_logits_equal_transformers_from_gguf(tiny):
         expected, actual = reference(ids).logits, ours(ids).logits
     assert relative_error(actual, expected) <= 1e-4
     assert ours.config.tie_word_embeddings == reference.config.tie_word_embeddings
+
+
+def test_latentattn_model_from_the_parts_equals_transformers_from_gguf(tiny):
+    """The parts feed latentattn's HF importer as they are (`model_from_hf`, as `import_parts` uses it)."""
+    path, _, model, _ = tiny
+    ours = model_from_hf(model.config, model.tensors)
+    ids = torch.randint(0, 421, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected, actual = load_from_gguf(path)(ids).logits, ours(ids)
+    assert relative_error(actual, expected) <= 1e-4
 
 
 @pytest.mark.parametrize("pre", ["smollm", "gpt-2", "llama-bpe", "qwen2"])
@@ -701,7 +713,7 @@ def test_smollm2_tokenizer_equals_llama_cpp(smollm2):
         assert model.tokenizer.encode(text, add_special_tokens=False).ids == expected, text
 
 
-@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("LATENTATTN_SLOW"), reason="slow (~45 s): set LATENTATTN_SLOW=1")
 def test_smollm2_logits_equal_transformers_from_gguf(smollm2, tmp_path):
     path, model = smollm2
     directory = write_hf_directory(model, tmp_path / "hf")
