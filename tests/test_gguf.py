@@ -505,11 +505,13 @@ def test_rope_freqs_tensor_becomes_hf_llama3_parameters(tmp_path, llama3):
         assert recovered == rope
 
 
-def test_write_hf_directory_never_overwrites(tiny, tmp_path):
+def test_write_hf_directory_never_overwrites_unless_forced(tiny):
     _, _, model, directory = tiny
     before = (directory / "config.json").read_bytes()
-    with pytest.raises(ValueError, match=r"config\.json exists; refusing to overwrite it"):
+    with pytest.raises(ValueError, match=r"is not empty; pass --force to replace it"):
         write_hf_directory(model, directory)
+    assert (directory / "config.json").read_bytes() == before
+    write_hf_directory(model, directory, force=True)
     assert (directory / "config.json").read_bytes() == before
 
 

@@ -38,6 +38,8 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from latentattn.interop.output_dir import write_directory
+
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
 NAMED_MODELS = MappingProxyType(
@@ -192,14 +194,15 @@ def read_gguf(path: str | Path) -> GGUFModel:
     )
 
 
-def write_hf_directory(model: GGUFModel, out: str | Path) -> Path:
-    """Write `model` as an HF directory (config, safetensors, tokenizer); never overwrites a file."""
-    out = Path(out)
-    names = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json")
-    for name in (*names, "tokenizer_config.json"):
-        if (out / name).exists():
-            raise ValueError(f"{out / name} exists; refusing to overwrite it")
-    out.mkdir(parents=True, exist_ok=True)
+def write_hf_directory(model: GGUFModel, out: str | Path, *, force: bool = False) -> Path:
+    """Write `model` as an HF directory (config, safetensors, tokenizer), completely or not at all.
+
+    A non-empty `out` is refused unless `force` (then replaced).
+    """
+    return write_directory(out, lambda directory: _write_hf_files(model, directory), force=force)
+
+
+def _write_hf_files(model: GGUFModel, out: Path) -> None:
     config = model.config
     generation = {key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
     _write_json(out / "config.json", config)
@@ -216,7 +219,6 @@ def write_hf_directory(model: GGUFModel, out: str | Path) -> Path:
     if model.chat_template is not None:
         tokenizer_config["chat_template"] = model.chat_template
     _write_json(out / "tokenizer_config.json", tokenizer_config)
-    return out
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
