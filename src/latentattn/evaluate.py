@@ -21,7 +21,7 @@ from rich.table import Table
 
 from latentattn.checkpoint import Checkpoint, load_checkpoint
 from latentattn.data import load_corpus
-from latentattn.model import LanguageModel, get_preset
+from latentattn.model import LanguageModel
 
 FORMATS = ("none", "full", "int8", "fp8")
 """`none`: plain forward, no cache; `full`: the model-dtype cache; `int8`, `fp8`: MLA's 8-bit latents."""
@@ -75,11 +75,10 @@ def window_loss(
 
 def validation_tokens(checkpoint: Checkpoint) -> np.ndarray:
     """The validation split the checkpoint's run trained against (from the data cache when unchanged)."""
-    train = checkpoint.train
     corpus = load_corpus(
-        train.get("data") or (),
-        vocab_size=get_preset(train["preset"]).vocab_size,
-        cache_dir=train.get("cache_dir"),
+        checkpoint.train_setting("data"),
+        vocab_size=checkpoint.tokenizer.get_vocab_size(),  # unused: the tokenizer is given
+        cache_dir=checkpoint.train.get("cache_dir"),
         tokenizer=checkpoint.tokenizer,
     )
     return corpus.val
