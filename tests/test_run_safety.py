@@ -29,13 +29,6 @@ from latentattn.model import LanguageModel, get_preset
 from latentattn.train import TrainConfig, lr_at, resume_config, train
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("corpus")
-    (folder / "textwrap.py").write_text(Path(textwrap.__file__).read_text())
-    return folder
-
-
 def _train_args(out: Path, corpus: Path, *extra: str) -> list[str]:
     return [
         *("train", "--out", str(out), "--preset", "debug", "--data", str(corpus)),
@@ -253,13 +246,24 @@ def test_an_extended_run_resumes_exactly(tmp_path, corpus, monkeypatch):
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[1])
 
 
+def _saved_run(out: Path, step: int, record: dict) -> None:
+    """A run directory with one checkpoint of a debug-sized model and the "train" `record`."""
+    tokenizer = train_tokenizer([Path(textwrap.__file__).read_text()], vocab_size=300)
+    model = LanguageModel(get_preset("debug").model("mla", vocab_size=tokenizer.get_vocab_size()))
+    ckpt.save_checkpoint(out, step=step, model=model, tokenizer=tokenizer, train=record, trainer_state={})
+
+
+def test_a_checkpoint_not_written_by_train_cannot_be_resumed(tmp_path):
+    _saved_run(tmp_path, 0, {"converted_from": "runs/mha", "method": "svd"})
+    config = tmp_path / "step-0000000" / "config.json"
+    with pytest.raises(ValueError, match=f'^{config} has no "train" record of latentattn train, so its run '):
+        resume_config(str(tmp_path))
+
+
 def test_demo_on_a_longer_run_names_its_own_options(tmp_path):
     """demo continues the run in --out; fewer --steps than it has taken is refused in demo's terms."""
     out = tmp_path / "demo"
-    tokenizer = train_tokenizer([Path(textwrap.__file__).read_text()], vocab_size=300)
-    model = LanguageModel(get_preset("debug").model("mla", vocab_size=tokenizer.get_vocab_size()))
-    record = {**asdict(TrainConfig(out=str(out), steps=5)), "data": [], "world_size": 1}
-    ckpt.save_checkpoint(out, step=5, model=model, tokenizer=tokenizer, train=record, trainer_state={})
+    _saved_run(out, 5, {**asdict(TrainConfig(out=str(out), steps=5)), "data": [], "world_size": 1})
     before = _tree(out)
     message = _one_line_error(_latentattn("demo", "--out", str(out), "--steps", "3"), "demo")
     assert message == (

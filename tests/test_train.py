@@ -6,7 +6,6 @@ import json
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -20,13 +19,6 @@ from latentattn.cli import main
 from latentattn.train import TrainConfig, batch_at, lr_at, train
 
 STEPS = 150
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("corpus")
-    (folder / "textwrap.py").write_text(Path(textwrap.__file__).read_text())
-    return folder
 
 
 def _command(out: Path, corpus: Path, *extra: str) -> list[str]:

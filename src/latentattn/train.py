@@ -38,18 +38,8 @@ LOG = "log.jsonl"
 DTYPES = ("fp32", "bf16")
 RUN_MARKERS = (ckpt.LATEST, run_dir.LOCK)
 """Names that mark a directory as a training run (any other non-empty `--out` is refused)."""
-_FREE_SETTINGS = frozenset(
-    {
-        "out",
-        "resume",
-        "compile",
-        "eval_every",
-        "checkpoint_every",
-        "log_every",
-        "keep",
-        "cache_dir",
-        "recompute_kv",
-    }
+_FREE_SETTINGS = frozenset({"out", "resume", "compile", "recompute_kv", "cache_dir", "keep"}) | frozenset(
+    {"eval_every", "eval_batches", "checkpoint_every", "log_every"}
 )
 """Settings a resumed run may change: they do not alter the training trajectory (`steps` may grow)."""
 SHAPE_OVERRIDES = ("n_heads", "head_dim", "n_kv_heads", "kv_lora_rank", "rope_head_dim", "d_ff")
