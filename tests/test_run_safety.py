@@ -38,7 +38,7 @@ def _train_args(out: Path, corpus: Path, *extra: str) -> list[str]:
 
 def _latentattn(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "latentattn", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, check=False, cwd=cwd)
+    return subprocess.run(command, capture_output=True, text=True, timeout=900, check=False, cwd=cwd)
 
 
 def _one_line_error(result: subprocess.CompletedProcess, verb: str) -> str:

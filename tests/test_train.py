@@ -30,7 +30,7 @@ def _command(out: Path, corpus: Path, *extra: str) -> list[str]:
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, check=False)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=900, check=False)
 
 
 def _log(run_dir: Path) -> list[dict]:
