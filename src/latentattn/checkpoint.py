@@ -35,9 +35,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from latentattn.config import GQAConfig, MLAConfig, RopeConfig, YarnConfig
+from latentattn.config import GQAConfig, Llama3RopeConfig, MLAConfig, RopeConfig, YarnConfig
 from latentattn.model import LanguageModel, ModelConfig
 from latentattn.run_dir import temp_path
+from latentattn.tokens import SpecialTokens, separator_tokens
 
 LATEST = "latest"
 BEST = "best"
@@ -92,11 +93,11 @@ def model_config_from_dict(data: Any, source: str = "model config") -> ModelConf
             f"got {json.dumps(kind)[:40]}"
         )
     rope = _object(attention.pop("rope", _ABSENT), "model.attention.rope", source)
-    yarn = rope.pop("yarn", None)
-    if yarn is not None:
-        field = "model.attention.rope.yarn"
-        yarn = _build(YarnConfig, _object(yarn, field, source), field, source)
-    rope_config = _build(RopeConfig, {**rope, "yarn": yarn}, "model.attention.rope", source)
+    for name, scaling in (("yarn", YarnConfig), ("llama3", Llama3RopeConfig)):
+        field = f"model.attention.rope.{name}"
+        value = rope.pop(name, None)
+        rope[name] = None if value is None else _build(scaling, _object(value, field, source), field, source)
+    rope_config = _build(RopeConfig, rope, "model.attention.rope", source)
     attention_config = _build(
         _ATTENTION_TYPES[kind], {**attention, "rope": rope_config}, "model.attention", source
     )
@@ -150,16 +151,8 @@ class Checkpoint:
     tokenizer: Tokenizer
     train: dict[str, Any]
     step: int
-
-    def train_setting(self, name: str) -> Any:
-        """`name` from the "train" record of config.json; a ValueError naming the file when it is absent
-        (a checkpoint not written by `latentattn train`, e.g. a converted one)."""
-        if name not in self.train:
-            raise ValueError(
-                f'{self.directory / CONFIG} has no "train" record with {name!r}: '
-                "it was not written by latentattn train"
-            )
-        return self.train[name]
+    tokens: SpecialTokens
+    """BOS, EOS and chat template: an imported model's, or a trained model's document separator."""
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -199,6 +192,11 @@ def load_checkpoint(
             f"checkpoint mismatch: tokenizer has {tokenizer.get_vocab_size()} tokens, "
             f"the model's vocab_size is {config.vocab_size}"
         )
+    tokens = (
+        SpecialTokens.from_dict(metadata["tokens"], config.vocab_size)
+        if "tokens" in metadata
+        else separator_tokens(tokenizer)
+    )
     model = LanguageModel(config, device=device, dtype=dtype)
     load_weights(model, directory / WEIGHTS)
     return Checkpoint(
@@ -208,6 +206,7 @@ def load_checkpoint(
         tokenizer=tokenizer,
         train=metadata.get("train", {}),
         step=metadata.get("step", 0),
+        tokens=tokens,
     )
 
 
@@ -314,11 +313,7 @@ def save_checkpoint(
     tmp = temp_path(target)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    metadata = {"model": model_config_to_dict(model.config), "train": train, "step": step}
-    (tmp / CONFIG).write_text(json.dumps(metadata, indent=2) + "\n")
-    save_file({key: value.contiguous() for key, value in model.state_dict().items()}, tmp / WEIGHTS)
-    os.chmod(tmp / WEIGHTS, stat.S_IMODE((tmp / CONFIG).stat().st_mode))  # safetensors writes 0600
-    tokenizer.save(str(tmp / TOKENIZER))
+    write_checkpoint_files(tmp, model=model, tokenizer=tokenizer, metadata={"train": train, "step": step})
     torch.save(trainer_state, tmp / TRAINER_STATE)
     records = sorted(
         [record for record in records if record.name != name] + [SavedCheckpoint(name, step, val_loss)],
@@ -338,6 +333,17 @@ def save_checkpoint(
             shutil.rmtree(run_dir / record.name)
     _write_manifest(run_dir, [record for record in records if record.name in kept])
     return target
+
+
+def write_checkpoint_files(
+    directory: Path, *, model: LanguageModel, tokenizer: Tokenizer, metadata: dict[str, Any]
+) -> None:
+    """Write the model's config (with `metadata`), weights and tokenizer into `directory`."""
+    config = {"model": model_config_to_dict(model.config), **metadata}
+    (directory / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    save_file({key: value.contiguous() for key, value in model.state_dict().items()}, directory / WEIGHTS)
+    os.chmod(directory / WEIGHTS, stat.S_IMODE((directory / CONFIG).stat().st_mode))  # safetensors: 0600
+    tokenizer.save(str(directory / TOKENIZER))
 
 
 @dataclass(frozen=True)
