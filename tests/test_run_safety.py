@@ -172,7 +172,7 @@ def test_unusable_out_is_refused_before_any_work(tmp_path, corpus, verb, where):
     finally:
         os.chmod(tmp_path / "ro", 0o755)
     expected = {
-        "a file": f"--out '{out}' is a file, not a directory",
+        "a file": f"--out '{out}' exists and is not a directory",
         "under a file": f"cannot write to --out '{out}': Not a directory",
         "a read-only folder": f"cannot write to --out '{out}': Permission denied",
     }[where]

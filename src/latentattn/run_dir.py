@@ -38,7 +38,7 @@ def check_out(path: Path, *, markers: tuple[str, ...], owner: str) -> None:
     """Refuse an `--out` that is a file, or a non-empty directory holding none of `markers` (so not an
     earlier `owner` run). Reads only; `lock_run` then tries the writes."""
     if path.exists() and not path.is_dir():
-        raise ValueError(f"--out {str(path)!r} is a file, not a directory")
+        raise ValueError(f"--out {str(path)!r} exists and is not a directory")
     if path.is_dir() and any(path.iterdir()) and not any((path / name).exists() for name in markers):
         raise ValueError(
             f"--out {str(path)!r} is a non-empty directory that holds no latentattn {owner}; "
