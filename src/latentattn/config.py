@@ -25,7 +25,36 @@ def _require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def _positive(owner: str, **fields: int | float) -> None:
+def check_ints(owner: str, **fields: object) -> None:
+    """Raise a ValueError naming `owner.field` and its value unless every value is an `int` (not a bool,
+    a float or a string)."""
+    for name, value in fields.items():
+        _require(
+            isinstance(value, int) and not isinstance(value, bool),
+            f"{owner}.{name} must be an integer, got {value!r} ({type(value).__name__})",
+        )
+
+
+def check_numbers(owner: str, **fields: object) -> None:
+    """Raise a ValueError naming `owner.field` and its value unless every value is a finite int or float
+    (not a bool or a string)."""
+    for name, value in fields.items():
+        _require(
+            isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value),
+            f"{owner}.{name} must be a finite number, got {value!r} ({type(value).__name__})",
+        )
+
+
+def check_positive_ints(owner: str, **fields: object) -> None:
+    """`check_ints`, and every value > 0."""
+    check_ints(owner, **fields)
+    for name, value in fields.items():
+        _require(value > 0, f"{owner}.{name} must be positive, got {value!r}")
+
+
+def check_positive_numbers(owner: str, **fields: object) -> None:
+    """`check_numbers`, and every value > 0."""
+    check_numbers(owner, **fields)
     for name, value in fields.items():
         _require(value > 0, f"{owner}.{name} must be positive, got {value!r}")
 
@@ -54,8 +83,17 @@ class YarnConfig:
     truncate: bool = True
 
     def __post_init__(self) -> None:
-        _positive("YarnConfig", factor=self.factor, beta_fast=self.beta_fast, beta_slow=self.beta_slow)
-        _positive("YarnConfig", original_max_position_embeddings=self.original_max_position_embeddings)
+        check_positive_numbers(
+            "YarnConfig", factor=self.factor, beta_fast=self.beta_fast, beta_slow=self.beta_slow
+        )
+        check_positive_ints(
+            "YarnConfig", original_max_position_embeddings=self.original_max_position_embeddings
+        )
+        check_numbers("YarnConfig", mscale=self.mscale, mscale_all_dim=self.mscale_all_dim)
+        _require(
+            isinstance(self.truncate, bool),
+            f"YarnConfig.truncate must be True or False, got {self.truncate!r}",
+        )
         _require(
             self.beta_fast > self.beta_slow,
             f"YarnConfig.beta_fast ({self.beta_fast}) must exceed beta_slow ({self.beta_slow})",
@@ -88,7 +126,19 @@ class RopeConfig:
     yarn: YarnConfig | None = None
 
     def __post_init__(self) -> None:
-        _positive("RopeConfig", theta=self.theta)
+        check_positive_numbers("RopeConfig", theta=self.theta)
+        _require(
+            isinstance(self.interleave, bool),
+            f"RopeConfig.interleave must be True or False, got {self.interleave!r}",
+        )
+        _require(
+            self.yarn is None or isinstance(self.yarn, YarnConfig),
+            f"RopeConfig.yarn must be a YarnConfig or None, got {type(self.yarn).__name__}",
+        )
+
+
+def _check_rope(owner: str, rope: object) -> None:
+    _require(isinstance(rope, RopeConfig), f"{owner}.rope must be a RopeConfig, got {type(rope).__name__}")
 
 
 @dataclass(frozen=True)
@@ -106,7 +156,7 @@ class MLAConfig:
     norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
-        _positive(
+        check_positive_ints(
             "MLAConfig",
             d_model=self.d_model,
             n_heads=self.n_heads,
@@ -114,10 +164,11 @@ class MLAConfig:
             qk_nope_head_dim=self.qk_nope_head_dim,
             qk_rope_head_dim=self.qk_rope_head_dim,
             v_head_dim=self.v_head_dim,
-            norm_eps=self.norm_eps,
         )
+        check_positive_numbers("MLAConfig", norm_eps=self.norm_eps)
         if self.q_lora_rank is not None:
-            _positive("MLAConfig", q_lora_rank=self.q_lora_rank)
+            check_positive_ints("MLAConfig", q_lora_rank=self.q_lora_rank)
+        _check_rope("MLAConfig", self.rope)
         _require(
             self.qk_rope_head_dim % 2 == 0,
             f"MLAConfig.qk_rope_head_dim must be even for RoPE, got {self.qk_rope_head_dim}",
@@ -155,13 +206,14 @@ class GQAConfig:
     rope: RopeConfig = field(default_factory=lambda: RopeConfig(interleave=False))
 
     def __post_init__(self) -> None:
-        _positive(
+        check_positive_ints(
             "GQAConfig",
             d_model=self.d_model,
             n_heads=self.n_heads,
             n_kv_heads=self.n_kv_heads,
             head_dim=self.head_dim,
         )
+        _check_rope("GQAConfig", self.rope)
         _require(
             self.n_heads % self.n_kv_heads == 0,
             f"GQAConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})",
