@@ -48,14 +48,22 @@ def model_config_to_dict(config: ModelConfig) -> dict[str, Any]:
 def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
     """Inverse of `model_config_to_dict`; malformed input raises ValueError."""
     try:
-        attention = dict(data["attention"])
+        attention = _object(_object(data, "model")["attention"], "attention")
         attention_type = _ATTENTION_TYPES[attention.pop("type")]
-        rope = dict(attention.pop("rope"))
+        rope = _object(attention.pop("rope"), "attention.rope")
         yarn = rope.pop("yarn")
-        rope_config = RopeConfig(**rope, yarn=None if yarn is None else YarnConfig(**yarn))
+        yarn_config = None if yarn is None else YarnConfig(**_object(yarn, "attention.rope.yarn"))
+        rope_config = RopeConfig(**rope, yarn=yarn_config)
         return ModelConfig(**{**data, "attention": attention_type(**attention, rope=rope_config)})
     except (KeyError, TypeError) as error:
         raise ValueError(f"malformed model config ({type(error).__name__}: {error})") from None
+
+
+def _object(value: object, name: str) -> dict[str, Any]:
+    """A copy of the JSON object `value` (the config field `name`), else a ValueError naming it."""
+    if not isinstance(value, dict):
+        raise ValueError(f"malformed model config: {name!r} must be an object, got {json.dumps(value)[:40]}")
+    return dict(value)
 
 
 def find_checkpoint(path: str | Path) -> Path | None:
@@ -116,7 +124,10 @@ def load_checkpoint(
     """Model, tokenizer and metadata from a run directory or a checkpoint directory."""
     directory = _require_checkpoint(path)
     metadata = read_metadata(directory)
-    config = model_config_from_dict(metadata.get("model", {}))
+    try:
+        config = model_config_from_dict(metadata.get("model", {}))
+    except ValueError as error:
+        raise ValueError(f"corrupt checkpoint: {directory / CONFIG}: {error}") from None
     try:
         tokenizer = Tokenizer.from_file(str(directory / TOKENIZER))
     except Exception as error:  # tokenizers raises plain Exception on malformed JSON

@@ -137,8 +137,8 @@ def _run_cache(args: argparse.Namespace) -> None:
     unquantized = [model.name for model in models if model.kind != "mla"]
     if args.latent_format and unquantized and len(unquantized) < len(models):
         print(
-            f"note: --latent-format {args.latent_format} applies to MLA latents; "
-            f"{', '.join(unquantized)} stay at {args.bits} bits",
+            f"note: --latent-format {args.latent_format} stores MLA latents only; "
+            f"{', '.join(unquantized)} counted at {args.bits} bits",
             file=sys.stderr,
         )
     comparison = calc.compare(
