@@ -179,7 +179,7 @@ def test_eval_refuses_bad_values_before_loading(flags, fragment, tmp_path):
 
 
 def test_eval_names_the_most_windows_the_split_holds(runs):
-    result = latentattn("eval", str(runs["mla"]), "--windows", "100000000")
+    result = latentattn("eval", str(runs["gqa"]), "--windows", "100000000")  # no note before the error
     assert_refused(result, "eval", "--windows must lie in [1, ", "got 100000000")
 
 

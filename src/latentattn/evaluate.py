@@ -142,18 +142,18 @@ def compare_cache_formats(
         raise ValueError(f"unknown cache format {unknown[0]!r}; choose from {', '.join(FORMATS)}")
     checkpoint = load_checkpoint(checkpoint_path, device=device)
     kind = checkpoint.config.attention.kind
-    if not isinstance(checkpoint.config.attention, MLAConfig):
-        if formats is None:
-            formats = tuple(name for name in FORMATS if name not in LATENT_ONLY)
-            if say is not None:
-                say(
-                    f"skipping {', '.join(LATENT_ONLY)}: 8-bit latent caches need an MLA model, this one "
-                    f"is {kind}"
-                )
-        elif set(formats) & set(LATENT_ONLY):
-            raise ValueError(f"8-bit latent caches need an MLA model, this one is {kind}")
-    formats = formats or FORMATS
+    latent = isinstance(checkpoint.config.attention, MLAConfig)
+    if not latent and set(formats or ()) & set(LATENT_ONLY):
+        raise ValueError(f"8-bit latent caches need an MLA model, this one is {kind}")
     rows = windows(validation_tokens(checkpoint, data), checkpoint.config.max_seq_len, n_windows)
+    if formats is None and not latent:
+        formats = tuple(name for name in FORMATS if name not in LATENT_ONLY)
+        if say is not None:
+            say(
+                f"skipping {', '.join(LATENT_ONLY)}: 8-bit latent caches need an MLA model, "
+                f"this one is {kind}"
+            )
+    formats = formats or FORMATS
     measured = {  # the plain forward first, and once
         name: window_loss(checkpoint.model, rows, cache_format=name, chunk=chunk, say=say)
         for name in dict.fromkeys(("none", *formats))
