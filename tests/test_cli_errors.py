@@ -210,11 +210,6 @@ def test_eval_data_replaces_a_run_data_path_missing_here(runs, tmp_path):
     assert [row["format"] for row in json.loads(given.stdout)] == ["none", "full", "int8", "fp8"]
 
 
-def test_eval_of_a_checkpoint_without_training_record_asks_for_data(runs, tmp_path):
-    run = copy_run(runs["mla"], tmp_path / "run", lambda metadata: metadata.pop("train"))
-    assert_refused(latentattn("eval", str(run)), "eval", "config.json does not record the data", "--data")
-
-
 def test_a_malformed_config_names_the_file_and_the_field(runs, tmp_path):
     def break_attention(metadata):
         metadata["model"]["attention"] = "mla"

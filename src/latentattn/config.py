@@ -45,6 +45,11 @@ def check_numbers(owner: str, **fields: object) -> None:
         )
 
 
+def _check_bools(owner: str, **fields: object) -> None:
+    for name, value in fields.items():
+        _require(isinstance(value, bool), f"{owner}.{name} must be True or False, got {value!r}")
+
+
 def check_positive_ints(owner: str, **fields: object) -> None:
     """`check_ints`, and every value > 0."""
     check_ints(owner, **fields)
@@ -90,10 +95,7 @@ class YarnConfig:
             "YarnConfig", original_max_position_embeddings=self.original_max_position_embeddings
         )
         check_numbers("YarnConfig", mscale=self.mscale, mscale_all_dim=self.mscale_all_dim)
-        _require(
-            isinstance(self.truncate, bool),
-            f"YarnConfig.truncate must be True or False, got {self.truncate!r}",
-        )
+        _check_bools("YarnConfig", truncate=self.truncate)
         _require(
             self.beta_fast > self.beta_slow,
             f"YarnConfig.beta_fast ({self.beta_fast}) must exceed beta_slow ({self.beta_slow})",
@@ -113,8 +115,37 @@ class YarnConfig:
 
 
 @dataclass(frozen=True)
+class Llama3RopeConfig:
+    """Llama 3.1's RoPE scaling (HF `rope_type: llama3`): frequencies whose wavelength exceeds
+    `original_max_position_embeddings / low_freq_factor` are divided by `factor`, those below
+    `original_max_position_embeddings / high_freq_factor` kept, the ones between blended smoothly."""
+
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        check_positive_numbers(
+            "Llama3RopeConfig",
+            factor=self.factor,
+            low_freq_factor=self.low_freq_factor,
+            high_freq_factor=self.high_freq_factor,
+        )
+        check_positive_ints(
+            "Llama3RopeConfig", original_max_position_embeddings=self.original_max_position_embeddings
+        )
+        _require(
+            self.high_freq_factor > self.low_freq_factor,
+            f"Llama3RopeConfig.high_freq_factor ({self.high_freq_factor}) must exceed "
+            f"low_freq_factor ({self.low_freq_factor})",
+        )
+
+
+@dataclass(frozen=True)
 class RopeConfig:
-    """Rotary position embedding.
+    """Rotary position embedding, with at most one context-extension scheme: `yarn`, `llama3`, or
+    linear position interpolation (`linear_factor` > 1 divides every frequency, HF `rope_type: linear`).
 
     `interleave=True` rotates adjacent pairs (x0, x1), (x2, x3), … as DeepSeek's reference does;
     `False` rotates the two halves (x_i, x_{i+d/2}) as Llama/HF `rotate_half` does. Queries and cached
@@ -124,17 +155,21 @@ class RopeConfig:
     theta: float = 10000.0
     interleave: bool = True
     yarn: YarnConfig | None = None
+    llama3: Llama3RopeConfig | None = None
+    linear_factor: float = 1.0
 
     def __post_init__(self) -> None:
-        check_positive_numbers("RopeConfig", theta=self.theta)
-        _require(
-            isinstance(self.interleave, bool),
-            f"RopeConfig.interleave must be True or False, got {self.interleave!r}",
-        )
-        _require(
-            self.yarn is None or isinstance(self.yarn, YarnConfig),
-            f"RopeConfig.yarn must be a YarnConfig or None, got {type(self.yarn).__name__}",
-        )
+        check_positive_numbers("RopeConfig", theta=self.theta, linear_factor=self.linear_factor)
+        _check_bools("RopeConfig", interleave=self.interleave)
+        for name, kind in (("yarn", YarnConfig), ("llama3", Llama3RopeConfig)):
+            value = getattr(self, name)
+            _require(
+                value is None or isinstance(value, kind),
+                f"RopeConfig.{name} must be a {kind.__name__} or None, got {type(value).__name__}",
+            )
+        schemes = [name for name in ("yarn", "llama3") if getattr(self, name) is not None]
+        schemes += ["linear_factor"] if self.linear_factor != 1.0 else []
+        _require(len(schemes) <= 1, f"RopeConfig takes one scaling scheme, got {' and '.join(schemes)}")
 
 
 def _check_rope(owner: str, rope: object) -> None:
@@ -204,6 +239,8 @@ class GQAConfig:
     n_kv_heads: int = 16
     head_dim: int = 128
     rope: RopeConfig = field(default_factory=lambda: RopeConfig(interleave=False))
+    qkv_bias: bool = False
+    """Biases on the query, key and value projections (Qwen2); the output projection has none."""
 
     def __post_init__(self) -> None:
         check_positive_ints(
@@ -214,6 +251,7 @@ class GQAConfig:
             head_dim=self.head_dim,
         )
         _check_rope("GQAConfig", self.rope)
+        _check_bools("GQAConfig", qkv_bias=self.qkv_bias)
         _require(
             self.n_heads % self.n_kv_heads == 0,
             f"GQAConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})",

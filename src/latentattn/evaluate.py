@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from rich.table import Table
 
-from latentattn.checkpoint import CONFIG, Checkpoint, load_checkpoint
+from latentattn.checkpoint import Checkpoint, load_checkpoint
 from latentattn.config import MLAConfig
 from latentattn.data import load_corpus
 from latentattn.model import LanguageModel
@@ -93,17 +93,17 @@ def window_loss(
     return total / rows[:, 1:].numel(), bytes_per_token
 
 
+IMPORTED_WINDOW = 512
+"""Window length for models not trained here (imported), whose context may be 128K tokens."""
+
+
 def validation_tokens(checkpoint: Checkpoint, data: Sequence[str] | None = None) -> np.ndarray:
-    """The validation split of `data` (text files or folders), by default of the data the checkpoint's
-    run trained on (read from the data cache when unchanged), tokenized by the checkpoint's tokenizer."""
+    """The validation split of `data` (text files or folders), tokenized by the checkpoint's tokenizer;
+    by default of the data the checkpoint's run trained on (from the data cache when unchanged), or
+    for a model not trained here (imported), of the built-in corpus."""
     train = checkpoint.train
     if data is None:
-        if "data" not in train:
-            raise ValueError(
-                f"{checkpoint.directory / CONFIG} does not record the data it was trained on "
-                "(no 'train' entry with 'data'): pass --data"
-            )
-        data = train["data"]
+        data = train.get("data") or ()
         missing = [path for path in data if not Path(path).exists()]
         if missing:
             raise FileNotFoundError(
@@ -112,11 +112,17 @@ def validation_tokens(checkpoint: Checkpoint, data: Sequence[str] | None = None)
             )
     corpus = load_corpus(
         data,
-        vocab_size=checkpoint.config.vocab_size,
+        vocab_size=checkpoint.tokenizer.get_vocab_size(),  # unused: the tokenizer is given
         cache_dir=train.get("cache_dir"),
         tokenizer=checkpoint.tokenizer,
     )
     return corpus.val
+
+
+def window_length(checkpoint: Checkpoint) -> int:
+    """The training context of a trained model; at most `IMPORTED_WINDOW` tokens for an imported one."""
+    context = checkpoint.config.max_seq_len
+    return context if "preset" in checkpoint.train else min(context, IMPORTED_WINDOW)
 
 
 def compare_cache_formats(
@@ -145,7 +151,7 @@ def compare_cache_formats(
     latent = isinstance(checkpoint.config.attention, MLAConfig)
     if not latent and set(formats or ()) & set(LATENT_ONLY):
         raise ValueError(f"8-bit latent caches need an MLA model, this one is {kind}")
-    rows = windows(validation_tokens(checkpoint, data), checkpoint.config.max_seq_len, n_windows)
+    rows = windows(validation_tokens(checkpoint, data), window_length(checkpoint), n_windows)
     if formats is None and not latent:
         formats = tuple(name for name in FORMATS if name not in LATENT_ONLY)
         if say is not None:
