@@ -156,7 +156,7 @@ def test_config_weights_mismatch(tmp_path):
         (lambda m: m["attention"].update(rope=[]), r"'model.attention.rope' must be an object, got \[\]"),
         (lambda m: m["attention"].update(n_head=4), r"'model.attention' is malformed \(.*'n_head'"),
         (lambda m: m["attention"].update(n_heads=0), "MLAConfig.n_heads must be positive, got 0"),
-        (lambda m: m.update(d_ff="96"), r"'model' is malformed \("),
+        (lambda m: m.update(d_ff="96"), "ModelConfig.d_ff must be an integer, got '96'"),
     ],
 )
 def test_config_errors_name_the_file_and_the_field(tmp_path, edit, message):

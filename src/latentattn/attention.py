@@ -51,14 +51,19 @@ def mla_path_flops(config: MLAConfig, n_queries: int, n_keys: int) -> dict[str, 
     }
 
 
+def check_mode(mode: object, modes: tuple[Mode, ...] = MODES, name: str = "MLA") -> None:
+    """Raise a ValueError naming `mode` unless it is one of `modes`."""
+    if mode not in modes:
+        raise ValueError(f"{name}: unknown attention mode {mode!r}; choose one of {', '.join(modes)}")
+
+
 def choose_mla_path(config: MLAConfig, mode: Mode, n_queries: int, n_keys: int, cached: bool) -> str:
     """The path `mode` asks for; `auto` takes naive without a cache, else whichever costs fewer FLOPs.
 
     Decode (T = 1 over a long prefix) and short chunks go absorbed; fresh prompts go naive. The
     crossover is near T ≈ 170 new tokens for DeepSeek-V2/V3's shapes over a long prefix.
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown attention mode {mode!r}; choose one of {', '.join(MODES)}")
+    check_mode(mode)
     if mode != "auto":
         return mode
     if not cached:
@@ -74,8 +79,9 @@ def _check_input(x: Tensor, d_model: int, weight: Tensor, cache: object | None, 
         raise ValueError(
             f"{name} expects x of shape [batch, tokens, d_model={d_model}], got {tuple(x.shape)}"
         )
-    if x.shape[1] == 0:
-        raise ValueError(f"{name} got zero tokens (x has shape {tuple(x.shape)})")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        empty = "a batch of zero sequences" if x.shape[0] == 0 else "zero tokens"
+        raise ValueError(f"{name} got {empty} (x has shape {tuple(x.shape)})")
     if x.device != weight.device:
         raise ValueError(f"{name}: x is on {x.device} but the layer's weights are on {weight.device}")
     if x.dtype != weight.dtype and not (
@@ -85,6 +91,10 @@ def _check_input(x: Tensor, d_model: int, weight: Tensor, cache: object | None, 
     if cache is not None and cache.device != weight.device:
         raise ValueError(
             f"{name}: the cache is on {cache.device} but the layer's weights are on {weight.device}"
+        )
+    if cache is not None and x.device.type == "meta":
+        raise ValueError(
+            f"{name}: a cache reads its lengths' values, which meta tensors lack; on meta, run without one"
         )
 
 
@@ -265,6 +275,7 @@ class MLA(nn.Module):
         mode: Mode = "auto",
     ) -> Tensor:
         """x: [B, T, d] → [B, T, d]; see the module docstring for the cache protocol."""
+        check_mode(mode)  # before the cache advances
         if cache is not None and not isinstance(cache, LATENT_CACHES):
             names = ", ".join(kind.__name__ for kind in LATENT_CACHES)
             raise ValueError(f"MLA needs a latent cache ({names}), got {type(cache).__name__}")

@@ -153,7 +153,8 @@ def check_n_new(n_new: Tensor | None, batch_size: int, n_tokens: int, device: to
     if n_new is None:
         return torch.full((batch_size,), n_tokens, dtype=torch.long, device=device)
     n_new = torch.as_tensor(n_new, device=device)
-    if n_new.shape != (batch_size,) or n_new.dtype.is_floating_point:
+    integer = not (n_new.dtype.is_floating_point or n_new.dtype.is_complex or n_new.dtype == torch.bool)
+    if n_new.shape != (batch_size,) or not integer:
         raise ValueError(
             f"n_new must be an integer tensor of shape [batch={batch_size}], "
             f"got {n_new.dtype} {tuple(n_new.shape)}"

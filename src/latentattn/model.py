@@ -19,9 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from latentattn.attention import Mode, build_attention
-from latentattn.cache import Cache, Workspace
-from latentattn.config import AttentionConfig, AttentionKind, GQAConfig, MLAConfig
+from latentattn.attention import LATENT_CACHES, MODES, Mode, build_attention, check_mode
+from latentattn.cache import Cache, KVCache, Workspace, check_capacity, check_n_new
+from latentattn.config import (
+    AttentionConfig,
+    AttentionKind,
+    GQAConfig,
+    MLAConfig,
+    check_positive_ints,
+    check_positive_numbers,
+)
 from latentattn.layers import RMSNorm
 
 Device = torch.device | str | None
@@ -42,10 +49,14 @@ class ModelConfig:
     norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "n_layers", "d_model", "d_ff", "max_seq_len", "norm_eps"):
-            value = getattr(self, name)
-            if value <= 0:
-                raise ValueError(f"ModelConfig.{name} must be positive, got {value!r}")
+        names = ("vocab_size", "n_layers", "d_model", "d_ff", "max_seq_len")
+        check_positive_ints("ModelConfig", **{name: getattr(self, name) for name in names})
+        check_positive_numbers("ModelConfig", norm_eps=self.norm_eps)
+        if not isinstance(self.attention, MLAConfig | GQAConfig):
+            raise ValueError(
+                "ModelConfig.attention must be an MLAConfig or a GQAConfig, "
+                f"got {type(self.attention).__name__}"
+            )
         if self.attention.d_model != self.d_model:
             raise ValueError(
                 f"ModelConfig.attention.d_model ({self.attention.d_model}) must equal "
@@ -281,6 +292,11 @@ class LanguageModel(nn.Module):
         """tokens: [B, T] → logits [B, T, V]. With a cache, the attention cache protocol applies per layer."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, tokens], got shape {tuple(tokens.shape)}")
+        if cache is not None:
+            self._check_cache_step(cache, tokens, n_new)
+        attention = self.config.attention
+        modes = MODES if isinstance(attention, MLAConfig) else ("auto", "naive")
+        check_mode(mode, modes, f"{attention.kind.upper()} model")
         start = 0 if cache is None else int(cache.lengths.max())
         if start + tokens.shape[1] > self.config.max_seq_len:
             raise ValueError(
@@ -293,6 +309,30 @@ class LanguageModel(nn.Module):
         x = self.norm(x)
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, weight)  # [B, T, V]
+
+    def _check_cache_step(self, cache: ModelCache, tokens: Tensor, n_new: Tensor | None) -> None:
+        """What any layer would refuse, checked before the first layer writes its cache, so that a
+        failing step leaves no layer a step ahead of the others: one cache per layer, of the layer's
+        kind, on its device, for this batch, every layer at the same lengths with room for `n_new`."""
+        kind = LATENT_CACHES if isinstance(self.config.attention, MLAConfig) else (KVCache,)
+        if not isinstance(cache, ModelCache) or len(cache.layers) != len(self.blocks):
+            raise ValueError(f"cache must be the ModelCache of {len(self.blocks)} layers from new_cache()")
+        batch, n_tokens = tokens.shape
+        n_new = check_n_new(n_new, batch, n_tokens, tokens.device)
+        lengths = cache.lengths
+        for i, layer in enumerate(cache.layers):
+            if not isinstance(layer, kind) or layer.batch_size != batch or layer.device != tokens.device:
+                raise ValueError(
+                    f"cache layer {i} is a {type(layer).__name__} of batch {layer.batch_size} on "
+                    f"{layer.device}; this model needs a {' or '.join(k.__name__ for k in kind)} of batch "
+                    f"{batch} on {tokens.device}"
+                )
+            if not torch.equal(layer.lengths, lengths):
+                raise ValueError(
+                    f"cache layer {i} holds lengths {layer.lengths.tolist()}, layer 0 {lengths.tolist()}"
+                )
+            if hasattr(layer, "max_len"):
+                check_capacity(lengths, n_new, layer.max_len)
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters per component: embeddings (with an untied LM head), attention, mlp, norms, total."""

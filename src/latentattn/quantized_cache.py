@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from latentattn.cache import COPIED_BLOCK, LatentKeys, Workspace, _PreallocatedCache, check_entry
+from latentattn.calculator import latent_group_size
 from latentattn.config import MLAConfig
 
 FORMATS: dict[str, tuple[torch.dtype, float]] = {
@@ -43,11 +44,7 @@ class QuantizedLatentCache(_PreallocatedCache):
     ) -> None:
         if format not in FORMATS:
             raise ValueError(f"unknown latent cache format {format!r}; choose one of {', '.join(FORMATS)}")
-        group_size = group_size or min(128, config.kv_lora_rank)
-        if group_size <= 0 or config.kv_lora_rank % group_size:
-            raise ValueError(
-                f"group_size ({group_size}) must be positive and divide kv_lora_rank ({config.kv_lora_rank})"
-            )
+        group_size = latent_group_size(config.kv_lora_rank, group_size)  # the calculator's rule too
         storage, self.qmax = FORMATS[format]
         self.format = format
         self.group_size = group_size
