@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from latentattn.cache import KVCache, LatentCache, LatentKeys, Workspace
 from latentattn.config import AttentionConfig, GQAConfig, MLAConfig
+from latentattn.kernels import fused_latent_decode, kernel_status
 from latentattn.layers import RMSNorm, fp32_or_wider
 from latentattn.paged_cache import PagedLatentCache
 from latentattn.quantized_cache import QuantizedLatentCache
@@ -200,6 +201,51 @@ def latent_attention(
     return out.transpose(1, 2).reshape(batch, n_tokens, heads, value_width).to(q.dtype)
 
 
+FUSED_MAX_TOKENS = 16
+"""Longest chunk (new tokens per sequence) the fused kernel serves; longer ones take the torch GEMMs."""
+
+
+def fused_kernel_serves(q: Tensor, cache: object | None) -> bool:
+    """Whether `fused_latent_attention` runs the fused CPU kernel (`latentattn.kernels`) for queries
+    like `q: [B, T, H, W]` over `cache`: a latent cache on CPU, fp32/bf16/fp64 queries that need no
+    gradient, T <= `FUSED_MAX_TOKENS`, and the kernel built here (not disabled by LATENTATTN_KERNEL=0)."""
+    return (
+        isinstance(cache, LATENT_CACHES)
+        and q.device.type == "cpu"
+        and q.dtype in (torch.float32, torch.bfloat16, torch.float64)
+        and q.shape[1] <= FUSED_MAX_TOKENS
+        and not (torch.is_grad_enabled() and q.requires_grad)
+        and kernel_status().available
+    )
+
+
+def fused_latent_attention(
+    q: Tensor, cache: object | None, lengths: Tensor, n_keys: int, scale: float, value_width: int
+) -> Tensor | None:
+    """`latent_attention` by the fused CPU kernel straight from `cache`'s storage, or None where the
+    torch path must run (`fused_kernel_serves`, or storage that carries gradients).
+
+    The one place that maps today's caches to the kernel's raw arguments: q `[B, T, H, C + R]`,
+    `lengths` the cache's lengths before this step's T tokens were appended, `n_keys` the keys
+    attention reads (S). Query t of sequence b sees keys `< lengths[b] + t + 1` — the mask the
+    caches return.
+    """
+    if not fused_kernel_serves(q, cache):
+        return None
+    storage: dict[str, Tensor] = {}
+    if isinstance(cache, LatentCache):
+        storage["kv"] = cache.latent
+    elif isinstance(cache, PagedLatentCache):
+        storage["kv"] = cache.pool
+        storage["block_table"] = cache._tables(-(-n_keys // cache.block_size))
+    else:  # QuantizedLatentCache
+        storage.update(kv=cache.buffers["c_kv"], scales=cache.buffers["scale"], k_pe=cache.buffers["k_pe"])
+    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in storage.values()):
+        return None
+    kv = storage.pop("kv")
+    return fused_latent_decode(q, kv, lengths, scale, value_width, n_keys=n_keys, **storage)
+
+
 class MLA(nn.Module):
     """Multi-head Latent Attention, DeepSeek-V2/V3 numerics.
 
@@ -217,6 +263,7 @@ class MLA(nn.Module):
         config: MLAConfig,
         *,
         recompute_kv: bool = False,
+        fused_kernel: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -224,6 +271,8 @@ class MLA(nn.Module):
         self.config = c = config
         self.recompute_kv = recompute_kv
         """Training: keep only the latent for backward and recompute per-head K/V (naive path)."""
+        self.fused_kernel = fused_kernel
+        """Absorbed path over a cache: use the fused CPU kernel where it serves (`fused_kernel_serves`)."""
         factory = {"device": device, "dtype": dtype, "bias": False}
         q_width = c.n_heads * c.qk_head_dim
         if c.q_lora_rank is None:
@@ -272,10 +321,11 @@ class MLA(nn.Module):
         positions = _positions(x, cache, n_new)
         q_nope, q_pe = self.queries(x, positions)
         latent = self.latent(x, positions)
+        lengths = None if cache is None else cache.lengths  # before this step's tokens
         keys, mask = (LatentKeys.of(latent), None) if cache is None else cache.update(latent, n_new)
         path = choose_mla_path(self.config, mode, x.shape[1], keys.shape[1], cached=cache is not None)
         if path == "absorbed":
-            o = self.attend_absorbed(q_nope, q_pe, keys, mask)  # [B, T, H, V]
+            o = self.attend_absorbed(q_nope, q_pe, keys, mask, cache=cache, lengths=lengths)  # [B, T, H, V]
         elif self.recompute_kv and torch.is_grad_enabled():
             o = checkpoint(self.attend_naive, q_nope, q_pe, keys.full(), mask, use_reentrant=False)
         else:
@@ -310,12 +360,20 @@ class MLA(nn.Module):
         return o.transpose(1, 2)  # [B, T, H, V]
 
     def attend_absorbed(
-        self, q_nope: Tensor, q_pe: Tensor, kv: Tensor | LatentKeys, mask: Tensor | None
+        self,
+        q_nope: Tensor,
+        q_pe: Tensor,
+        kv: Tensor | LatentKeys,
+        mask: Tensor | None,
+        *,
+        cache: object | None = None,
+        lengths: Tensor | None = None,
     ) -> Tensor:
         """Attend in latent space: MQA with one (C + R)-wide key per token whose value is c_KV.
 
         `q_lat = q_nope · W_UK` per head; scores are `[q_lat | q_pe] · [c_KV | k_pe]` for all T·H query
-        rows at once against the cache rows (`latent_attention`, blocked for paged and 8-bit caches);
+        rows at once against the cache rows (`latent_attention`, blocked for paged and 8-bit caches;
+        or the fused CPU kernel reading `cache`'s storage, given its `lengths` before this step);
         `o = (softmax · c_KV) · W_UV` per head.
         """
         c = self.config
@@ -324,7 +382,11 @@ class MLA(nn.Module):
         w_uk, w_uv = w_ukv.split([c.qk_nope_head_dim, c.v_head_dim], dim=1)  # [H, N, C], [H, V, C]
         q_lat = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)  # [B, T, H, C]
         q = torch.cat([q_lat, q_pe], dim=-1)  # [B, T, H, C + R]
-        o_lat = latent_attention(q, kv, mask, c.softmax_scale, c.kv_lora_rank)  # [B, T, H, C]
+        o_lat = None
+        if self.fused_kernel and cache is not None:
+            o_lat = fused_latent_attention(q, cache, lengths, kv.shape[1], c.softmax_scale, c.kv_lora_rank)
+        if o_lat is None:
+            o_lat = latent_attention(q, kv, mask, c.softmax_scale, c.kv_lora_rank)  # [B, T, H, C]
         return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # [B, T, H, V]
 
 
