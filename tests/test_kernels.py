@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from conftest import SMALL_MLA, relative_error
 from latentattn import MLA, LatentCache, MLAConfig
 from latentattn import attention as attention_module
-from latentattn.attention import FUSED_MAX_TOKENS, fused_kernel_serves, latent_attention
+from latentattn.attention import FUSED_MAX_ROWS, fused_kernel_serves, latent_attention
 from latentattn.kernels import fused_latent_decode, kernel_status
 from latentattn.kernels import latent_decode as kernel_module
 from latentattn.paged_cache import PagedLatentCache
@@ -224,11 +224,12 @@ def test_mla_decode_runs_the_kernel_and_equals_the_torch_path(kind, monkeypatch)
 def test_the_torch_path_runs_where_the_kernel_does_not_serve(monkeypatch):
     calls = spy_on_kernel(monkeypatch)
     layer = MLA(SMALL_MLA, dtype=torch.float64)
-    cache = LatentCache(SMALL_MLA, 1, 64, dtype=torch.float64)
+    cache = LatentCache(SMALL_MLA, 1, 300, dtype=torch.float64)
     layer(torch.randn(1, 4, 32, dtype=torch.float64), cache)
     layer(torch.randn(1, 1, 32, dtype=torch.float64), cache)  # gradients needed
     with torch.no_grad():
-        layer(torch.randn(1, FUSED_MAX_TOKENS + 1, 32, dtype=torch.float64), cache, mode="absorbed")
+        too_long = FUSED_MAX_ROWS // SMALL_MLA.n_heads + 1
+        layer(torch.randn(1, too_long, 32, dtype=torch.float64), cache, mode="absorbed")
         layer.fused_kernel = False
         layer(torch.randn(1, 1, 32, dtype=torch.float64), cache)
         layer.fused_kernel = True
