@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import SMALL_MLA, relative_error
-from latentattn import MLA, LatentCache, MLAConfig
+from latentattn import MLA, GQAAttention, GQAConfig, LatentCache, MLAConfig
 from latentattn import attention as attention_module
 from latentattn.attention import FUSED_MAX_ROWS, fused_kernel_serves, latent_attention
 from latentattn.kernels import fused_latent_decode, kernel_status
@@ -58,8 +58,8 @@ def paginate(parts: dict[str, torch.Tensor], block_size: int, generator: torch.G
 
 @st.composite
 def problems(draw, dtype: torch.dtype, storage: str):
-    """A random decode or chunk step over `storage` (contiguous, paged, int8, fp8, 8-bit paged):
-    the kernel's arguments and the oracle's rows in the accumulation dtype."""
+    """A random decode or chunk step over `storage` (contiguous, paged, int8, fp8, 8-bit paged, keys and
+    values apart): the kernel's arguments and the oracle's rows in the accumulation dtype."""
     generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
     batch, n_tokens, heads = draw(st.integers(1, 3)), draw(st.integers(1, 4)), draw(st.integers(1, 20))
     n_keys = draw(st.integers(n_tokens, 700))
@@ -88,6 +88,9 @@ def problems(draw, dtype: torch.dtype, storage: str):
     args = {"q": q, "lengths": lengths, "scale": draw(st.sampled_from([0.05, 0.3])), "n_keys": n_keys}
     args["value_width"] = draw(st.integers(1, width))
     args["threads"] = draw(st.integers(1, 4))
+    if storage.startswith("apart"):  # the oracle reads [values | keys] rows with queries [0 | q]
+        parts["values"] = torch.randn(batch, n_keys, args["value_width"], generator=generator).to(dtype)
+        rows = torch.cat([parts["values"], rows], dim=-1)
     if storage.endswith("paged"):
         parts, args["block_table"] = paginate(parts, draw(st.integers(1, 8)), generator)
     return {**args, **parts}, rows
@@ -97,6 +100,8 @@ def check_against_oracle(args: dict, rows: torch.Tensor) -> None:
     got = fused_latent_decode(**args)
     q, dtype, value_width = args["q"], args["q"].dtype, args["value_width"]
     assert got.shape == (*q.shape[:3], value_width) and got.dtype == dtype
+    if "values" in args:
+        q = torch.cat([q.new_zeros(*q.shape[:3], value_width), q], dim=-1)
     if dtype != torch.bfloat16:
         expected = oracle(q, rows.to(q.dtype), args["lengths"], args["scale"], value_width)
         assert relative_error(got, expected) <= TOLERANCE[dtype]
@@ -107,12 +112,13 @@ def check_against_oracle(args: dict, rows: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("storage", ["contiguous", "paged"])
-@settings(max_examples=25, deadline=None)
+@pytest.mark.parametrize("storage", ["contiguous", "paged", "apart", "apart-paged"])
+@settings(max_examples=20, deadline=None)
 @given(data=st.data())
 def test_equals_the_torch_path(storage, dtype, data):
     """Ragged lengths (a sequence may see all keys), chunks of T <= 4 with the causal offset, more
-    query rows than one vector holds, contexts split across 1-4 threads, fragmented block tables."""
+    query rows than one vector holds, contexts split across 1-4 threads, fragmented block tables, and
+    values stored apart from the keys (GQA/MQA caches)."""
     check_against_oracle(*data.draw(problems(dtype, storage)))
 
 
@@ -280,3 +286,35 @@ def test_bf16_layer_decode_stays_close_to_fp64():
             outputs[dtype] = layer(x[:, 39:].to(dtype), cache).double()
     expected = outputs[torch.float64]
     assert (outputs[torch.bfloat16] - expected).norm() / expected.norm() <= 2e-2
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_gqa_and_mqa_decode_run_the_kernel_and_equal_sdpa(kv_heads, monkeypatch):
+    """A ragged prefill, a padded chunk and decode steps, fp64: the kernel (each K/V head one kernel
+    sequence with its query heads as rows) equals SDPA to 1e-10 on the chunks; decode steps stay with
+    SDPA, and MHA never takes the kernel."""
+    calls = spy_on_kernel(monkeypatch)
+    torch.manual_seed(0)
+    layer = GQAAttention(
+        GQAConfig(d_model=32, n_heads=4, n_kv_heads=kv_heads, head_dim=8), dtype=torch.float64
+    )
+    outputs = {}
+    for fused in (True, False):
+        layer.fused_kernel = fused
+        cache = layer.new_cache(2, 32)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            steps = [layer(torch.randn(2, 7, 32, dtype=torch.float64), cache, n_new=torch.tensor([7, 4]))]
+            steps.append(layer(torch.randn(2, 3, 32, dtype=torch.float64), cache, n_new=torch.tensor([3, 1])))
+            steps += [layer(torch.randn(2, 1, 32, dtype=torch.float64), cache) for _ in range(2)]
+        outputs[fused] = steps
+    assert calls == [(2 * kv_heads, t, 4 // kv_heads, 8) for t in (7, 3)]
+    for got, expected in zip(outputs[True], outputs[False], strict=True):
+        assert relative_error(got, expected) <= 1e-10
+    calls.clear()
+    mha = GQAAttention(GQAConfig(d_model=32, n_heads=4, n_kv_heads=4, head_dim=8), dtype=torch.float64)
+    cache = mha.new_cache(1, 8)
+    with torch.no_grad():
+        mha(torch.randn(1, 3, 32, dtype=torch.float64), cache)
+        mha(torch.randn(1, 1, 32, dtype=torch.float64), cache)
+    assert calls == []

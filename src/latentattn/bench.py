@@ -262,7 +262,8 @@ def _mla_case(mla: MLA, x: torch.Tensor, latent: torch.Tensor, impl: str) -> _Ca
             cache = mla.new_cache(batch, context + 1)
         cache.update(latent)
     attention = "sdpa" if mode == "naive" else "torch"
-    if fused and mode == "absorbed" and fused_kernel_serves(x.new_empty(batch, 1, 1, 1), cache):
+    q = x.new_empty(batch, 1, mla.config.n_heads, mla.config.cache_width)
+    if fused and mode == "absorbed" and fused_kernel_serves(q, cache):
         attention = "fused"
 
     def step() -> torch.Tensor:
@@ -329,7 +330,8 @@ def _gqa_case(layer: GQAAttention, x: torch.Tensor, context: int) -> _Case:
 
     flops = batch * (2 * _linear_params(layer) + 4 * c.n_heads * c.head_dim * (context + 1))
     cache_bytes = batch * context * cache.bytes_per_token
-    return _Case(step, cache_bytes, _weight_bytes(layer) + cache_bytes, flops, "sdpa")
+    fused = layer.fused_kernel and fused_kernel_serves(x.new_empty(batch, 1, c.n_heads, c.head_dim), cache)
+    return _Case(step, cache_bytes, _weight_bytes(layer) + cache_bytes, flops, "fused" if fused else "sdpa")
 
 
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

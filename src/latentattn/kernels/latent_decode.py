@@ -80,6 +80,7 @@ class _DecodeArgs(ctypes.Structure):
         ("kv", _Component),
         ("scales", _Component),
         ("k_pe", _Component),
+        ("values", _Component),
         ("scale", ctypes.c_double),
         ("threads", ctypes.c_int32),
     )
@@ -165,6 +166,7 @@ def fused_latent_decode(
     block_table: Tensor | None = None,
     scales: Tensor | None = None,
     k_pe: Tensor | None = None,
+    values: Tensor | None = None,
     n_keys: int | None = None,
     threads: int | None = None,
 ) -> Tensor:
@@ -175,7 +177,9 @@ def fused_latent_decode(
     - paged: `kv: [P, block, W]` with `block_table: [B, blocks]` (sequence b's position s lives in
       block `block_table[b, s // block]`, row `s % block`);
     - 8-bit (contiguous or paged): `kv: [.., C]` int8 or float8_e4m3fn, `scales: [.., G]` fp32 (one
-      per C/G values), `k_pe: [.., W - C]` bf16; a row is `[kv · scale | k_pe]`.
+      per C/G values), `k_pe: [.., W - C]` bf16; a row is `[kv · scale | k_pe]`;
+    - keys and values apart (GQA/MQA caches, one K/V head as one sequence): `kv` holds the keys and
+      `values: [.., value_width]` (laid out like `kv`, same dtype) the values.
     Query t of sequence b sees keys at positions `< min(lengths[b] + t + 1, n_keys)` (`n_keys`
     default: all the storage holds). Scores are scaled by `scale`; the value is the first
     `value_width` columns. Accumulates in fp32 (fp64 for fp64 queries) on `threads` threads
@@ -188,9 +192,9 @@ def fused_latent_decode(
     if q.dim() != 4 or min(q.shape, default=0) < 1 or q.dtype not in FLOAT_STORAGE:
         raise ValueError(f"q must be [B, T, H, W] in fp32, bf16 or fp64, got {q.dtype} {tuple(q.shape)}")
     batch, n_tokens, heads, width = q.shape
-    kind, latent_width, group_size = _check_storage(q, kv, scales, k_pe)
-    if not 0 < value_width <= width:
-        raise ValueError(f"value_width must lie in [1, {width}], got {value_width}")
+    if value_width < 1 or (values is None and value_width > width):
+        raise ValueError(f"value_width must lie in [1, {width}] (the row width), got {value_width}")
+    kind, latent_width, group_size = _check_storage(q, kv, scales, k_pe, values, value_width)
     if lengths.shape != (batch,) or lengths.dtype.is_floating_point or bool((lengths < 0).any()):
         raise ValueError(f"lengths must be {batch} integers >= 0, got {lengths.dtype} {lengths.tolist()}")
     if threads is not None and threads < 1:
@@ -222,6 +226,7 @@ def fused_latent_decode(
         kv=_component(kv),
         scales=_component(scales),
         k_pe=_component(k_pe),
+        values=_component(values),
         scale=float(scale),
         threads=threads or torch.get_num_threads(),
     )
@@ -230,11 +235,25 @@ def fused_latent_decode(
     return out.to(q.dtype)
 
 
-def _check_storage(q: Tensor, kv: Tensor, scales: Tensor | None, k_pe: Tensor | None) -> tuple[int, int, int]:
+def _check_storage(
+    q: Tensor,
+    kv: Tensor,
+    scales: Tensor | None,
+    k_pe: Tensor | None,
+    values: Tensor | None,
+    value_width: int,
+) -> tuple[int, int, int]:
     """The storage kind code, stored columns of `kv` and values per scale (8-bit) — or a ValueError."""
     width = q.shape[-1]
     quantized = kv.dtype in QUANTIZED_STORAGE
     parts = {"kv": kv, **({"scales": scales, "k_pe": k_pe} if quantized else {})}
+    if values is not None:
+        if quantized or values.dtype != kv.dtype or values.shape[-1:] != (value_width,):
+            raise ValueError(
+                f"values must be [.., value_width={value_width}] in kv's float dtype, got {values.dtype} "
+                f"{tuple(values.shape)} with kv {kv.dtype}"
+            )
+        parts["values"] = values
     for name, tensor in parts.items():
         if tensor is None:
             raise ValueError(f"8-bit storage ({kv.dtype}) needs '{name}' (fp32 scales / bf16 k_pe)")

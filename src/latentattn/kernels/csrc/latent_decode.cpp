@@ -3,6 +3,7 @@
 //
 // Notation: B batch, T new tokens (query positions), H heads, M = T·H query rows per sequence,
 // W = C + R row width, V value width (the first V columns of a row), L vector lanes, G scale groups.
+// GQA/MQA caches keep values apart from keys: then V-wide value rows come from their own storage.
 //
 // Each sequence's visible keys are cut into contiguous segments, at most one per thread and
 // sequence, so the threads split the context (and the batch) evenly. A segment is walked in tiles of
@@ -135,6 +136,8 @@ struct DecodeArgs {
   Component kv;              // SAME / BF16: the rows; 8-bit: the quantized c_KV
   Component scales;          // 8-bit: fp32 [.., C / group_size]
   Component k_pe;            // 8-bit: bf16 [.., W - C]
+  Component values;          // value rows [.., V] stored apart (same layout and type as kv), or null:
+                             // the values are the first V columns of the key rows
   double scale;
   int32_t threads;
 };
@@ -168,6 +171,7 @@ template <typename A, StorageKind S> class FmaEngine {
 
   struct Scratch {
     const A* rows[TILE];
+    const A* values[TILE];  // the key rows themselves unless values are stored apart
     std::vector<A> converted;
   };
 
@@ -183,11 +187,15 @@ template <typename A, StorageKind S> class FmaEngine {
       }
   }
 
-  Scratch scratch() const { return {{}, std::vector<A>(S == SAME ? 0 : TILE * a.width)}; }
+  Scratch scratch() const { return {{}, {}, std::vector<A>(S == SAME ? 0 : TILE * (a.width + a.value_width))}; }
 
   // Locate (and convert) rows start..stop-1 of sequence b; missing rows repeat the first one.
   void load_tile(int64_t b, int64_t start, int64_t stop, Scratch& s) const {
-    for (int j = 0; j < TILE; ++j) s.rows[j] = start + j < stop ? row(b, start + j, s, j) : s.rows[0];
+    for (int j = 0; j < TILE; ++j) {
+      const bool real = start + j < stop;
+      s.rows[j] = real ? row(b, start + j, s, j) : s.rows[0];
+      s.values[j] = a.values.data == nullptr ? s.rows[j] : real ? value_row(b, start + j, s, j) : s.values[0];
+    }
   }
 
   // scores[j] = tile row j · the chunk's query rows (one lane per query row).
@@ -213,12 +221,12 @@ template <typename A, StorageKind S> class FmaEngine {
 #pragma GCC unroll 8
       for (int j = 0; j < TILE; ++j)
 #pragma GCC unroll 8
-        for (int i = 0; i < VALUE_BLOCK; ++i) acc[i] += s.rows[j][c + i] * probs[j];
+        for (int i = 0; i < VALUE_BLOCK; ++i) acc[i] += s.values[j][c + i] * probs[j];
       for (int i = 0; i < VALUE_BLOCK; ++i) store(out + (c + i) * L, acc[i]);
     }
     for (; c < a.value_width; ++c) {
       V acc = RESCALE ? load(out + c * L) * correction : load(out + c * L);
-      for (int j = 0; j < TILE; ++j) acc += s.rows[j][c] * probs[j];
+      for (int j = 0; j < TILE; ++j) acc += s.values[j][c] * probs[j];
       store(out + c * L, acc);
     }
   }
@@ -251,6 +259,18 @@ template <typename A, StorageKind S> class FmaEngine {
         const uint16_t* k_pe = locate.template at<uint16_t>(a.k_pe, place);
         for (int64_t r = a.latent_width; r < a.width; ++r) out[r] = A(bf16_to_float(k_pe[r - a.latent_width]));
       }
+      return out;
+    }
+  }
+
+  const A* value_row(int64_t b, int64_t position, Scratch& s, int j) const {  // SAME or BF16 storage
+    const auto place = locate(b, position);
+    if constexpr (S == SAME) {
+      return locate.template at<A>(a.values, place);
+    } else {
+      A* out = s.converted.data() + TILE * a.width + j * a.value_width;
+      const uint16_t* in = locate.template at<uint16_t>(a.values, place);
+      for (int64_t c = 0; c < a.value_width; ++c) out[c] = A(bf16_to_float(in[c]));
       return out;
     }
   }
@@ -317,7 +337,11 @@ template <StorageKind S> class DotEngine {
         s.scales[j] = locate.template at<float>(a.scales, place);
       }
     }
-    for (int i = 0; i < HALF; ++i) interleave(s.rows[2 * i], s.rows[2 * i + 1], &s.pairs[i * padded_values]);
+    const uint16_t* values[TILE];
+    for (int j = 0; j < TILE; ++j)
+      values[j] = a.values.data == nullptr ? s.rows[j]
+                                           : locate.template at<uint16_t>(a.values, locate(b, std::min(start + j, stop - 1)));
+    for (int i = 0; i < HALF; ++i) interleave(values[2 * i], values[2 * i + 1], &s.pairs[i * padded_values]);
   }
 
   void score(int64_t b, int64_t chunk, const Scratch& s, V scores[TILE]) const {
