@@ -74,7 +74,8 @@ def problems(draw, dtype: torch.dtype, storage: str):
         values = torch.randn(batch, n_keys, latent, generator=generator) * 40
         parts = {
             "kv": values.clamp(-127, 127).round().to(EIGHT_BIT[storage.split("-")[0]]),
-            "scales": torch.rand(batch, n_keys, groups, generator=generator) + 0.01,
+            "scales": (torch.rand(batch, n_keys, groups, generator=generator) + 0.01)
+            / 40,  # values ~ N(0, 1)
             "k_pe": torch.randn(batch, n_keys, rope, generator=generator).to(torch.bfloat16),
         }
         accumulate = torch.float64 if dtype == torch.float64 else torch.float32

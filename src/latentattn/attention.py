@@ -420,7 +420,10 @@ class MLA(nn.Module):
             o_lat = fused_latent_attention(q, cache, lengths, kv.shape[1], c.softmax_scale, c.kv_lora_rank)
         if o_lat is None:
             o_lat = latent_attention(q, kv, mask, c.softmax_scale, c.kv_lora_rank)  # [B, T, H, C]
-        return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # [B, T, H, V]
+        # o = o_lat · W_UVᵀ per head, as W_UV · o_latᵀ so W_UV is read where it lies: einsum copies the
+        # strided [H, V, C] view transposed every step (1.1 of 10 ms of a bf16 decode step at 16K).
+        o = torch.matmul(w_uv, o_lat.flatten(0, 1).permute(1, 2, 0))  # [H, V, B·T]
+        return o.permute(2, 0, 1).unflatten(0, o_lat.shape[:2])  # [B, T, H, V]
 
 
 class GQAAttention(nn.Module):
