@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
@@ -280,8 +281,9 @@ template <typename A, StorageKind S> class FmaEngine {
 // bf16 dot products (vdpbf16ps) with fp32 accumulation; needs bf16 queries and even column counts.
 template <StorageKind S> class DotEngine {
  public:
-  static constexpr int TILE = 16;  // scored 8 at a time; values take 8 pairs of keys
-  static constexpr int HALF = TILE / 2;
+  static constexpr int TILE = 16;
+  static constexpr int PAIRS = TILE / 2;  // key pairs of a tile (values)
+  static constexpr int GROUP = 8;          // keys scored together
   static constexpr int L = 16;
   using V = Vec<float>;
 
@@ -294,7 +296,7 @@ template <StorageKind S> class DotEngine {
     const uint16_t* rows[TILE];    // bf16 bits of each row
     const float* scales[TILE];     // 8-bit: each row's group scales
     std::vector<uint16_t> converted;  // 8-bit rows as bf16 (unscaled), [TILE, W]
-    std::vector<uint32_t> pairs;      // [HALF, V rounded up to 32]: rows 2i and 2i+1 interleaved
+    std::vector<uint32_t> pairs;      // [PAIRS, V rounded up to 32]: rows 2i and 2i+1 interleaved
   };
 
   DotEngine(const DecodeArgs& args, int64_t chunks)
@@ -315,7 +317,7 @@ template <StorageKind S> class DotEngine {
 
   Scratch scratch() const {
     return {{}, {}, std::vector<uint16_t>(S == BF16 ? 0 : TILE * a.width),
-            std::vector<uint32_t>(HALF * padded_values)};
+            std::vector<uint32_t>(PAIRS * padded_values)};
   }
 
   void load_tile(int64_t b, int64_t start, int64_t stop, Scratch& s) const {
@@ -341,22 +343,22 @@ template <StorageKind S> class DotEngine {
     for (int j = 0; j < TILE; ++j)
       values[j] = a.values.data == nullptr ? s.rows[j]
                                            : locate.template at<uint16_t>(a.values, locate(b, std::min(start + j, stop - 1)));
-    for (int i = 0; i < HALF; ++i) interleave(values[2 * i], values[2 * i + 1], &s.pairs[i * padded_values]);
+    for (int i = 0; i < PAIRS; ++i) interleave(values[2 * i], values[2 * i + 1], &s.pairs[i * padded_values]);
   }
 
   void score(int64_t b, int64_t chunk, const Scratch& s, V scores[TILE]) const {
     const uint32_t* packed = &queries[(b * chunks + chunk) * (a.width / 2) * L];
-    for (int half = 0; half < TILE; half += HALF) {
-      __m512 acc[HALF];
-      for (int j = 0; j < HALF; ++j) acc[j] = _mm512_setzero_ps();
+    for (int first = 0; first < TILE; first += GROUP) {
+      __m512 acc[GROUP];
+      for (int j = 0; j < GROUP; ++j) acc[j] = _mm512_setzero_ps();
       for (int64_t g = 0; g < groups; ++g) {  // 8-bit columns: Σ_g scale_g · (q_g · c_g)
-        __m512 part[HALF];
-        for (int j = 0; j < HALF; ++j) part[j] = _mm512_setzero_ps();
-        dot(packed, s.rows + half, g * a.group_size, (g + 1) * a.group_size, part);
-        for (int j = 0; j < HALF; ++j) acc[j] = _mm512_fmadd_ps(part[j], _mm512_set1_ps(s.scales[half + j][g]), acc[j]);
+        __m512 part[GROUP];
+        for (int j = 0; j < GROUP; ++j) part[j] = _mm512_setzero_ps();
+        dot(packed, s.rows + first, g * a.group_size, (g + 1) * a.group_size, part);
+        for (int j = 0; j < GROUP; ++j) acc[j] = _mm512_fmadd_ps(part[j], _mm512_set1_ps(s.scales[first + j][g]), acc[j]);
       }
-      dot(packed, s.rows + half, scaled, a.width, acc);
-      for (int j = 0; j < HALF; ++j) scores[half + j] = acc[j];
+      dot(packed, s.rows + first, scaled, a.width, acc);
+      for (int j = 0; j < GROUP; ++j) scores[first + j] = acc[j];
     }
   }
 
@@ -366,8 +368,8 @@ template <StorageKind S> class DotEngine {
       const int64_t begin = std::min(g * a.group_size, a.value_width);
       const int64_t end = g < groups ? std::min((g + 1) * a.group_size, a.value_width) : a.value_width;
       if (begin >= end) continue;
-      __m512i pairs[HALF];  // per lane: (bf16(p_2i · scale), bf16(p_2i+1 · scale))
-      for (int i = 0; i < HALF; ++i) {
+      __m512i pairs[PAIRS];  // per lane: (bf16(p_2i · scale), bf16(p_2i+1 · scale))
+      for (int i = 0; i < PAIRS; ++i) {
         V even = probs[2 * i], odd = probs[2 * i + 1];
         if (g < groups) {
           even *= s.scales[2 * i][g];
@@ -399,14 +401,14 @@ template <StorageKind S> class DotEngine {
   }
 
   // acc[j] += Σ_{w in [begin, end)} q[w] · rows[j][w], two columns per instruction.
-  void dot(const uint32_t* packed, const uint16_t* const* rows, int64_t begin, int64_t end, __m512 acc[HALF]) const {
-    const uint16_t* row[HALF];
-    for (int j = 0; j < HALF; ++j) row[j] = rows[j] + begin;
+  void dot(const uint32_t* packed, const uint16_t* const* rows, int64_t begin, int64_t end, __m512 acc[GROUP]) const {
+    const uint16_t* row[GROUP];
+    for (int j = 0; j < GROUP; ++j) row[j] = rows[j] + begin;
     const uint32_t* query_pairs = packed + begin / 2 * L;
     for (int64_t n = (end - begin) / 2; n > 0; --n, query_pairs += L) {
       const __m512bh query = (__m512bh)_mm512_loadu_si512(query_pairs);
 #pragma GCC unroll 8
-      for (int j = 0; j < HALF; ++j) {
+      for (int j = 0; j < GROUP; ++j) {
         acc[j] = _mm512_dpbf16_ps(acc[j], query, broadcast_pair(row[j]));
         row[j] += 2;
       }
@@ -415,7 +417,7 @@ template <StorageKind S> class DotEngine {
 
   // out[c] = out[c] · correction + Σ_i pairs[i] · (row_2i[c], row_2i+1[c]) for c in [begin, end).
   template <bool RESCALE>
-  void columns(const Scratch& s, const __m512i pairs[HALF], V correction, float* out, int64_t begin,
+  void columns(const Scratch& s, const __m512i pairs[PAIRS], V correction, float* out, int64_t begin,
                int64_t end) const {
     auto value = [&](int i, int64_t c) {
       return (__m512bh)_mm512_set1_epi32(int32_t(s.pairs[i * padded_values + c]));
@@ -428,7 +430,7 @@ template <StorageKind S> class DotEngine {
         if (RESCALE) acc[k] = _mm512_mul_ps(acc[k], correction);
       }
 #pragma GCC unroll 8
-      for (int i = 0; i < HALF; ++i)
+      for (int i = 0; i < PAIRS; ++i)
 #pragma GCC unroll 8
         for (int k = 0; k < VALUE_BLOCK; ++k) acc[k] = _mm512_dpbf16_ps(acc[k], (__m512bh)pairs[i], value(i, c + k));
       for (int k = 0; k < VALUE_BLOCK; ++k) _mm512_storeu_ps(out + (c + k) * L, acc[k]);
@@ -436,7 +438,7 @@ template <StorageKind S> class DotEngine {
     for (; c < end; ++c) {
       __m512 acc = _mm512_loadu_ps(out + c * L);
       if (RESCALE) acc = _mm512_mul_ps(acc, correction);
-      for (int i = 0; i < HALF; ++i) acc = _mm512_dpbf16_ps(acc, (__m512bh)pairs[i], value(i, c));
+      for (int i = 0; i < PAIRS; ++i) acc = _mm512_dpbf16_ps(acc, (__m512bh)pairs[i], value(i, c));
       _mm512_storeu_ps(out + c * L, acc);
     }
   }
