@@ -203,7 +203,7 @@ def latent_attention(
 
 FUSED_MAX_ROWS = 1024
 """Most query rows (T·H per sequence) the fused kernel serves: each thread keeps a partial output of
-rows · C values. Chunks of up to 64 tokens with 16 heads measured faster than the torch path."""
+rows · C values (chunks of 64 tokens with 16 heads still measured faster than the torch path)."""
 
 
 def fused_kernel_serves(q: Tensor, cache: object | None) -> bool:
@@ -212,8 +212,8 @@ def fused_kernel_serves(q: Tensor, cache: object | None) -> bool:
     heads (GQA/MQA) for chunks of T >= 2 tokens, on CPU; fp32/bf16/fp64 queries that need no gradient;
     at most `FUSED_MAX_ROWS` query rows per kernel sequence (T·H, or T·H/G per K/V head); and the
     kernel built here (not disabled by LATENTATTN_KERNEL=0). GQA/MQA decode (T = 1) and MHA stay
-    with SDPA: its folded-query decode measured as fast as the kernel (MQA at 16K 0.9-1.4x, GQA-4
-    0.7-1.0x), and MHA gives each K/V head one query row, a sliver of the kernel's vector lanes."""
+    with SDPA: its folded-query decode measured about as fast as the kernel, and MHA gives each K/V
+    head one query row, a sliver of the kernel's vector lanes."""
     rows = q.shape[1] * q.shape[2]
     if isinstance(cache, KVCache):
         groups = cache.buffers["k"].shape[2]
@@ -420,8 +420,8 @@ class MLA(nn.Module):
             o_lat = fused_latent_attention(q, cache, lengths, kv.shape[1], c.softmax_scale, c.kv_lora_rank)
         if o_lat is None:
             o_lat = latent_attention(q, kv, mask, c.softmax_scale, c.kv_lora_rank)  # [B, T, H, C]
-        # o = o_lat · W_UVᵀ per head, as W_UV · o_latᵀ so W_UV is read where it lies: einsum copies the
-        # strided [H, V, C] view transposed every step (1.1 of 10 ms of a bf16 decode step at 16K).
+        # o = o_lat · W_UVᵀ per head, as W_UV · o_latᵀ so W_UV is read where it lies (an einsum copies
+        # the strided [H, V, C] view transposed every step, slowly in bf16).
         o = torch.matmul(w_uv, o_lat.flatten(0, 1).permute(1, 2, 0))  # [H, V, B·T]
         return o.permute(2, 0, 1).unflatten(0, o_lat.shape[:2])  # [B, T, H, V]
 
