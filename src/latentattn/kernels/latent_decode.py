@@ -1,9 +1,10 @@
 """The fused latent-attention decode kernel: one pass over raw cache storage, split across threads.
 
     fused_latent_decode(q, kv, lengths, scale, value_width, *, block_table=None, scales=None,
-                        k_pe=None, n_keys=None, threads=None) -> o_lat
+                        k_pe=None, values=None, n_keys=None, threads=None) -> o_lat
 
-computes `softmax(q · kvᵀ · scale) · kv[..., :value_width]` per sequence, exactly what
+computes `softmax(q · kvᵀ · scale) · kv[..., :value_width]` per sequence (or `· values` when the
+values are stored apart, as in GQA/MQA caches), exactly what
 `latentattn.attention.latent_attention` computes over a causal mask with per-sequence offsets, but
 reads each cached row `[c_KV | k_pe]` once: scores for all heads, online softmax and value
 accumulation while the row is in the core's cache, the context split across threads and merged at
@@ -45,8 +46,8 @@ QUANTIZED_STORAGE = {torch.int8: 2, torch.float8_e4m3fn: 3}
 
 @dataclass(frozen=True)
 class KernelStatus:
-    """Whether the kernel can run here; `detail` is its instruction set ("avx512", "avx2",
-    "generic") or why it cannot (build error, disabled by the environment)."""
+    """Whether the kernel can run here; `detail` is its instruction set ("avx512+bf16", "avx512",
+    "avx2", "generic") or why it cannot (build error, disabled by the environment)."""
 
     available: bool
     detail: str
