@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from latentattn.cache import KVCache, LatentCache, LatentKeys, Workspace
 from latentattn.config import AttentionConfig, GQAConfig, MLAConfig
+from latentattn.kernels import fused_latent_decode, kernel_status
 from latentattn.layers import RMSNorm, fp32_or_wider
 from latentattn.paged_cache import PagedLatentCache
 from latentattn.quantized_cache import QuantizedLatentCache
@@ -210,6 +211,84 @@ def latent_attention(
     return out.transpose(1, 2).reshape(batch, n_tokens, heads, value_width).to(q.dtype)
 
 
+FUSED_MAX_ROWS = 1024
+"""Most query rows (T·H per sequence) the fused kernel serves: each thread keeps a partial output of
+rows · C values (chunks of 64 tokens with 16 heads still measured faster than the torch path)."""
+
+
+def fused_kernel_serves(q: Tensor, cache: object | None) -> bool:
+    """Whether the fused CPU kernel (`latentattn.kernels`) runs for a layer's queries like
+    `q: [B, T, H, W]` over `cache`: a latent cache, or a K/V cache with fewer K/V heads G than query
+    heads (GQA/MQA) for chunks of T >= 2 tokens, on CPU; fp32/bf16/fp64 queries that need no gradient;
+    at most `FUSED_MAX_ROWS` query rows per kernel sequence (T·H, or T·H/G per K/V head); and the
+    kernel built here (not disabled by LATENTATTN_KERNEL=0). GQA/MQA decode (T = 1) and MHA stay
+    with SDPA: its folded-query decode measured about as fast as the kernel, and MHA gives each K/V
+    head one query row, a sliver of the kernel's vector lanes."""
+    rows = q.shape[1] * q.shape[2]
+    if isinstance(cache, KVCache):
+        groups = cache.buffers["k"].shape[2]
+        if groups == q.shape[2] or q.shape[1] == 1:
+            return False
+        rows //= groups
+    elif not isinstance(cache, LATENT_CACHES):
+        return False
+    return (
+        q.device.type == "cpu"
+        and q.dtype in (torch.float32, torch.bfloat16, torch.float64)
+        and rows <= FUSED_MAX_ROWS
+        and not (torch.is_grad_enabled() and q.requires_grad)
+        and kernel_status().available
+    )
+
+
+def fused_latent_attention(
+    q: Tensor, cache: object | None, lengths: Tensor, n_keys: int, scale: float, value_width: int
+) -> Tensor | None:
+    """`latent_attention` by the fused CPU kernel straight from `cache`'s storage, or None where the
+    torch path must run (`fused_kernel_serves`, or storage that carries gradients).
+
+    The one place that maps today's caches to the kernel's raw arguments: q `[B, T, H, C + R]`,
+    `lengths` the cache's lengths before this step's T tokens were appended, `n_keys` the keys
+    attention reads (S). Query t of sequence b sees keys `< lengths[b] + t + 1` — the mask the
+    caches return.
+    """
+    if not fused_kernel_serves(q, cache):
+        return None
+    storage: dict[str, Tensor] = {}
+    if isinstance(cache, LatentCache):
+        storage["kv"] = cache.latent
+    elif isinstance(cache, PagedLatentCache):
+        storage["kv"] = cache.pool
+        storage["block_table"] = cache._tables(-(-n_keys // cache.block_size))
+    else:  # QuantizedLatentCache
+        storage.update(kv=cache.buffers["c_kv"], scales=cache.buffers["scale"], k_pe=cache.buffers["k_pe"])
+    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in storage.values()):
+        return None
+    kv = storage.pop("kv")
+    return fused_latent_decode(q, kv, lengths, scale, value_width, n_keys=n_keys, **storage)
+
+
+def fused_grouped_attention(
+    q: Tensor, cache: object | None, lengths: Tensor, n_keys: int, scale: float
+) -> Tensor | None:
+    """GQA/MQA attention `[B, T, H, D]` by the fused CPU kernel straight from a `KVCache`, or None where
+    SDPA must run (see `fused_kernel_serves`). Each K/V head is one kernel sequence whose query rows
+    are its H/G query heads; the head-major buffers `[B, G, L, D]` are read in place as `[B·G, L, D]`.
+    """
+    if not fused_kernel_serves(q, cache):
+        return None
+    batch, _, heads, head_dim = q.shape
+    groups = cache.buffers["k"].shape[2]
+    grouped = q.unflatten(2, (groups, heads // groups)).transpose(1, 2).flatten(0, 1)  # [B·G, T, H/G, D]
+    keys, values = (cache.buffers[name].transpose(1, 2).flatten(0, 1) for name in ("k", "v"))  # [B·G, L, D]
+    if torch.is_grad_enabled() and (keys.requires_grad or values.requires_grad):
+        return None
+    o = fused_latent_decode(
+        grouped, keys, lengths.repeat_interleave(groups), scale, head_dim, values=values, n_keys=n_keys
+    )
+    return o.unflatten(0, (batch, groups)).transpose(1, 2).flatten(2, 3)  # [B, T, H, D]
+
+
 class MLA(nn.Module):
     """Multi-head Latent Attention, DeepSeek-V2/V3 numerics.
 
@@ -227,6 +306,7 @@ class MLA(nn.Module):
         config: MLAConfig,
         *,
         recompute_kv: bool = False,
+        fused_kernel: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -234,6 +314,8 @@ class MLA(nn.Module):
         self.config = c = config
         self.recompute_kv = recompute_kv
         """Training: keep only the latent for backward and recompute per-head K/V (naive path)."""
+        self.fused_kernel = fused_kernel
+        """Absorbed path over a cache: use the fused CPU kernel where it serves (`fused_kernel_serves`)."""
         factory = {"device": device, "dtype": dtype, "bias": False}
         q_width = c.n_heads * c.qk_head_dim
         if c.q_lora_rank is None:
@@ -283,10 +365,11 @@ class MLA(nn.Module):
         positions = _positions(x, cache, n_new)
         q_nope, q_pe = self.queries(x, positions)
         latent = self.latent(x, positions)
+        lengths = None if cache is None else cache.lengths  # before this step's tokens
         keys, mask = (LatentKeys.of(latent), None) if cache is None else cache.update(latent, n_new)
         path = choose_mla_path(self.config, mode, x.shape[1], keys.shape[1], cached=cache is not None)
         if path == "absorbed":
-            o = self.attend_absorbed(q_nope, q_pe, keys, mask)  # [B, T, H, V]
+            o = self.attend_absorbed(q_nope, q_pe, keys, mask, cache=cache, lengths=lengths)  # [B, T, H, V]
         elif self.recompute_kv and torch.is_grad_enabled():
             o = checkpoint(self.attend_naive, q_nope, q_pe, keys.full(), mask, use_reentrant=False)
         else:
@@ -321,12 +404,20 @@ class MLA(nn.Module):
         return o.transpose(1, 2)  # [B, T, H, V]
 
     def attend_absorbed(
-        self, q_nope: Tensor, q_pe: Tensor, kv: Tensor | LatentKeys, mask: Tensor | None
+        self,
+        q_nope: Tensor,
+        q_pe: Tensor,
+        kv: Tensor | LatentKeys,
+        mask: Tensor | None,
+        *,
+        cache: object | None = None,
+        lengths: Tensor | None = None,
     ) -> Tensor:
         """Attend in latent space: MQA with one (C + R)-wide key per token whose value is c_KV.
 
         `q_lat = q_nope · W_UK` per head; scores are `[q_lat | q_pe] · [c_KV | k_pe]` for all T·H query
-        rows at once against the cache rows (`latent_attention`, blocked for paged and 8-bit caches);
+        rows at once against the cache rows (`latent_attention`, blocked for paged and 8-bit caches;
+        or the fused CPU kernel reading `cache`'s storage, given its `lengths` before this step);
         `o = (softmax · c_KV) · W_UV` per head.
         """
         c = self.config
@@ -335,8 +426,15 @@ class MLA(nn.Module):
         w_uk, w_uv = w_ukv.split([c.qk_nope_head_dim, c.v_head_dim], dim=1)  # [H, N, C], [H, V, C]
         q_lat = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)  # [B, T, H, C]
         q = torch.cat([q_lat, q_pe], dim=-1)  # [B, T, H, C + R]
-        o_lat = latent_attention(q, kv, mask, c.softmax_scale, c.kv_lora_rank)  # [B, T, H, C]
-        return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # [B, T, H, V]
+        o_lat = None
+        if self.fused_kernel and cache is not None:
+            o_lat = fused_latent_attention(q, cache, lengths, kv.shape[1], c.softmax_scale, c.kv_lora_rank)
+        if o_lat is None:
+            o_lat = latent_attention(q, kv, mask, c.softmax_scale, c.kv_lora_rank)  # [B, T, H, C]
+        # o = o_lat · W_UVᵀ per head, as W_UV · o_latᵀ so W_UV is read where it lies (an einsum copies
+        # the strided [H, V, C] view transposed every step, slowly in bf16).
+        o = torch.matmul(w_uv, o_lat.flatten(0, 1).permute(1, 2, 0))  # [H, V, B·T]
+        return o.permute(2, 0, 1).unflatten(0, o_lat.shape[:2])  # [B, T, H, V]
 
 
 class GQAAttention(nn.Module):
@@ -350,11 +448,14 @@ class GQAAttention(nn.Module):
         self,
         config: GQAConfig,
         *,
+        fused_kernel: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.config = c = config
+        self.fused_kernel = fused_kernel
+        """GQA/MQA over a cache: use the fused CPU kernel where it serves (`fused_kernel_serves`)."""
         factory = {"device": device, "dtype": dtype}
         self.w_q = nn.Linear(c.d_model, c.n_heads * c.head_dim, bias=c.qkv_bias, **factory)
         self.w_k = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=c.qkv_bias, **factory)
@@ -390,8 +491,13 @@ class GQAAttention(nn.Module):
         k = self.rope(self.w_k(x).view(batch, n_tokens, c.n_kv_heads, c.head_dim), positions)  # [B, T, G, D]
         v = self.w_v(x).view(batch, n_tokens, c.n_kv_heads, c.head_dim)
         mask = None
+        lengths = None if cache is None else cache.lengths  # before this step's tokens
         if cache is not None:
             k, v, mask = cache.update(k, v, n_new)  # [B, S, G, D] each, mask [B, T, S]
+        if self.fused_kernel and cache is not None:
+            o = fused_grouped_attention(q, cache, lengths, k.shape[1], c.softmax_scale)  # [B, T, H, D]
+            if o is not None:
+                return self.w_o(o.flatten(2))
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, G, S, D]
         if n_tokens == 1 and c.n_kv_heads != c.n_heads:
             # Decode: each group's H/G query heads become its query rows, [B, G, H/G, D], so SDPA reads
