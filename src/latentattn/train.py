@@ -432,10 +432,13 @@ def train(config: TrainConfig, *, quiet: bool = False) -> TrainResult:
                     f"note: took over the lock of process {lock.stale_pid}, which ended without releasing it",
                     soft_wrap=True,
                 )
-            return _train(config, env, console)
+            result = _train(config, env, console)
         finally:
             if lock is not None:
                 lock.release()
+        if env.world_size > 1:
+            dist.barrier()  # no rank tears gloo down while another still talks to it
+        return result
     finally:
         if env.world_size > 1:
             dist.destroy_process_group()
