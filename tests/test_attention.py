@@ -271,7 +271,7 @@ def test_bad_inputs_raise_clear_errors():
         mla(torch.randn(2, 0, 32, dtype=torch.float64))
     with pytest.raises(ValueError, match="MLA needs a latent cache .*, got KVCache"):
         mla(torch.randn(2, 3, 32, dtype=torch.float64), gqa.new_cache(2, 8))
-    with pytest.raises(ValueError, match="GQA needs a KVCache, got LatentCache"):
+    with pytest.raises(ValueError, match="GQA needs a K/V cache .*, got LatentCache"):
         gqa(torch.randn(2, 3, 32, dtype=torch.float64), mla.new_cache(2, 8))
     with pytest.raises(ValueError, match="one execution path"):
         gqa(torch.randn(2, 3, 32, dtype=torch.float64), mode="absorbed")
@@ -316,7 +316,7 @@ def test_blocked_latent_attention_equals_one_softmax(batch, tokens, prefix, bloc
     scores = torch.einsum("bthw,bsw->bths", q, kv) * 0.3
     scores = scores.masked_fill(~mask[:, :, None, :], float("-inf"))
     expected = torch.einsum("bths,bsv->bthv", scores.softmax(-1), kv[..., :value_width])
-    got = latent_attention(q, kv, mask if ragged else None, 0.3, value_width, block_size=block)
+    got = latent_attention(q, kv, mask if ragged else None, 0.3, value_width, max_rows=block)
     assert relative_error(got, expected) <= 1e-12
     weights = torch.randn_like(expected)
     expected_grads = torch.autograd.grad((expected * weights).sum(), (q, kv))

@@ -7,7 +7,7 @@ import torch
 
 from latentattn import GQAConfig, KVCache, LatentCache, MLAConfig, PagedLatentCache, QuantizedLatentCache
 from latentattn.attention import latent_attention
-from latentattn.cache import COPIED_BLOCK
+from latentattn.caches import COPIED_BLOCK
 
 V2 = MLAConfig(d_model=5120, n_heads=128, kv_lora_rank=512, q_lora_rank=1536)
 TINY_MLA = MLAConfig(
@@ -110,6 +110,8 @@ def test_bad_n_new_and_sizes():
         cache.update(k, k, n_new=torch.tensor([3, 1]))
     with pytest.raises(ValueError, match=r"n_new must be an integer tensor of shape \[batch=2\]"):
         cache.update(k, k, n_new=torch.tensor([1.0, 1.0]))
+    with pytest.raises(ValueError, match=r"n_new must be an integer tensor .* got torch.bool"):
+        cache.update(k, k, n_new=torch.tensor([True, False]))
     with pytest.raises(ValueError, match=r"'v' has shape"):
         cache.update(k, k[:, :, :1])
     with pytest.raises(ValueError, match="entries disagree on the number of new tokens"):
@@ -152,18 +154,19 @@ def _check_blocks(kind: str, grad: bool) -> None:
         whole[1, :20], torch.cat([first[1, :17], second[1]]), rtol=tolerance, atol=tolerance
     )
     q = torch.randn(2, 3, 5, 8, dtype=torch.float64, requires_grad=grad)
-    expected = latent_attention(q, whole, mask, 0.3, 6, block_size=26)
+    expected = latent_attention(q, whole, mask, 0.3, 6, max_rows=26)
     expected_grad = torch.autograd.grad(expected.sum(), q)[0] if grad else None
     for size in (1, 3, 4, 7, 26, 100):
         blocks, buffers = [], set()
-        for block in keys.blocks(size):
+        for block in keys.iter_blocks(max_rows=size):
             blocks.append(block.clone())
             buffers.add(block.untyped_storage().data_ptr())
-        assert all(block.shape[1] % keys.granule == 0 for block in blocks[:-1])
+        page = cache.block_size if kind == "paged" else 1
+        assert all(block.shape[1] % page == 0 for block in blocks[:-1])
         torch.testing.assert_close(torch.cat(blocks, dim=1), whole, rtol=0, atol=0)
         if kind != "contiguous" and not grad:
             assert len(buffers) == 1, "copied blocks should reuse the workspace"
-        got = latent_attention(q, keys, mask, 0.3, 6, block_size=size)
+        got = latent_attention(q, keys, mask, 0.3, 6, max_rows=size)
         assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-12
         if grad:
             torch.testing.assert_close(
@@ -178,10 +181,10 @@ def test_workspace_from_inference_mode_is_rebuilt_outside_it():
     cache.update(torch.randn(2, 9, 8, dtype=torch.float64))
     with torch.inference_mode():
         keys, _ = cache.update(torch.randn(2, 1, 8, dtype=torch.float64))
-        inside = [block.clone() for block in keys.blocks(4)]
+        inside = [block.clone() for block in keys.iter_blocks(max_rows=4)]
     with torch.no_grad():
         keys, _ = cache.update(torch.randn(2, 1, 8, dtype=torch.float64))
-        outside = [block.clone() for block in keys.blocks(4)]
+        outside = [block.clone() for block in keys.iter_blocks(max_rows=4)]
     torch.testing.assert_close(torch.cat(outside, 1)[:, :10], torch.cat(inside, 1), rtol=0, atol=0)
 
 
@@ -198,10 +201,13 @@ def test_views_read_in_another_dtype_are_copied_in_capped_blocks():
     keys, _ = cache.update(torch.randn(1, COPIED_BLOCK + 5, 8, dtype=torch.bfloat16))
     with torch.no_grad():
         blocks = []
-        for block in keys.blocks(10**6, torch.float32):
+        for block in keys.iter_blocks(max_rows=10**6, dtype=torch.float32):
             assert block.dtype == torch.float32
-            assert block.untyped_storage().data_ptr() == cache.workspace.buffer.untyped_storage().data_ptr()
+            workspace = cache.workspace.buffers["rows"]
+            assert block.untyped_storage().data_ptr() == workspace.untyped_storage().data_ptr()
             blocks.append(block.clone())
     assert [block.shape[1] for block in blocks] == [COPIED_BLOCK, 5]
     torch.testing.assert_close(torch.cat(blocks, 1), keys.full().float(), rtol=0, atol=0)
-    assert [block.shape[1] for block in keys.blocks(10**6)] == [COPIED_BLOCK + 5]  # same dtype: one view
+    assert [block.shape[1] for block in keys.iter_blocks(max_rows=10**6)] == [
+        COPIED_BLOCK + 5
+    ]  # same dtype: one view

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from conftest import SMALL_MLA, relative_error
 from latentattn import MLA, MLAConfig
-from latentattn.paged_cache import PagedLatentCache
+from latentattn.caches import PagedLatentCache
 
 CONFIG = SMALL_MLA
 

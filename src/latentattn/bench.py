@@ -22,12 +22,11 @@ from typing import Any
 import torch
 from rich.table import Table
 
-from latentattn.attention import MLA, GQAAttention, gemm_dtype, mla_path_flops
+from latentattn.attention import MLA, GQAAttention, absorbed_gemm_dtype, mla_path_flops
+from latentattn.caches import PagedLatentCache, QuantizedLatentCache
 from latentattn.calculator import format_bytes
 from latentattn.config import GQAConfig, MLAConfig
 from latentattn.hf import attention_state_dict_to_hf, mla_config_to_hf
-from latentattn.paged_cache import PagedLatentCache
-from latentattn.quantized_cache import QuantizedLatentCache
 
 IMPLS = (
     "mha",
@@ -167,7 +166,7 @@ def gemm_peak_gflops(dtype: torch.dtype, device: str, repeats: int = 5) -> float
 
 def measure_roofline(dtypes: tuple[str, ...], device: str, repeats: int = 5) -> Roofline:
     """Bandwidth: copy 256 MiB (bytes read + written). Peak per dtype: the faster of a GEMM in that
-    dtype and one in the dtype the absorbed path multiplies it in (`gemm_dtype`: fp32 for bf16 on a
+    dtype and one in the dtype the absorbed path multiplies it in (`absorbed_gemm_dtype`: fp32 for bf16 on a
     CPU, exact for bf16 products) — the fastest this machine multiplies such data."""
     source = torch.ones(64 * 2**20, device=device)  # 256 MiB of fp32
     target = torch.empty_like(source)
@@ -176,7 +175,7 @@ def measure_roofline(dtypes: tuple[str, ...], device: str, repeats: int = 5) -> 
     measured: dict[torch.dtype, float] = {}
     peaks = {}
     for name in dtypes:
-        candidates = {DTYPES[name], gemm_dtype(DTYPES[name], torch.device(device))}
+        candidates = {DTYPES[name], absorbed_gemm_dtype(DTYPES[name], torch.device(device))}
         for dtype in candidates - measured.keys():
             measured[dtype] = gemm_peak_gflops(dtype, device, repeats)
         peaks[name] = max(measured[dtype] for dtype in candidates)
@@ -255,10 +254,7 @@ def _mla_case(mla: MLA, x: torch.Tensor, latent: torch.Tensor, impl: str) -> _Ca
         cache.update(latent)
 
     def step() -> torch.Tensor:
-        if isinstance(cache, PagedLatentCache):  # every step decodes at the same context
-            cache.seq_lengths.update(dict.fromkeys(cache.batch, context))
-        else:
-            cache.lengths = torch.full_like(cache.lengths, context)
+        cache.truncate([context] * batch)  # every step decodes at the same context
         return mla(x, cache, mode=mode)
 
     path = mla_path_flops(mla.config, n_queries=1, n_keys=context + 1)[mode]
@@ -309,10 +305,9 @@ def _gqa_case(layer: GQAAttention, x: torch.Tensor, context: int) -> _Case:
     cache = layer.new_cache(batch, context + 1)
     kv_shape = (batch, context, c.n_kv_heads, c.head_dim)
     cache.update(torch.randn(kv_shape).to(x), torch.randn(kv_shape).to(x))
-    cached_lengths = cache.lengths
 
     def step() -> torch.Tensor:
-        cache.lengths = cached_lengths
+        cache.truncate([context] * batch)  # every step decodes at the same context
         return layer(x, cache)
 
     flops = batch * (2 * _linear_params(layer) + 4 * c.n_heads * c.head_dim * (context + 1))
