@@ -345,3 +345,49 @@ def test_recompute_kv_keeps_only_the_latent_for_backward():
     for name, grad in grads.items():
         assert relative_error(grads_re[name], grad) <= 1e-10, name
     assert saved_re < saved
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    config=mla_configs,
+    lengths=st.lists(st.integers(0, 6), min_size=1, max_size=3),
+    tokens=st.integers(1, 4),
+    data=st.data(),
+)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_absorbed_path_equals_the_paper_form(dtype, config, lengths, tokens, data):
+    """Oracle: `attend_absorbed_paper`, the ~10 einsums the paper (and DeepSeek-V3's inference code)
+    writes over `[c_KV | k_pe]`; a ragged chunk after ragged prefixes, every real row."""
+    layer = make_layer(config, dtype)
+    batch = len(lengths)
+    cache = layer.new_cache(batch, max(lengths) + tokens + 1)
+    with torch.no_grad():
+        if max(lengths):
+            layer(
+                torch.randn(batch, max(lengths), config.d_model, dtype=dtype),
+                cache,
+                n_new=torch.tensor(lengths),
+            )
+        n_new = [data.draw(st.integers(1, tokens)) for _ in range(batch)]
+        x = torch.randn(batch, tokens, config.d_model, dtype=dtype)
+        with cache.stepping(tokens, torch.tensor(n_new)) as step:
+            q_nope, q_pe = layer.queries(x, step.positions)
+            keys, mask = cache.update(layer.latent(x, step.positions), step=step)
+            fast = layer.attend_absorbed(q_nope, q_pe, keys, mask)
+            paper = layer.attend_absorbed_paper(q_nope, q_pe, keys.full(), mask)
+    for b, n in enumerate(n_new):
+        assert relative_error(fast[b, :n], paper[b, :n]) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_a_refused_call_changes_no_cache(name):
+    layer = make_layer(SMALL[name])
+    cache = layer.new_cache(2, 8)
+    layer(torch.randn(2, 3, 32, dtype=torch.float64), cache)
+    with pytest.raises(ValueError, match="mode"):
+        layer(torch.randn(2, 1, 32, dtype=torch.float64), cache, mode="bogus")
+    with pytest.raises(ValueError, match="x holds 3 sequences but the cache holds 2"):
+        layer(torch.randn(3, 1, 32, dtype=torch.float64), cache)
+    with pytest.raises(ValueError, match="cache overflow"):
+        layer(torch.randn(2, 6, 32, dtype=torch.float64), cache)
+    assert cache.lengths.tolist() == [3, 3]

@@ -113,9 +113,8 @@ def _check_input(
         raise ValueError(f"{name}: x is {x.dtype} but the layer's weights are {weight.dtype}")
     if cache is None:
         if n_new is not None or step is not None:
-            raise ValueError(
-                "n_new (right padding per sequence) and step need a cache; without one the mask is causal"
-            )
+            given = "n_new (right padding per sequence)" if n_new is not None else "a step"
+            raise ValueError(f"{given} needs a cache; without one the mask is causal")
         return
     if getattr(cache, "family", None) != family:
         raise ValueError(f"{name} needs {CACHE_NAMES[family]}, got {type(cache).__name__}")
@@ -159,17 +158,17 @@ def _sdpa(
 
 SCORE_BLOCK_ELEMENTS = 2**22
 """Upper bound on the scores `[B, s, T·H]` of one key block (16 MiB in fp32). Decode at batch 1 with 16
-heads reads up to 262K keys of a contiguous cache as one block: one plain softmax, measured faster on
-CPU than blocks of 2K-8K keys kept in cache between the two GEMMs."""
+heads reads up to 262K keys of a contiguous cache as one block: one plain softmax, which beat blocks of
+2K-8K keys kept in cache between the two GEMMs on CPU (README, decode benchmark)."""
 MIN_KEY_BLOCK = 64
 """Keys per block at least, however many query rows a long chunk brings."""
 
 
 def absorbed_gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype of the absorbed path's GEMMs: fp32 (or wider) on every CPU, since bf16/fp16 GEMMs
-    ran ~2.5x slower than fp32 on this project's AVX2 machine (no native bf16 units; CPUs with AMX
-    may differ, unmeasured); the input dtype elsewhere. bf16 products are exact in fp32, so this
-    changes only the summation order and rounding."""
+    """The dtype `MLA` runs the absorbed path's GEMMs in: fp32 (or wider) on every CPU, since bf16/fp16
+    GEMMs ran slower than fp32 on this project's AVX2 machine (no native bf16 units; README, decode
+    benchmark; CPUs with AMX may differ, unmeasured); the input dtype elsewhere. bf16 products are
+    exact in fp32, so this changes only the summation order and rounding."""
     return fp32_or_wider(dtype) if device.type == "cpu" else dtype
 
 
@@ -480,12 +479,9 @@ class GQAAttention(nn.Module):
         c = self.config
         batch, n_tokens = x.shape[:2]
         positions, memo = _positions(x, step), None if step is None else step.memo
-        q = self.rope(
-            self.w_q(x).view(batch, n_tokens, c.n_heads, c.head_dim), positions, memo
-        )  # [B, T, H, D]
-        k = self.rope(
-            self.w_k(x).view(batch, n_tokens, c.n_kv_heads, c.head_dim), positions, memo
-        )  # [B, T, G, D]
+        q = self.w_q(x).view(batch, n_tokens, c.n_heads, c.head_dim)  # [B, T, H, D]
+        k = self.w_k(x).view(batch, n_tokens, c.n_kv_heads, c.head_dim)  # [B, T, G, D]
+        q, k = self.rope(q, positions, memo), self.rope(k, positions, memo)
         v = self.w_v(x).view(batch, n_tokens, c.n_kv_heads, c.head_dim)
         mask = None
         if cache is not None:
@@ -493,7 +489,7 @@ class GQAAttention(nn.Module):
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, G, S, D]
         if n_tokens == 1 and c.n_kv_heads != c.n_heads:
             # Decode: each group's H/G query heads become its query rows, [B, G, H/G, D], so SDPA reads
-            # every K/V head once instead of repeating it per query head (MQA 3x faster at 16K on CPU).
+            # every K/V head once instead of repeating it per query head (docs/bench: MQA, GQA decode).
             o = F.scaled_dot_product_attention(
                 q.view(batch, c.n_kv_heads, -1, c.head_dim),
                 k,
