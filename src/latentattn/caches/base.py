@@ -459,13 +459,19 @@ class LayerCache(ABC):
 
     @property
     @abstractmethod
-    def nbytes(self) -> int:
-        """Bytes allocated by this layer's buffers."""
+    def stored(self) -> dict[str, Tensor]:
+        """The tensors this layer stores, by entry name; leading dims `[B, L]` (contiguous) or
+        `[num_blocks, block_size]` (paged)."""
 
     @property
-    @abstractmethod
+    def nbytes(self) -> int:
+        """Bytes allocated by this layer."""
+        return sum(tensor.nbytes for tensor in self.stored.values())
+
+    @property
     def bytes_per_token(self) -> int:
         """Bytes one token of one sequence occupies in this layer."""
+        return sum(tensor[0, 0].nbytes for tensor in self.stored.values())
 
     @property
     @abstractmethod

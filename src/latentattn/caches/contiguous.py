@@ -120,12 +120,8 @@ class ContiguousCache(LayerCache):
         return {name: buffer[:, : step.n_keys] for name, buffer in self.buffers.items()}
 
     @property
-    def nbytes(self) -> int:
-        return sum(buffer.nbytes for buffer in self.buffers.values())
-
-    @property
-    def bytes_per_token(self) -> int:
-        return sum(buffer[0, 0].nbytes for buffer in self.buffers.values())
+    def stored(self) -> dict[str, Tensor]:
+        return self.buffers
 
     @property
     def used_bytes(self) -> int:
@@ -134,7 +130,7 @@ class ContiguousCache(LayerCache):
 
     def storage(self, step: Step | None = None) -> Storage:
         lengths = self.lengths if step is None else step.ends
-        return Storage(dict(self.buffers), lengths, group_size=self.group_size)
+        return Storage(dict(self.stored), lengths, group_size=self.group_size)
 
     @property
     def group_size(self) -> int | None:

@@ -358,12 +358,8 @@ class PagedLayerCache(LayerCache):
         return pages.view(*ids.shape, *pages.shape[1:]).flatten(1, 2)
 
     @property
-    def nbytes(self) -> int:
-        return sum(pool.nbytes for pool in self.pools.values())
-
-    @property
-    def bytes_per_token(self) -> int:
-        return sum(pool[0, 0].nbytes for pool in self.pools.values())
+    def stored(self) -> dict[str, Tensor]:
+        return self.pools
 
     @property
     def used_bytes(self) -> int:
@@ -379,7 +375,7 @@ class PagedLayerCache(LayerCache):
             lengths = self.lengths
         else:
             block_table, lengths = step.tables, step.ends
-        return Storage(dict(self.pools), lengths, block_table, self.block_size, self.group_size)
+        return Storage(dict(self.stored), lengths, block_table, self.block_size, self.group_size)
 
     @property
     def group_size(self) -> int | None:
