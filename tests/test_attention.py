@@ -11,7 +11,7 @@ import itertools
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from conftest import SMALL_MLA, attention_configs, mla_configs, relative_error, relative_l2
@@ -65,6 +65,10 @@ def layer_modes(name):
 @given(config=mla_configs, batch=st.integers(1, 3), tokens=st.integers(1, 12), data=st.data())
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_naive_equals_absorbed_fresh_and_decode(dtype, config, batch, tokens, data):
+    """fp32 needs H·V >= 4 values per token: with one value (H = V = 1) every output is a single
+    scalar times W_O, and a cancellation in that scalar (fp32 rounding, either path) shows as a
+    relative error of the whole output (hypothesis found 2e-5 at d_c 2)."""
+    assume(dtype == torch.float64 or config.n_heads * config.v_head_dim >= 4)
     layer = make_layer(config, dtype)
     x = torch.randn(batch, tokens, config.d_model, dtype=dtype)
     with torch.no_grad():

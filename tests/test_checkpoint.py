@@ -97,3 +97,36 @@ def test_cli_reports_a_bad_checkpoint_in_one_line(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("latentattn generate: error: no checkpoint in") and err.count("\n") == 1
+
+
+def test_configs_written_before_rope_scaling_and_biases_still_load(tmp_path):
+    """config.json of older checkpoints lacks `qkv_bias`, `llama3`, `linear_factor` and "tokens"."""
+    model = _save(tmp_path, "gqa")
+    config_path = tmp_path / "step-0000003" / "config.json"
+    metadata = json.loads(config_path.read_text())
+    for key in ("qkv_bias",):
+        del metadata["model"]["attention"][key]
+    for key in ("llama3", "linear_factor"):
+        del metadata["model"]["attention"]["rope"][key]
+    config_path.write_text(json.dumps(metadata))
+    loaded = ckpt.load_checkpoint(tmp_path)
+    assert loaded.config == model.config
+    separator = loaded.tokenizer.token_to_id("<|endoftext|>")
+    assert (loaded.tokens.bos_id, loaded.tokens.eos_ids, loaded.tokens.add_bos) == (
+        separator,
+        (separator,),
+        True,
+    )
+
+
+def test_special_tokens_are_checked(tmp_path):
+    _save(tmp_path)
+    config_path = tmp_path / "step-0000003" / "config.json"
+    metadata = json.loads(config_path.read_text())
+    tokens = {"bos_token_id": 1, "eos_token_ids": [9999], "add_bos_token": True, "chat_template": None}
+    config_path.write_text(json.dumps({**metadata, "tokens": tokens}))
+    with pytest.raises(ValueError, match=r"special token ids \[9999\] lie outside the vocabulary"):
+        ckpt.load_checkpoint(tmp_path)
+    config_path.write_text(json.dumps({**metadata, "tokens": {"bos_token_id": 1}}))
+    with pytest.raises(ValueError, match="malformed special tokens"):
+        ckpt.load_checkpoint(tmp_path)

@@ -27,8 +27,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from latentattn.config import GQAConfig, MLAConfig, RopeConfig, YarnConfig
+from latentattn.config import GQAConfig, Llama3RopeConfig, MLAConfig, RopeConfig, YarnConfig
 from latentattn.model import LanguageModel, ModelConfig
+from latentattn.tokens import SpecialTokens, separator_tokens
 
 LATEST = "latest"
 CONFIG = "config.json"
@@ -51,8 +52,12 @@ def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
         attention = dict(data["attention"])
         attention_type = _ATTENTION_TYPES[attention.pop("type")]
         rope = dict(attention.pop("rope"))
-        yarn = rope.pop("yarn")
-        rope_config = RopeConfig(**rope, yarn=None if yarn is None else YarnConfig(**yarn))
+        yarn, llama3 = rope.pop("yarn"), rope.pop("llama3", None)
+        rope_config = RopeConfig(
+            **rope,
+            yarn=None if yarn is None else YarnConfig(**yarn),
+            llama3=None if llama3 is None else Llama3RopeConfig(**llama3),
+        )
         return ModelConfig(**{**data, "attention": attention_type(**attention, rope=rope_config)})
     except (KeyError, TypeError) as error:
         raise ValueError(f"malformed model config ({type(error).__name__}: {error})") from None
@@ -88,6 +93,8 @@ class Checkpoint:
     tokenizer: Tokenizer
     train: dict[str, Any]
     step: int
+    tokens: SpecialTokens
+    """BOS, EOS and chat template: an imported model's, or a trained model's document separator."""
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -126,6 +133,11 @@ def load_checkpoint(
             f"checkpoint mismatch: tokenizer has {tokenizer.get_vocab_size()} tokens, "
             f"the model's vocab_size is {config.vocab_size}"
         )
+    tokens = (
+        SpecialTokens.from_dict(metadata["tokens"], config.vocab_size)
+        if "tokens" in metadata
+        else separator_tokens(tokenizer)
+    )
     model = LanguageModel(config, device=device, dtype=dtype)
     load_weights(model, directory / WEIGHTS)
     return Checkpoint(
@@ -135,6 +147,7 @@ def load_checkpoint(
         tokenizer=tokenizer,
         train=metadata.get("train", {}),
         step=metadata.get("step", 0),
+        tokens=tokens,
     )
 
 
@@ -189,10 +202,8 @@ def save_checkpoint(
     tmp = run_dir / f"tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    metadata = {"model": model_config_to_dict(model.config), "train": train, "step": step}
-    (tmp / CONFIG).write_text(json.dumps(metadata, indent=2) + "\n")
-    save_file({key: value.contiguous() for key, value in model.state_dict().items()}, tmp / WEIGHTS)
-    tokenizer.save(str(tmp / TOKENIZER))
+    metadata = {"train": train, "step": step}
+    write_checkpoint_files(tmp, model=model, tokenizer=tokenizer, metadata=metadata)
     torch.save(trainer_state, tmp / TRAINER_STATE)
     target = run_dir / name
     if target.exists():  # a complete earlier copy of this very step
@@ -203,6 +214,16 @@ def save_checkpoint(
         if stale.is_dir() and stale != target and stale.name.startswith(("step-", "tmp-")):
             shutil.rmtree(stale, ignore_errors=True)
     return target
+
+
+def write_checkpoint_files(
+    directory: Path, *, model: LanguageModel, tokenizer: Tokenizer, metadata: dict[str, Any]
+) -> None:
+    """Write the model's config (with `metadata`), weights and tokenizer into `directory`."""
+    config = {"model": model_config_to_dict(model.config), **metadata}
+    (directory / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    save_file({key: value.contiguous() for key, value in model.state_dict().items()}, directory / WEIGHTS)
+    tokenizer.save(str(directory / TOKENIZER))
 
 
 def write_text_atomically(path: Path, text: str) -> None:

@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(verbs)
     _add_demo(verbs)
     _add_study(verbs)
+    _add_import(verbs)
+    _add_export(verbs)
     return parser
 
 
@@ -385,6 +387,62 @@ def _run_study(args: argparse.Namespace) -> None:
     run_study(config, say=(lambda _text: None) if args.quiet else lambda text: print(text, flush=True))
     if not args.quiet:
         print(f"report: {args.out}/report.md")
+
+
+def _add_output_dir(verb: argparse.ArgumentParser, what: str) -> None:
+    verb.add_argument("--out", required=True, metavar="DIR", help=what)
+    verb.add_argument("--force", action="store_true", help="replace a non-empty --out")
+
+
+def _add_import(verbs: argparse._SubParsersAction) -> None:
+    verb = verbs.add_parser(
+        "import",
+        help="a Hugging Face Llama/Mistral/Qwen2 (or exported DeepSeek-V3) model directory -> a checkpoint",
+        description="Read config.json, *.safetensors (sharded too) and tokenizer.json; write a checkpoint.",
+    )
+    verb.add_argument("src", metavar="SRC", help="a Hugging Face model directory")
+    _add_output_dir(verb, "the checkpoint directory to write")
+    verb.set_defaults(run=_run_import)
+
+
+def _run_import(args: argparse.Namespace) -> None:
+    from latentattn.interop.hf_import import import_model
+
+    print(f"checkpoint written to {import_model(args.src, out=args.out, force=args.force)}")
+
+
+def _add_export(verbs: argparse._SubParsersAction) -> None:
+    verb = verbs.add_parser(
+        "export",
+        help="a checkpoint -> a Hugging Face directory (MLA: DeepseekV3ForCausalLM, GQA: LlamaForCausalLM)",
+        description="Write config.json, safetensors, generation_config.json and the tokenizer files.",
+    )
+    verb.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a run directory or one checkpoint")
+    _add_output_dir(verb, "the Hugging Face directory to write")
+    verb.add_argument(
+        "--max-shard-size", default="5GB", metavar="SIZE", help="split the weights above this (default 5GB)"
+    )
+    verb.add_argument(
+        "--transformers",
+        type=int,
+        choices=(4, 5),
+        help="RoPE field names of this transformers major version (default: the installed one, else 4)",
+    )
+    verb.set_defaults(run=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> None:
+    from latentattn.calculator import parse_size
+    from latentattn.interop.hf_export import export_checkpoint
+
+    out = export_checkpoint(
+        args.checkpoint,
+        out=args.out,
+        force=args.force,
+        max_shard_size=parse_size(args.max_shard_size),
+        config_format=args.transformers,
+    )
+    print(f"Hugging Face model written to {out}")
 
 
 def _emit(

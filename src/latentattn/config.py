@@ -75,8 +75,30 @@ class YarnConfig:
 
 
 @dataclass(frozen=True)
+class Llama3RopeConfig:
+    """Llama 3.1's RoPE scaling (HF `rope_type: llama3`): frequencies whose wavelength exceeds
+    `original_max_position_embeddings / low_freq_factor` are divided by `factor`, those below
+    `original_max_position_embeddings / high_freq_factor` kept, the ones between blended smoothly."""
+
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        _positive("Llama3RopeConfig", factor=self.factor, low_freq_factor=self.low_freq_factor)
+        _positive("Llama3RopeConfig", original_max_position_embeddings=self.original_max_position_embeddings)
+        _require(
+            self.high_freq_factor > self.low_freq_factor,
+            f"Llama3RopeConfig.high_freq_factor ({self.high_freq_factor}) must exceed "
+            f"low_freq_factor ({self.low_freq_factor})",
+        )
+
+
+@dataclass(frozen=True)
 class RopeConfig:
-    """Rotary position embedding.
+    """Rotary position embedding, with at most one context-extension scheme: `yarn`, `llama3`, or
+    linear position interpolation (`linear_factor` > 1 divides every frequency, HF `rope_type: linear`).
 
     `interleave=True` rotates adjacent pairs (x0, x1), (x2, x3), … as DeepSeek's reference does;
     `False` rotates the two halves (x_i, x_{i+d/2}) as Llama/HF `rotate_half` does. Queries and cached
@@ -86,9 +108,14 @@ class RopeConfig:
     theta: float = 10000.0
     interleave: bool = True
     yarn: YarnConfig | None = None
+    llama3: Llama3RopeConfig | None = None
+    linear_factor: float = 1.0
 
     def __post_init__(self) -> None:
-        _positive("RopeConfig", theta=self.theta)
+        _positive("RopeConfig", theta=self.theta, linear_factor=self.linear_factor)
+        schemes = [name for name in ("yarn", "llama3") if getattr(self, name) is not None]
+        schemes += ["linear_factor"] if self.linear_factor != 1.0 else []
+        _require(len(schemes) <= 1, f"RopeConfig takes one scaling scheme, got {' and '.join(schemes)}")
 
 
 @dataclass(frozen=True)
@@ -153,6 +180,8 @@ class GQAConfig:
     n_kv_heads: int = 16
     head_dim: int = 128
     rope: RopeConfig = field(default_factory=lambda: RopeConfig(interleave=False))
+    qkv_bias: bool = False
+    """Biases on the query, key and value projections (Qwen2); the output projection has none."""
 
     def __post_init__(self) -> None:
         _positive(
