@@ -65,11 +65,12 @@ def test_update_writes_at_per_sequence_offsets_and_masks_causally():
 def test_kv_cache_update_returns_keys_and_values():
     cache = KVCache(TINY_GQA, batch_size=1, max_len=4)
     k, v = torch.randn(1, 3, 2, 4), torch.randn(1, 3, 2, 4)
-    keys, values, mask = cache.update(k, v)
+    rows, mask = cache.update(k, v)
+    keys, values = rows.full()
     torch.testing.assert_close(keys, k)
     torch.testing.assert_close(values, v)
     assert mask is None  # one length for all sequences: attention uses the aligned causal mask
-    _, _, mask = cache.update(k[:, :1], v[:, :1], n_new=torch.tensor([0]))  # padding only: explicit mask
+    _, mask = cache.update(k[:, :1], v[:, :1], n_new=torch.tensor([0]))  # padding only: explicit mask
     assert mask.tolist() == [[[True, True, True]]]
 
 
@@ -266,11 +267,11 @@ def test_storage_describes_the_rows_attention_reads(kind, paged):
             layer = LatentCache(config, 2, 20, **shared)
         layer.update(*_entries(config, 2, 12), n_new=torch.tensor([12, 6]))
     with layer.stepping(3, torch.tensor([3, 1])) as step:
-        *reads, _ = layer.update(*_entries(config, 2, 3), step=step)
+        reads, _ = layer.update(*_entries(config, 2, 3), step=step)
         storage = layer.storage(step)
-        descriptors = [storage] if kind == "kv" else [storage, reads[0].storage()]
+        descriptors = [storage, reads.storage()]
     assert storage.lengths.tolist() == [15, 7]
-    read = {"k": reads[0], "v": reads[1]} if kind == "kv" else {"latent": reads[0].full()}
+    read = dict(zip("kv", reads.full(), strict=True)) if kind == "kv" else {"latent": reads.full()}
     buffers = {
         entry.untyped_storage().data_ptr() for entry in (layer.pools if paged else layer.buffers).values()
     }

@@ -28,6 +28,7 @@ from latentattn.caches import (
     ContiguousKeys,
     ContiguousSequences,
     KVCache,
+    KVRows,
     LatentCache,
     LatentKeys,
     QuantizedLatentCache,
@@ -484,9 +485,13 @@ class GQAAttention(nn.Module):
         k = self.w_k(x).view(batch, n_tokens, c.n_kv_heads, c.head_dim)  # [B, T, G, D]
         q, k = self.rope(q, positions, memo), self.rope(k, positions, memo)
         v = self.w_v(x).view(batch, n_tokens, c.n_kv_heads, c.head_dim)
-        mask = None
-        if cache is not None:
-            k, v, mask = cache.update(k, v, step=step)  # [B, S, G, D] each, mask [B, T, S]
+        rows, mask = (None, None) if cache is None else cache.update(k, v, step=step)  # mask [B, T, S]
+        if rows is not None and rows.copies and n_tokens == 1 and x.device.type == "cpu":
+            # Decode over gathered pages: cache-sized blocks, merged by their log-sum-exp.
+            o = decode_in_blocks(q.view(batch, c.n_kv_heads, -1, c.head_dim), rows, mask, c.softmax_scale)
+            return self.w_o(o.reshape(batch, 1, -1))
+        if rows is not None:
+            k, v = rows.full()  # [B, S, G, D] each
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, G, S, D]
         if n_tokens == 1 and c.n_kv_heads != c.n_heads:
             # Decode: each group's H/G query heads become its query rows, [B, G, H/G, D], so SDPA reads
@@ -503,6 +508,37 @@ class GQAAttention(nn.Module):
                 q.transpose(1, 2), k, v, mask, c.softmax_scale, c.n_kv_heads != c.n_heads
             )  # [B, H, T, D]
         return self.w_o(o.reshape(batch, c.n_heads, n_tokens, c.head_dim).transpose(1, 2).flatten(2))
+
+
+KV_BLOCK_BYTES = 4 * 2**20
+"""Keys + values per block when decode reads a paged K/V cache block by block: small enough to stay in
+the CPU's cache between the gather and the attention that reads them back."""
+
+
+def decode_in_blocks(q: Tensor, rows: KVRows, mask: Tensor | None, scale: float) -> Tensor:
+    """One query position per sequence, q `[B, G, h, D]` (each K/V head's h query heads), over keys and
+    values read in blocks (`rows.iter_blocks`): per block, the output and log-sum-exp of torch's CPU
+    flash-attention kernel; then the blocks' outputs weighted by the softmax of their log-sum-exps.
+    mask `[B, 1, S]` or None (all keys) → `[B, G, h, D]`."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    batch, _, heads, dim = rows.shape
+    max_rows = max(1, KV_BLOCK_BYTES // (2 * batch * heads * dim * q.element_size()))
+    outputs, lses, start = [], [], 0
+    for k, v in rows.iter_blocks(max_rows=max_rows):  # [B, s, G, D] each
+        stop = start + k.shape[1]
+        keep = None if mask is None else mask[:, None, :, start:stop]  # [B, 1, 1, s]
+        bias = (
+            None if keep is None else torch.zeros_like(keep, dtype=q.dtype).masked_fill_(~keep, float("-inf"))
+        )
+        o, lse = flash(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias, scale=scale)  # lse [B, G, h]
+        if keep is not None:  # the kernel gives a row without keys in this block lse 0, not -inf
+            lse = lse.masked_fill(~keep.any(dim=-1), float("-inf"))
+        outputs.append(o)
+        lses.append(lse)
+        start = stop
+    weights = torch.softmax(torch.stack(lses), dim=0).nan_to_num_(0.0)  # [blocks, B, G, h]; no key: 0
+    merged = torch.einsum("nbgh,nbghd->bghd", weights, torch.stack(outputs).to(weights.dtype))
+    return merged.to(q.dtype)
 
 
 def build_attention(

@@ -1,7 +1,7 @@
 """The caches attention reads: one protocol (`base`), one file per kind.
 
 - `base`: per-sequence lengths and the per-step plan (`Sequences`, `Step`), one layer's storage
-  (`LayerCache`), latent reads in blocks (`LatentKeys.iter_blocks`), the raw layout for kernels
+  (`LayerCache`), reads in blocks (`LatentKeys`, `KVRows`: `iter_blocks`), the raw layout for kernels
   (`Storage`).
 - `contiguous`: `LatentCache`, `KVCache` (`[B, L, ...]` per layer) and `ModelCache` (a model's layers
   over one set of lengths).
@@ -14,6 +14,8 @@ from latentattn.caches.base import (
     COPIED_BLOCK,
     AttentionCache,
     ContiguousKeys,
+    ContiguousKV,
+    KVRows,
     LatentKeys,
     LayerCache,
     Sequences,
@@ -30,10 +32,12 @@ __all__ = [
     "FORMATS",
     "AttentionCache",
     "BlockAllocator",
+    "ContiguousKV",
     "ContiguousKeys",
     "ContiguousSequences",
     "EightBitLatent",
     "KVCache",
+    "KVRows",
     "LatentCache",
     "LatentKeys",
     "LayerCache",

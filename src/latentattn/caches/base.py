@@ -427,6 +427,58 @@ class ContiguousKeys(LatentKeys):
         return next(iter(self.stored.values())).device
 
 
+class KVRows(ABC):
+    """The S keys and values `[B, S, G, D]` a K/V layer reads this step: whole (`full()`) or in
+    consecutive blocks (`iter_blocks`), so a paged cache can be gathered a cache-sized block at a time
+    instead of whole. `copies`: whether reading copies (a gather); else reads are views."""
+
+    copies: bool
+
+    def __init__(self, shape: tuple[int, int, int, int]) -> None:
+        self.shape = torch.Size(shape)
+
+    @abstractmethod
+    def read(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        """Keys and values of rows `start:stop`, `[B, stop - start, G, D]` each."""
+
+    @abstractmethod
+    def block_rows(self, max_rows: int) -> int:
+        """Rows per block when the caller takes at most `max_rows` (this kind's own limits)."""
+
+    @abstractmethod
+    def storage(self) -> Storage:
+        """The raw layout these rows are read from (lengths: after this step)."""
+
+    def full(self) -> tuple[Tensor, Tensor]:
+        """All S keys and values, `[B, S, G, D]` each."""
+        return self.read(0, self.shape[1])
+
+    def iter_blocks(self, *, max_rows: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """Keys and values of consecutive rows, at most `max_rows` per block (paged: whole pages)."""
+        rows, n_keys = self.block_rows(max_rows), self.shape[1]
+        for start in range(0, n_keys, rows):
+            yield self.read(start, min(start + rows, n_keys))
+
+
+class ContiguousKV(KVRows):
+    """Keys and values held in tensors `[B, S, G, D]` (views of a cache): blocks are views."""
+
+    copies = False
+
+    def __init__(self, k: Tensor, v: Tensor, lengths: Tensor) -> None:
+        super().__init__(tuple(k.shape))
+        self.k, self.v, self.lengths = k, v, lengths
+
+    def read(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        return self.k[:, start:stop], self.v[:, start:stop]
+
+    def block_rows(self, max_rows: int) -> int:
+        return max_rows
+
+    def storage(self) -> Storage:
+        return Storage({"k": self.k, "v": self.v}, self.lengths)
+
+
 class AttentionCache(Protocol):
     """What attention layers need of a cache (`LayerCache`, or `PagedLatentCache` for one MLA layer)."""
 
@@ -436,15 +488,17 @@ class AttentionCache(Protocol):
 
     def stepping(self, n_tokens: int, n_new: Tensor | Sequence[int] | None = None): ...
 
-    def update(self, *entries: Tensor, n_new: Tensor | None = None, step: Step | None = None) -> tuple: ...
+    def update(
+        self, *entries: Tensor, n_new: Tensor | None = None, step: Step | None = None
+    ) -> tuple[LatentKeys | KVRows, Tensor | None]: ...
 
 
 class LayerCache(ABC):
     """One layer's storage, over the `sequences` it shares with the model's other layers (or owns).
 
     `update(*entries, step=step)` writes a step's new entries (`inputs` names their per-token shapes,
-    in the compute `dtype`) and returns what attention reads, then the mask: `(keys, mask)` for the
-    latent family, `(k, v, mask)` for K/V. Without `step` the cache runs its own step over its
+    in the compute `dtype`) and returns what attention reads and the mask: `(LatentKeys, mask)` for
+    the latent family, `(KVRows, mask)` for K/V. Without `step` the cache runs its own step over its
     sequences (`n_new` as in `Sequences.begin`), for a layer used alone.
     """
 
@@ -454,8 +508,8 @@ class LayerCache(ABC):
     sequences: Sequences
 
     @abstractmethod
-    def write(self, step: Step, values: dict[str, Tensor]) -> tuple:
-        """Store the step's real new entries; return what attention reads (keys, or k and v)."""
+    def write(self, step: Step, values: dict[str, Tensor]) -> LatentKeys | KVRows:
+        """Store the step's real new entries; return what attention reads."""
 
     @property
     @abstractmethod
@@ -482,17 +536,19 @@ class LayerCache(ABC):
     def storage(self, step: Step | None = None) -> Storage:
         """The raw layout (lengths: after `step` when given, else the current ones)."""
 
-    def update(self, *entries: Tensor, n_new: Tensor | None = None, step: Step | None = None) -> tuple:
+    def update(
+        self, *entries: Tensor, n_new: Tensor | None = None, step: Step | None = None
+    ) -> tuple[LatentKeys | KVRows, Tensor | None]:
         values = self.check_inputs(entries)
         if step is not None:
             if n_new is not None:
                 raise ValueError(
                     "pass n_new or a step, not both (the step already says which tokens are real)"
                 )
-            return (*self.write(step, values), step.mask)
+            return self.write(step, values), step.mask
         with self.sequences.stepping(next(iter(values.values())).shape[1], n_new) as step:
-            reads = self.write(step, values)
-        return (*reads, step.mask)
+            read = self.write(step, values)
+        return read, step.mask
 
     def check_inputs(self, entries: tuple[Tensor, ...]) -> dict[str, Tensor]:
         """`entries` by name, or a ValueError naming the problem unless each is `[B, T, *shape]` (one T),

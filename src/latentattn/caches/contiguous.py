@@ -13,6 +13,7 @@ from torch import Tensor
 
 from latentattn.caches.base import (
     ContiguousKeys,
+    ContiguousKV,
     EntrySpec,
     FullPrecision,
     LatentEncoding,
@@ -181,10 +182,10 @@ class LatentCache(ContiguousCache):
         """The whole buffer `[B, L, W]` (full precision)."""
         return self.buffers["latent"]
 
-    def write(self, step: Step, values: dict[str, Tensor]) -> tuple[ContiguousKeys]:
+    def write(self, step: Step, values: dict[str, Tensor]) -> ContiguousKeys:
         """Returns the keys `[B, S, W]` (views of the buffers, decoded on demand)."""
         stored = self.store(step, self.encoding.encode(values["latent"]))
-        return (ContiguousKeys(stored, self.encoding, self.dtype, self.workspace, step.ends),)
+        return ContiguousKeys(stored, self.encoding, self.dtype, self.workspace, step.ends)
 
 
 class KVCache(ContiguousCache):
@@ -217,10 +218,10 @@ class KVCache(ContiguousCache):
             head_major=True,
         )
 
-    def write(self, step: Step, values: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    def write(self, step: Step, values: dict[str, Tensor]) -> ContiguousKV:
         """Returns keys and values `[B, S, G, D]` (views of the buffers)."""
         stored = self.store(step, values)
-        return stored["k"], stored["v"]
+        return ContiguousKV(stored["k"], stored["v"], step.ends)
 
 
 def kv_entries(config: GQAConfig, dtype: torch.dtype) -> EntrySpec:

@@ -27,7 +27,9 @@ from torch import Tensor
 from latentattn.caches.base import (
     COPIED_BLOCK,
     ContiguousKeys,
+    ContiguousKV,
     EntrySpec,
+    KVRows,
     LatentEncoding,
     LatentKeys,
     LayerCache,
@@ -405,14 +407,14 @@ class PagedLatentLayer(PagedLayerCache):
     def group_size(self) -> int | None:
         return self.encoding.group_size
 
-    def write(self, step: Step, values: dict[str, Tensor]) -> tuple[LatentKeys]:
+    def write(self, step: Step, values: dict[str, Tensor]) -> LatentKeys:
         """Returns the keys `[B, S, W]`: views of the pool for one sequence in consecutive blocks, else
         gathered page by page as attention reads them."""
         self.store(step, self.encoding.encode(values["latent"]))
         rows = self.in_place(step)
         if rows is not None:
-            return (ContiguousKeys(rows, self.encoding, self.dtype, self.workspace, step.ends),)
-        return (PagedKeys(self, step),)
+            return ContiguousKeys(rows, self.encoding, self.dtype, self.workspace, step.ends)
+        return PagedKeys(self, step)
 
 
 class PagedKeys(LatentKeys):
@@ -460,15 +462,47 @@ class PagedKVLayer(PagedLayerCache):
             kv_entries(config, dtype), sequences, dtype=dtype, workspace=workspace, head_major=True
         )
 
-    def write(self, step: Step, values: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    def write(self, step: Step, values: dict[str, Tensor]) -> KVRows:
         """Returns keys and values `[B, S, G, D]`: views of the pools for one sequence in consecutive
-        blocks, else all pages gathered (each head's rows contiguous)."""
+        blocks, else gathered page by page as attention reads them."""
         self.store(step, values)
         rows = self.in_place(step)
-        if rows is None:
-            workspace = None if torch.is_grad_enabled() else self.workspace
-            rows = {name: self.gather(name, step.tables, workspace)[:, : step.n_keys] for name in self.pools}
-        return rows["k"], rows["v"]
+        if rows is not None:
+            return ContiguousKV(rows["k"], rows["v"], step.ends)
+        return PagedKV(self, step)
+
+
+class PagedKV(KVRows):
+    """The S keys and values of a step's sequences, gathered from the pages of their block tables
+    (whole pages per block; each head's rows contiguous)."""
+
+    copies = True
+
+    def __init__(self, layer: PagedKVLayer, step: Step) -> None:
+        k = layer.pools["k"]
+        super().__init__((step.tables.shape[0], step.n_keys, *k.shape[2:]))
+        self.layer = layer
+        self.tables = step.tables
+        self.ends = step.ends
+
+    def block_rows(self, max_rows: int) -> int:
+        block = self.layer.block_size
+        return max(block, max_rows // block * block)
+
+    def read(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        block = self.layer.block_size
+        first = start // block
+        ids = self.tables[:, first : math.ceil(stop / block)]  # [B, pages]
+        offset = start - first * block
+        workspace = None if torch.is_grad_enabled() else self.layer.workspace
+        k, v = (
+            self.layer.gather(name, ids, workspace)[:, offset : offset + stop - start] for name in ("k", "v")
+        )
+        return k, v
+
+    def storage(self) -> Storage:
+        layer = self.layer
+        return Storage(dict(layer.pools), self.ends, self.tables, layer.block_size)
 
 
 class PagedModelCache(PagedSequences, LayerSums):
