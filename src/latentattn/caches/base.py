@@ -55,7 +55,7 @@ def as_bytes(tensor: Tensor) -> Tensor:
 class Step:
     """One forward step of a batch, planned once for every layer by `Sequences.begin`.
 
-    Device tensors: `lengths`, `n_new`, `ends` `[B]` (before, new, after); `positions` `[B, T]`;
+    Device tensors: `lengths`, `ends` `[B]` (before and after the step); `positions` `[B, T]`;
     `mask` `[B, T, S]` (True = attend; None: all sequences at one length and all T tokens real, so the
     causal mask aligned to the last key, which attention builds cheaply or skips for T = 1); `rows`,
     `cols`, `slots` `[K]`: each real new token's sequence, index among the T, and where it is written
@@ -69,7 +69,6 @@ class Step:
     host_lengths: list[int]
     host_n_new: list[int]
     lengths: Tensor
-    n_new: Tensor
     ends: Tensor
     positions: Tensor
     mask: Tensor | None
@@ -110,7 +109,7 @@ def check_n_new(n_new: Tensor | Sequence[int] | None, batch_size: int, n_tokens:
     return host
 
 
-def real_tokens(n_new: list[int], n_tokens: int, device: torch.device) -> tuple[Tensor, Tensor]:
+def real_tokens(n_new: list[int], device: torch.device) -> tuple[Tensor, Tensor]:
     """`(rows, cols)` `[K]`: sequence and index among the T of each real new token, sequence-major."""
     counts = torch.tensor(n_new, device=device)
     total = sum(n_new)
@@ -179,13 +178,11 @@ class Sequences(ABC):
         self._reserve(host_lengths, ends)
         device = self.device
         lengths = torch.tensor(host_lengths, dtype=torch.long, device=device)
-        n_new_tensor = torch.tensor(host_n_new, dtype=torch.long, device=device)
         step = Step(
             host_lengths=host_lengths,
             host_n_new=host_n_new,
             lengths=lengths,
-            n_new=n_new_tensor,
-            ends=lengths + n_new_tensor,
+            ends=torch.tensor(ends, dtype=torch.long, device=device),
             positions=lengths[:, None] + torch.arange(n_tokens, device=device),
             mask=None,
             n_keys=0,

@@ -64,7 +64,7 @@ class ContiguousSequences(Sequences):
         if not self.static and len(set(lengths)) == 1 and all(n == n_tokens for n in step.host_n_new):
             step.start = lengths[0]  # every sequence writes rows start .. start + T - 1: slice copies
         else:
-            step.rows, step.cols = real_tokens(step.host_n_new, n_tokens, self.device)
+            step.rows, step.cols = real_tokens(step.host_n_new, self.device)
             step.slots = step.lengths[step.rows] + step.cols
 
 

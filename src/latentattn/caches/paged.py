@@ -247,7 +247,7 @@ class PagedSequences(Sequences):
         if len(tables) == 1 and tables[0] == list(range(tables[0][0], tables[0][0] + n_blocks)):
             step.first_block = tables[0][0]
         step.mask = self.causal_mask(step)
-        step.rows, step.cols = real_tokens(step.host_n_new, step.n_tokens, self.device)
+        step.rows, step.cols = real_tokens(step.host_n_new, self.device)
         positions = step.lengths[step.rows] + step.cols
         step.slots = step.tables[step.rows, positions // block] * block + positions % block
 
