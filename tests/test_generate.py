@@ -118,7 +118,7 @@ def test_sampling_rules():
     assert top2 == {1, 3}
     with pytest.raises(ValueError, match=r"top_p must lie in \(0, 1\], got 1.5"):
         SamplingConfig(top_p=1.5)
-    with pytest.raises(ValueError, match="temperature must be >= 0"):
+    with pytest.raises(ValueError, match=r"temperature must be 0 \(greedy\) or a finite number >= 1.18e-38"):
         SamplingConfig(temperature=-1)
 
 

@@ -65,25 +65,25 @@ def mla_path_flops(config: MLAConfig, n_queries: int, n_keys: int) -> dict[str, 
     }
 
 
+def check_mode(mode: object, modes: tuple[Mode, ...] = MODES, name: str = "MLA") -> None:
+    """Raise a ValueError naming `mode` unless it is one of `modes`."""
+    if mode not in modes:
+        raise ValueError(f"{name}: unknown attention mode {mode!r}; choose one of {', '.join(modes)}")
+
+
 def choose_mla_path(config: MLAConfig, mode: Mode, n_queries: int, n_keys: int, cached: bool) -> str:
     """The path `mode` asks for; `auto` takes naive without a cache, else whichever costs fewer FLOPs.
 
     Decode (T = 1 over a long prefix) and short chunks go absorbed; fresh prompts go naive. The
     crossover is near T ≈ 170 new tokens for DeepSeek-V2/V3's shapes over a long prefix.
     """
-    check_mode(mode, MODES)
+    check_mode(mode)
     if mode != "auto":
         return mode
     if not cached:
         return "naive"
     flops = mla_path_flops(config, n_queries, n_keys)
     return "absorbed" if flops["absorbed"] < flops["naive"] else "naive"
-
-
-def check_mode(mode: str, modes: tuple[str, ...], name: str = "attention") -> None:
-    """Raise a ValueError unless `mode` is one of `modes`."""
-    if mode not in modes:
-        raise ValueError(f"unknown {name} mode {mode!r}; choose one of {', '.join(modes)}")
 
 
 def _check_input(
@@ -104,8 +104,9 @@ def _check_input(
         raise ValueError(
             f"{name} expects x of shape [batch, tokens, d_model={d_model}], got {tuple(x.shape)}"
         )
-    if x.shape[1] == 0:
-        raise ValueError(f"{name} got zero tokens (x has shape {tuple(x.shape)})")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        empty = "a batch of zero sequences" if x.shape[0] == 0 else "zero tokens"
+        raise ValueError(f"{name} got {empty} (x has shape {tuple(x.shape)})")
     if x.device != weight.device:
         raise ValueError(f"{name}: x is on {x.device} but the layer's weights are on {weight.device}")
     if x.dtype != weight.dtype and not (
@@ -301,7 +302,7 @@ class MLA(nn.Module):
 
     def check_mode(self, mode: str) -> None:
         """Raise a ValueError unless this layer has execution path `mode`."""
-        check_mode(mode, MODES)
+        check_mode(mode, MODES, "MLA")
 
     def forward(
         self,

@@ -79,8 +79,10 @@ class BenchConfig:
                 f"need repeats > 0, warmup >= 0 and max_seconds > 0, got {self.repeats}, {self.warmup} "
                 f"and {self.max_seconds}"
             )
-        if self.mla.n_heads % self.gqa_kv_heads:
-            raise ValueError(f"gqa_kv_heads={self.gqa_kv_heads} must divide the {self.mla.n_heads} heads")
+        if self.gqa_kv_heads <= 0 or self.mla.n_heads % self.gqa_kv_heads:
+            raise ValueError(
+                f"gqa_kv_heads={self.gqa_kv_heads} must be positive and divide the {self.mla.n_heads} heads"
+            )
 
 
 @dataclass(frozen=True)
@@ -202,6 +204,39 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
             {"device_name": torch.cuda.get_device_name(device)} if torch.device(device).type == "cuda" else {}
         ),
     }
+
+
+def idle_cores(interval: float = 0.25) -> float | None:
+    """How many of the cores this process may run on (its CPU affinity) sat idle over `interval`
+    seconds, from the per-core counters in /proc/stat (Linux: idle + iowait over all time); None where
+    they cannot be read. Sampled rather than taken from the load average, which counts every core of
+    the host, not the ones a container or `taskset` allows."""
+    try:
+        cores = os.sched_getaffinity(0)
+        before = _core_times(cores)
+        time.sleep(interval)
+        after = _core_times(cores)
+    except (OSError, AttributeError, ValueError):
+        return None
+    idle = 0.0
+    for core in cores:
+        (idle_before, total_before), (idle_after, total_after) = before[core], after[core]
+        idle += (idle_after - idle_before) / max(1, total_after - total_before)
+    return idle
+
+
+def _core_times(cores: set[int]) -> dict[int, tuple[int, int]]:
+    """Per core: (idle + iowait, all) jiffies since boot, from /proc/stat."""
+    times = {}
+    with open("/proc/stat") as stat:
+        for line in stat:
+            name, *fields = line.split()
+            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cores:
+                ticks = [int(field) for field in fields[:8]]  # user nice system idle iowait irq softirq steal
+                times[int(name[3:])] = (ticks[3] + ticks[4], sum(ticks))
+    if times.keys() != cores:
+        raise ValueError("/proc/stat does not list every core of this process's affinity")
+    return times
 
 
 def _linear_params(layer: torch.nn.Module, skip: str | None = None) -> int:

@@ -41,9 +41,28 @@ LATENT_FORMATS = ("int8", "fp8")
 LATENT_GROUP_SIZE = 128
 
 
-def latent_format_bytes(kv_lora_rank: int, rope_dim: int, group_size: int = LATENT_GROUP_SIZE) -> int:
-    """Bytes per token per layer of an 8-bit latent: d_c bytes, 4 per group scale, 2 per RoPE value."""
-    return kv_lora_rank + 4 * -(-kv_lora_rank // group_size) + 2 * rope_dim
+def latent_group_size(kv_lora_rank: int, group_size: int | None = None) -> int:
+    """Values of c_KV per fp32 scale in an 8-bit latent: `group_size`, by default FlashMLA's 128 (or
+    d_c when smaller). Groups tile d_c exactly, so the default needs d_c <= 128 or a multiple of 128;
+    the one rule for `QuantizedLatentCache` and the calculator."""
+    if group_size is None:
+        group_size = min(LATENT_GROUP_SIZE, kv_lora_rank)
+        if kv_lora_rank % group_size:
+            raise ValueError(
+                f"an 8-bit latent keeps one fp32 scale per {LATENT_GROUP_SIZE} values of c_KV: kv_lora_rank "
+                f"(d_c) must be at most {LATENT_GROUP_SIZE} or a multiple of it, got {kv_lora_rank}"
+            )
+    if group_size <= 0 or kv_lora_rank % group_size:
+        raise ValueError(
+            f"group_size ({group_size}) must be positive and divide kv_lora_rank ({kv_lora_rank})"
+        )
+    return group_size
+
+
+def latent_format_bytes(kv_lora_rank: int, rope_dim: int, group_size: int | None = None) -> int:
+    """Bytes per token per layer of an 8-bit latent: d_c bytes, 4 per group scale (`latent_group_size`),
+    2 per RoPE value (bf16)."""
+    return kv_lora_rank + 4 * (kv_lora_rank // latent_group_size(kv_lora_rank, group_size)) + 2 * rope_dim
 
 
 # Each spec field: paper symbol and the `latentattn cache` flag that sets it.
@@ -464,6 +483,12 @@ class CacheEstimate:
                 )
             if self.model.kind != "mla":
                 raise ValueError(f"latent format {self.latent_format} applies to MLA, not {self.model.name}")
+            try:
+                latent_format_bytes(self.model.kv_lora_rank, self.model.rope_dim)
+            except ValueError as error:
+                raise ValueError(
+                    f"model '{self.model.name}', latent format {self.latent_format}: {error}"
+                ) from None
         for name in ("context", "batch", "budget_bytes"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
@@ -571,9 +596,17 @@ def compare(
 ) -> Comparison:
     """Each model's cache at `bits`, against `baseline` (default: MHA with DeepSeek-V2's heads) at
     `baseline_bits`, for `batch` sequences of `context` tokens and an optional memory budget.
-    `latent_format` (int8, fp8) stores the MLA models' latents in FlashMLA's 8-bit layout instead."""
+    `latent_format` (int8, fp8) stores the MLA models' latents in FlashMLA's 8-bit layout instead (the
+    others keep `bits`; a ValueError when no model is MLA)."""
     if not isinstance(baseline_bits, int) or not 1 <= baseline_bits <= MAX_BITS:
         raise ValueError(f"baseline_bits must be an integer from 1 to {MAX_BITS}, got {baseline_bits!r}")
+    models = tuple(models)
+    if latent_format is not None and not any(model.kind == "mla" for model in models):
+        names = ", ".join(model.name for model in models)
+        raise ValueError(
+            f"latent format {latent_format} stores MLA latents and no model here is MLA ({names}); "
+            "--bits 8 counts an 8-bit K/V cache"
+        )
     template = CacheEstimate(
         baseline or PRESETS[DEFAULT_BASELINE],
         bits=baseline_bits,

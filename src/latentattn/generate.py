@@ -10,6 +10,7 @@ Notation: B batch (prompts), V vocabulary size.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -26,19 +27,31 @@ from latentattn.config import AttentionConfig, MLAConfig
 from latentattn.model import LanguageModel
 from latentattn.tokens import encode_prompt
 
+MIN_TEMPERATURE = torch.finfo(torch.float32).tiny
+"""The smallest normal float32: logits are sampled in fp32, where a subnormal divisor overflows them."""
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
     """`temperature == 0` is greedy; `top_k` keeps the k likeliest tokens, `top_p` the smallest set whose
-    probability reaches p (nucleus); both apply after the temperature."""
+    probability reaches p (nucleus); both apply after the temperature. A positive temperature must be
+    at least `MIN_TEMPERATURE` (below it, logits are divided into infinities or zeros)."""
 
     temperature: float = 0.8
     top_k: int | None = None
     top_p: float | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"SamplingConfig.temperature must be >= 0, got {self.temperature!r}")
+        t = self.temperature
+        if (
+            isinstance(t, bool)
+            or not isinstance(t, int | float)
+            or not (t == 0 or MIN_TEMPERATURE <= t < math.inf)
+        ):
+            raise ValueError(
+                f"SamplingConfig.temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:.3g}, "
+                f"got {t!r}"
+            )
         if self.top_k is not None and self.top_k <= 0:
             raise ValueError(f"SamplingConfig.top_k must be positive, got {self.top_k!r}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -49,7 +62,8 @@ def sample_next(logits: Tensor, sampling: SamplingConfig, generator: torch.Gener
     """Next token ids `[B]` from logits `[B, V]`."""
     if sampling.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / sampling.temperature
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / sampling.temperature  # <= 0: never +inf
     if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
         kth = logits.topk(sampling.top_k, dim=-1).values[:, -1:]  # [B, 1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -246,17 +260,20 @@ def run_generate(
     sampling: SamplingConfig | None = None,
     seed: int = 0,
     latent_format: str | None = None,
+    device: torch.device | str = "cpu",
     out: TextIO | None = None,
 ) -> Generation:
-    """Load `checkpoint`, sample a completion for each prompt and print it, then the speed and cache size
-    (MLA models may keep their latents in 8 bits: `latent_format` "int8" or "fp8").
+    """Load `checkpoint` onto `device`, sample a completion for each prompt and print it, then the speed
+    and cache size (MLA models may keep their latents in 8 bits: `latent_format` "int8" or "fp8").
 
     Text streams to `out` (default stdout) as it is produced: one prompt as plain text, several line by
     line, each line prefixed with its prompt's number (`[2] ...`). A completion ends at the checkpoint's
     EOS, which is not printed.
     """
     out = out or sys.stdout
-    loaded = load_checkpoint(checkpoint)
+    for i, prompt in enumerate(prompts):
+        check_utf8(prompt, f"prompt {i + 1}")
+    loaded = load_checkpoint(checkpoint, device=device)
     tokenizer, config, tokens = loaded.tokenizer, loaded.config, loaded.tokens
     encoded = [encode_prompt(tokenizer, tokens, prompt) for prompt in prompts]
     for i, ids in enumerate(encoded):
@@ -285,7 +302,7 @@ def run_generate(
         encoded,
         max_new_tokens=max_new_tokens,
         sampling=sampling or SamplingConfig(),
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator(device=device).manual_seed(seed),
         eos_id=tokens.eos_ids,
         on_tokens=streamer,
         latent_format=latent_format,
@@ -294,6 +311,17 @@ def run_generate(
     out.write("\n")
     out.write(_report(result, config.attention, config.n_layers, loaded.model.embed.weight.element_size()))
     return result
+
+
+def check_utf8(text: str, name: str) -> None:
+    """Raise a ValueError naming the first byte of `text` that is not UTF-8: command-line arguments
+    carry such bytes as lone surrogates (Python's surrogateescape), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        char = text[error.start]
+        byte = f"byte 0x{ord(char) - 0xDC00:02x}" if 0xDC80 <= ord(char) <= 0xDCFF else f"{char!r}"
+        raise ValueError(f"{name} is not valid UTF-8 text: {byte} at character {error.start}") from None
 
 
 def _report(result: Generation, attention: AttentionConfig, n_layers: int, element_size: int) -> str:

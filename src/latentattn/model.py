@@ -23,9 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from latentattn.attention import Mode, build_attention
+from latentattn.attention import MODES, Mode, build_attention, check_mode
 from latentattn.caches import AttentionCache, ModelCache, PagedModelCache, Step, Workspace
-from latentattn.config import AttentionConfig, AttentionKind, GQAConfig, MLAConfig
+from latentattn.config import (
+    AttentionConfig,
+    AttentionKind,
+    GQAConfig,
+    MLAConfig,
+    check_positive_ints,
+    check_positive_numbers,
+)
 from latentattn.layers import RMSNorm
 
 Device = torch.device | str | None
@@ -46,10 +53,14 @@ class ModelConfig:
     norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "n_layers", "d_model", "d_ff", "max_seq_len", "norm_eps"):
-            value = getattr(self, name)
-            if value <= 0:
-                raise ValueError(f"ModelConfig.{name} must be positive, got {value!r}")
+        names = ("vocab_size", "n_layers", "d_model", "d_ff", "max_seq_len")
+        check_positive_ints("ModelConfig", **{name: getattr(self, name) for name in names})
+        check_positive_numbers("ModelConfig", norm_eps=self.norm_eps)
+        if not isinstance(self.attention, MLAConfig | GQAConfig):
+            raise ValueError(
+                "ModelConfig.attention must be an MLAConfig or a GQAConfig, "
+                f"got {type(self.attention).__name__}"
+            )
         if self.attention.d_model != self.d_model:
             raise ValueError(
                 f"ModelConfig.attention.d_model ({self.attention.d_model}) must equal "
@@ -280,7 +291,11 @@ class LanguageModel(nn.Module):
         b at position `lengths[b] + t`, `n_new[b]` of the T real), planned once for all layers."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, tokens], got shape {tuple(tokens.shape)}")
-        self.blocks[0].attn.check_mode(mode)
+        attention = self.config.attention
+        modes = MODES if isinstance(attention, MLAConfig) else ("auto", "naive")
+        check_mode(mode, modes, f"{attention.kind.upper()} model")
+        if cache is not None:
+            self._check_cache(cache, tokens)
         start = 0 if cache is None else max(cache.host_lengths, default=0)
         if start + tokens.shape[1] > self.config.max_seq_len:
             raise ValueError(
@@ -291,10 +306,6 @@ class LanguageModel(nn.Module):
             if n_new is not None:
                 raise ValueError("n_new (right padding per sequence) needs a cache")
             return self.forward_step(tokens, None, None, mode)
-        if cache.batch_size != tokens.shape[0]:
-            raise ValueError(
-                f"tokens hold {tokens.shape[0]} sequences but the cache holds {cache.batch_size}"
-            )
         with cache.stepping(tokens.shape[1], n_new) as step:
             return self.forward_step(tokens, cache, step, mode)
 
@@ -313,6 +324,26 @@ class LanguageModel(nn.Module):
         x = self.norm(x)
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, weight)  # [B, T, V]
+
+    def _check_cache(self, cache: ModelCache | PagedModelCache, tokens: Tensor) -> None:
+        """What a layer would refuse, checked before the step is planned: one cache layer per block, of
+        the layers' attention family, on the tokens' device, for this batch."""
+        if not isinstance(cache, ModelCache | PagedModelCache) or len(cache.layers) != len(self.blocks):
+            raise ValueError(
+                f"cache must be the model cache of {len(self.blocks)} layers "
+                "from new_cache() or new_paged_cache()"
+            )
+        family = "latent" if isinstance(self.config.attention, MLAConfig) else "kv"
+        for i, layer in enumerate(cache.layers):
+            if layer.family != family or layer.device != tokens.device:
+                raise ValueError(
+                    f"cache layer {i} is a {type(layer).__name__} on {layer.device}; this model needs "
+                    f"a {family} cache layer on {tokens.device}"
+                )
+        if cache.batch_size != tokens.shape[0]:
+            raise ValueError(
+                f"tokens hold {tokens.shape[0]} sequences but the cache holds {cache.batch_size}"
+            )
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters per component: embeddings (with an untied LM head), attention, mlp, norms, total."""

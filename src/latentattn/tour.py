@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ TOUR_MODELS = ("deepseek-v2", "deepseek-v3", "deepseek-v2-lite", "llama-3-8b", "
 
 @dataclass(frozen=True)
 class DecodeRun:
-    """One prefill + decode through a layer's cache."""
+    """Prefill + decode through a layer's cache: median times over repeats after a warm-up run."""
 
     name: str
     cache_bytes_per_token: int
@@ -29,17 +30,29 @@ class DecodeRun:
 
 
 def _decode_run(
-    name: str, layer: MLA | GQAAttention, prompt: torch.Tensor, steps: torch.Tensor, mode: str
+    name: str,
+    layer: MLA | GQAAttention,
+    prompt: torch.Tensor,
+    steps: torch.Tensor,
+    mode: str,
+    *,
+    repeats: int,
+    warmup: int = 1,
 ) -> tuple[DecodeRun, torch.Tensor]:
-    """Prefill `prompt: [B, P, d]`, decode `steps: [B, N, d]` one token at a time; compare with no cache."""
+    """Prefill `prompt: [B, P, d]`, decode `steps: [B, N, d]` one token at a time, `warmup + repeats`
+    times into the reset cache; median times of the repeats; the output compared with no cache."""
     batch, n_prompt = prompt.shape[:2]
     cache = layer.new_cache(batch, n_prompt + steps.shape[1])
-    start = time.perf_counter()
-    layer(prompt, cache)
-    prefill = time.perf_counter() - start
-    start = time.perf_counter()
-    outs = [layer(steps[:, t : t + 1], cache, mode=mode) for t in range(steps.shape[1])]
-    decode = time.perf_counter() - start
+    prefill_times, decode_times = [], []
+    for _ in range(warmup + repeats):
+        cache.reset()
+        start = time.perf_counter()
+        layer(prompt, cache)
+        prefill_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        outs = [layer(steps[:, t : t + 1], cache, mode=mode) for t in range(steps.shape[1])]
+        decode_times.append(time.perf_counter() - start)
+    prefill, decode = (statistics.median(times[warmup:]) for times in (prefill_times, decode_times))
     decoded = torch.cat(outs, dim=1)
     reference = layer(torch.cat([prompt, steps], dim=1))[:, n_prompt:]
     error = ((decoded - reference).abs().max() / reference.abs().max()).item()
@@ -62,6 +75,7 @@ def compare_decode(
     prompt_len: int = 512,
     new_tokens: int = 16,
     seed: int = 0,
+    repeats: int = 3,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> list[DecodeRun]:
@@ -81,9 +95,10 @@ def compare_decode(
     mha = GQAAttention(mha_config, device=device, dtype=dtype).eval()
     prompt = torch.randn(batch_size, prompt_len, mla_config.d_model, device=device, dtype=dtype)
     steps = torch.randn(batch_size, new_tokens, mla_config.d_model, device=device, dtype=dtype)
-    absorbed, _ = _decode_run("MLA, absorbed decode", mla, prompt, steps, "absorbed")
-    naive, _ = _decode_run("MLA, naive decode", mla, prompt, steps, "naive")
-    baseline, _ = _decode_run(f"MHA {mha_config.n_heads}×{mha_config.head_dim}", mha, prompt, steps, "auto")
+    mha_name = f"MHA {mha_config.n_heads}×{mha_config.head_dim}"
+    absorbed, _ = _decode_run("MLA, absorbed decode", mla, prompt, steps, "absorbed", repeats=repeats)
+    naive, _ = _decode_run("MLA, naive decode", mla, prompt, steps, "naive", repeats=repeats)
+    baseline, _ = _decode_run(mha_name, mha, prompt, steps, "auto", repeats=repeats)
     return [absorbed, naive, baseline]
 
 
@@ -96,8 +111,9 @@ def run_tour(console: Console | None = None) -> None:
     )
     calculator.print_table(calculator.comparison_table(comparison))
     config = MLAConfig()  # DeepSeek-V2-Lite's attention: d 2048, 16 heads, d_c 512, d_R 64
-    console.rule("[bold]MLA layer at DeepSeek-V2-Lite's shape: prefill 512 tokens, decode 16 (fp32, CPU)")
-    runs = compare_decode(config)
+    repeats = 3
+    console.rule(f"[bold]V2-Lite-shaped MLA: prefill 512, decode 16 (fp32, median of {repeats} runs)")
+    runs = compare_decode(config, repeats=repeats)
     table = Table()
     for column in ("layer", "cache B/token", "cache used", "prefill ms", "decode ms/token", "max rel err"):
         table.add_column(column, justify="left" if column == "layer" else "right")

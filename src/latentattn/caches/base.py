@@ -503,6 +503,9 @@ class LayerCache(ABC):
     inputs: dict[str, tuple[int, ...]]
     dtype: torch.dtype
     sequences: Sequences
+    shared: bool
+    """One of a model cache's layers: its steps are the model's, which every layer writes, so it runs
+    no step of its own (that would advance the other layers' lengths too)."""
 
     @abstractmethod
     def write(self, step: Step, values: dict[str, Tensor]) -> LatentKeys | KVRows:
@@ -543,7 +546,7 @@ class LayerCache(ABC):
                     "pass n_new or a step, not both (the step already says which tokens are real)"
                 )
             return self.write(step, values), step.mask
-        with self.sequences.stepping(next(iter(values.values())).shape[1], n_new) as step:
+        with self.stepping(next(iter(values.values())).shape[1], n_new) as step:
             read = self.write(step, values)
         return read, step.mask
 
@@ -595,6 +598,11 @@ class LayerCache(ABC):
         return self.sequences.positions(n_tokens)
 
     def stepping(self, n_tokens: int, n_new: Tensor | Sequence[int] | None = None):
+        if self.shared:
+            raise ValueError(
+                f"this {type(self).__name__} is one layer of a model cache: run steps over the whole model "
+                "(model(tokens, cache), or cache.stepping(...) and every layer with step=)"
+            )
         return self.sequences.stepping(n_tokens, n_new)
 
     def truncate(self, lengths: Tensor | Sequence[int]) -> None:

@@ -87,18 +87,19 @@ class ContiguousCache(LayerCache):
         sequences: ContiguousSequences | None,
         head_major: bool = False,
     ) -> None:
-        if sequences is None:
-            sequences = ContiguousSequences(batch_size, max_len, device=device, static=static)
-        elif (sequences.batch_size, sequences.max_len) != (batch_size, max_len):
+        if sequences is not None and (sequences.batch_size, sequences.max_len) != (batch_size, max_len):
             raise ValueError(
                 f"shared sequences hold {sequences.batch_size} × {sequences.max_len}, "
                 f"not batch_size={batch_size} × max_len={max_len}"
             )
+        self.shared = sequences is not None
+        if sequences is None:
+            sequences = ContiguousSequences(batch_size, max_len, device=device, static=static)
         self.sequences = sequences
         self.dtype = dtype
         self.buffers: dict[str, Tensor] = {}
         for name, (shape, storage) in stored.items():
-            factory = {"device": sequences.device, "dtype": storage}
+            factory = {"device": self.sequences.device, "dtype": storage}
             if head_major:
                 heads, *rest = shape
                 buffer = torch.zeros(batch_size, heads, max_len, *rest, **factory).transpose(1, 2)

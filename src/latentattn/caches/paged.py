@@ -299,9 +299,11 @@ class PagedLayerCache(LayerCache):
         *,
         dtype: torch.dtype,
         workspace: Workspace,
+        shared: bool,
         head_major: bool = False,
     ) -> None:
         self.sequences = sequences
+        self.shared = shared
         self.dtype = dtype
         self.workspace = workspace
         """Where gathered pages (and dequantized rows) are built outside autograd (outside `nbytes`);
@@ -398,10 +400,11 @@ class PagedLatentLayer(PagedLayerCache):
         *,
         dtype: torch.dtype,
         workspace: Workspace,
+        shared: bool,
     ) -> None:
         self.encoding = encoding
         self.inputs = {"latent": (config.cache_width,)}
-        super().__init__(encoding.entries, sequences, dtype=dtype, workspace=workspace)
+        super().__init__(encoding.entries, sequences, dtype=dtype, workspace=workspace, shared=shared)
 
     @property
     def group_size(self) -> int | None:
@@ -454,13 +457,18 @@ class PagedKVLayer(PagedLayerCache):
     family = "kv"
 
     def __init__(
-        self, config: GQAConfig, sequences: PagedSequences, *, dtype: torch.dtype, workspace: Workspace
+        self,
+        config: GQAConfig,
+        sequences: PagedSequences,
+        *,
+        dtype: torch.dtype,
+        workspace: Workspace,
+        shared: bool,
     ) -> None:
         shape = (config.n_kv_heads, config.head_dim)
         self.inputs = {"k": shape, "v": shape}
-        super().__init__(
-            kv_entries(config, dtype), sequences, dtype=dtype, workspace=workspace, head_major=True
-        )
+        factory = {"dtype": dtype, "workspace": workspace, "shared": shared}
+        super().__init__(kv_entries(config, dtype), sequences, head_major=True, **factory)
 
     def write(self, step: Step, values: dict[str, Tensor]) -> KVRows:
         """Returns keys and values `[B, S, G, D]`: views of the pools for one sequence in consecutive
@@ -543,11 +551,12 @@ class PagedModelCache(PagedSequences, LayerSums):
                 )
         super().__init__(num_blocks, block_size, device=device)
         self.dtype = dtype
-        workspace = Workspace()  # the layers attend one after another: one gathered block at a time
+        # The layers attend one after another: one gathered block at a time, in one workspace.
+        shared = {"dtype": dtype, "workspace": Workspace(), "shared": len(configs) > 1}
         self.layers = [
-            PagedLatentLayer(config, self, encoding, dtype=dtype, workspace=workspace)
+            PagedLatentLayer(config, self, encoding, **shared)
             if encoding
-            else PagedKVLayer(config, self, dtype=dtype, workspace=workspace)
+            else PagedKVLayer(config, self, **shared)
             for config, encoding in zip(configs, encodings, strict=True)
         ]
 

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from latentattn.caches.base import FullPrecision, LatentEncoding, Workspace
 from latentattn.caches.contiguous import ContiguousSequences, LatentCache
+from latentattn.calculator import latent_group_size
 from latentattn.config import MLAConfig
 
 FORMATS: dict[str, tuple[torch.dtype, float]] = {
@@ -25,16 +26,13 @@ FORMATS: dict[str, tuple[torch.dtype, float]] = {
 
 class EightBitLatent(LatentEncoding):
     """`[c_KV | k_pe]` with c_KV quantized per group of `group_size` values (default 128, or d_c when
-    smaller): entries `c_kv` [C] int8 or float8_e4m3fn, `scale` [C / group_size] fp32, `k_pe` [R] bf16."""
+    smaller; `calculator.latent_group_size`): entries `c_kv` [C] int8 or float8_e4m3fn, `scale`
+    [C / group_size] fp32, `k_pe` [R] bf16."""
 
     def __init__(self, config: MLAConfig, format: str = "fp8", group_size: int | None = None) -> None:
         if format not in FORMATS:
             raise ValueError(f"unknown latent cache format {format!r}; choose one of {', '.join(FORMATS)}")
-        group_size = group_size or min(128, config.kv_lora_rank)
-        if group_size <= 0 or config.kv_lora_rank % group_size:
-            raise ValueError(
-                f"group_size ({group_size}) must be positive and divide kv_lora_rank ({config.kv_lora_rank})"
-            )
+        group_size = latent_group_size(config.kv_lora_rank, group_size)  # the calculator's rule too
         storage, self.qmax = FORMATS[format]
         self.format = format
         self.group_size = group_size

