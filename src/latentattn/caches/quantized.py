@@ -9,11 +9,13 @@ contiguous cache; the paged one stores the same entries in its pools (`latent_en
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from latentattn.caches.base import FullPrecision, LatentEncoding, Workspace
-from latentattn.caches.contiguous import ContiguousSequences, LatentCache
+from latentattn.caches.contiguous import LatentCache
 from latentattn.calculator import latent_group_size
 from latentattn.config import MLAConfig
 
@@ -80,7 +82,7 @@ def latent_encoding(config: MLAConfig, dtype: torch.dtype, latent_format: str | 
 
 class QuantizedLatentCache(LatentCache):
     """The contiguous latent cache in 8 bits: buffers `c_kv` [B, L, C], `scale` [B, L, C / group_size],
-    `k_pe` [B, L, R] (see `EightBitLatent`)."""
+    `k_pe` [B, L, R] (see `EightBitLatent`); `options` as `LatentCache`'s (device, dtype, static, ...)."""
 
     def __init__(
         self,
@@ -90,21 +92,9 @@ class QuantizedLatentCache(LatentCache):
         *,
         format: str = "fp8",
         group_size: int | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-        static: bool = False,
-        sequences: ContiguousSequences | None = None,
-        workspace: Workspace | None = None,
+        **options: Any,
     ) -> None:
         self.format = format
         super().__init__(
-            config,
-            batch_size,
-            max_len,
-            device=device,
-            dtype=dtype,
-            static=static,
-            sequences=sequences,
-            encoding=EightBitLatent(config, format, group_size),
-            workspace=workspace,
+            config, batch_size, max_len, encoding=EightBitLatent(config, format, group_size), **options
         )
