@@ -231,7 +231,7 @@ def test_auto_mode_really_takes_the_absorbed_path_for_decode(monkeypatch):
     layer(torch.randn(1, 30, 32, dtype=torch.float64), cache)
     taken = []
 
-    def absorbed(self, q_nope, q_pe, keys, mask):
+    def absorbed(self, q_nope, q_pe, keys, mask, **_cache):
         taken.append("absorbed")
         return MLA.attend_naive(self, q_nope, q_pe, keys.full(), mask)
 

@@ -20,6 +20,7 @@ from latentattn.bench import (
     time_ms,
 )
 from latentattn.cli import main
+from latentattn.kernels import kernel_status
 
 TINY = MLAConfig(
     d_model=64, n_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16
@@ -50,6 +51,16 @@ def test_report_has_every_row_and_the_roofline(report):
     fp8 = next(row for row in rows if row["impl"] == "mla-fp8" and row["context"] == 40)
     assert fp8["cache_bytes"] == 40 * (32 + 4 + 8 * 2)  # 8-bit c_KV, one fp32 scale (32 < 128), bf16 k_pe
     assert absorbed["vs_mha"] == pytest.approx(mha["ms_per_step"] / absorbed["ms_per_step"])
+
+
+def test_rows_say_which_path_ran(report):
+    """The absorbed rows run the fused kernel where it is built; mla-absorbed-torch never does."""
+    fused = "fused" if kernel_status().available else "torch"
+    expected = {"mla-absorbed-torch": "torch", "mla-naive": "sdpa", "hf-deepseek-v3": "hf"}
+    expected |= dict.fromkeys(["mla-absorbed", "mla-paged", "mla-int8", "mla-fp8"], fused)
+    expected |= dict.fromkeys(["mha", "gqa", "mqa"], "sdpa")
+    assert {row["impl"]: row["path"] for row in report["results"]} == expected
+    assert report["machine"]["fused_kernel"] == kernel_status().detail
 
 
 def test_mla_paths_and_hf_agree_on_the_same_weights_and_cache(report):

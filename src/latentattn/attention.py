@@ -33,9 +33,11 @@ from latentattn.caches import (
     LatentKeys,
     QuantizedLatentCache,
     Step,
+    Storage,
     Workspace,
 )
 from latentattn.config import AttentionConfig, GQAConfig, MLAConfig
+from latentattn.kernels import fused_latent_decode, kernel_status
 from latentattn.layers import RMSNorm, fp32_or_wider
 from latentattn.rope import RotaryEmbedding
 
@@ -241,6 +243,85 @@ def latent_attention(
     return out.transpose(1, 2).reshape(batch, n_tokens, heads, value_width).to(q.dtype)
 
 
+FUSED_MAX_ROWS = 1024
+"""Most query rows (T·H per sequence) the fused kernel serves: each thread keeps a partial output of
+rows · C values (chunks of 64 tokens with 16 heads still measured faster than the torch path)."""
+
+
+def fused_kernel_serves(q: Tensor, storage: Storage) -> bool:
+    """Whether the fused CPU kernel (`latentattn.kernels`) runs for a layer's queries like
+    `q: [B, T, H, W]` over a cache laid out as `storage` (`LatentKeys.storage()`, `KVRows.storage()`
+    or a cache's `storage()`): latent rows (full precision or 8-bit, contiguous or paged), or
+    contiguous K/V with fewer K/V heads G than query heads (GQA/MQA) for chunks of T >= 2 tokens, on
+    CPU; fp32/bf16/fp64 queries and storage that need no gradient; at most `FUSED_MAX_ROWS` query rows
+    per kernel sequence (T·H, or T·H/G per K/V head); outside `torch.compile`; and the kernel built
+    here (not disabled by LATENTATTN_KERNEL=0). GQA/MQA decode (T = 1) and MHA stay with SDPA: its
+    folded-query decode measured about as fast as the kernel, and MHA gives each K/V head one query
+    row, a sliver of the kernel's vector lanes."""
+    rows = q.shape[1] * q.shape[2]
+    if "k" in storage.entries:
+        groups = storage.entries["k"].shape[2]
+        if storage.block_table is not None or groups == q.shape[2] or q.shape[1] == 1:
+            return False
+        rows //= groups
+    tensors = [q, *storage.entries.values()]
+    return (
+        not torch.compiler.is_compiling()  # a ctypes call dynamo cannot trace: compiled graphs keep torch
+        and q.device.type == "cpu"
+        and q.dtype in (torch.float32, torch.bfloat16, torch.float64)
+        and rows <= FUSED_MAX_ROWS
+        and not (torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors))
+        and kernel_status().available
+    )
+
+
+def fused_latent_attention(
+    q: Tensor, keys: LatentKeys, lengths: Tensor, scale: float, value_width: int
+) -> Tensor | None:
+    """`latent_attention` by the fused CPU kernel straight from the keys' storage, or None where the
+    torch path must run (`fused_kernel_serves`).
+
+    The one place that maps the caches' `Storage` to the kernel's raw arguments: q `[B, T, H, C + R]`,
+    `lengths` each sequence's cached tokens before this step (`Step.lengths`); query t of sequence b
+    sees keys `< lengths[b] + t + 1` of the S the keys hold — the mask the caches return.
+    """
+    storage = keys.storage()
+    if not fused_kernel_serves(q, storage):
+        return None
+    entries = storage.entries
+    if "latent" in entries:
+        parts = {"kv": entries["latent"]}
+    else:
+        parts = {"kv": entries["c_kv"], "scales": entries["scale"], "k_pe": entries["k_pe"]}
+    return fused_latent_decode(
+        q,
+        lengths=lengths,
+        scale=scale,
+        value_width=value_width,
+        n_keys=keys.shape[1],
+        block_table=storage.block_table,
+        **parts,
+    )
+
+
+def fused_grouped_attention(q: Tensor, rows: KVRows, lengths: Tensor, scale: float) -> Tensor | None:
+    """GQA/MQA attention `[B, T, H, D]` by the fused CPU kernel straight from contiguous K/V rows, or None
+    where SDPA must run (see `fused_kernel_serves`). Each K/V head is one kernel sequence whose query
+    rows are its H/G query heads; head-major buffers `[B, G, L, D]` are read in place as `[B·G, L, D]`.
+    """
+    storage = rows.storage()
+    if not fused_kernel_serves(q, storage):
+        return None
+    batch, _, heads, head_dim = q.shape
+    groups = storage.entries["k"].shape[2]
+    grouped = q.unflatten(2, (groups, heads // groups)).transpose(1, 2).flatten(0, 1)  # [B·G, T, H/G, D]
+    keys, values = (storage.entries[name].transpose(1, 2).flatten(0, 1) for name in ("k", "v"))  # [B·G, S, D]
+    o = fused_latent_decode(
+        grouped, keys, lengths.repeat_interleave(groups), scale, head_dim, values=values, n_keys=rows.shape[1]
+    )
+    return o.unflatten(0, (batch, groups)).transpose(1, 2).flatten(2, 3)  # [B, T, H, D]
+
+
 class MLA(nn.Module):
     """Multi-head Latent Attention, DeepSeek-V2/V3 numerics.
 
@@ -258,6 +339,7 @@ class MLA(nn.Module):
         config: MLAConfig,
         *,
         recompute_kv: bool = False,
+        fused_kernel: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -265,6 +347,8 @@ class MLA(nn.Module):
         self.config = c = config
         self.recompute_kv = recompute_kv
         """Training: keep only the latent for backward and recompute per-head K/V (naive path)."""
+        self.fused_kernel = fused_kernel
+        """Absorbed path over a cache: use the fused CPU kernel where it serves (`fused_kernel_serves`)."""
         factory = {"device": device, "dtype": dtype, "bias": False}
         q_width = c.n_heads * c.qk_head_dim
         if c.q_lora_rank is None:
@@ -328,9 +412,10 @@ class MLA(nn.Module):
         q_nope, q_pe = self.queries(x, positions, memo)
         latent = self.latent(x, positions, memo)
         keys, mask = (ContiguousKeys.of(latent), None) if cache is None else cache.update(latent, step=step)
+        lengths = None if step is None else step.lengths  # before this step's tokens
         path = choose_mla_path(self.config, mode, x.shape[1], keys.shape[1], cached=cache is not None)
         if path == "absorbed":
-            o = self.attend_absorbed(q_nope, q_pe, keys, mask)  # [B, T, H, V]
+            o = self.attend_absorbed(q_nope, q_pe, keys, mask, lengths=lengths)  # [B, T, H, V]
         elif self.recompute_kv and torch.is_grad_enabled():
             o = checkpoint(self.attend_naive, q_nope, q_pe, keys.full(), mask, use_reentrant=False)
         else:
@@ -372,24 +457,36 @@ class MLA(nn.Module):
         return w_uk, w_uv
 
     def attend_absorbed(
-        self, q_nope: Tensor, q_pe: Tensor, kv: Tensor | LatentKeys, mask: Tensor | None
+        self,
+        q_nope: Tensor,
+        q_pe: Tensor,
+        kv: Tensor | LatentKeys,
+        mask: Tensor | None,
+        *,
+        lengths: Tensor | None = None,
     ) -> Tensor:
         """Attend in latent space: MQA with one (C + R)-wide key per token whose value is c_KV.
 
         `q_lat = q_nope · W_UK` per head; scores are `[q_lat | q_pe] · [c_KV | k_pe]` for all T·H query
         rows at once against the cache rows (`latent_attention`, blocked for paged and 8-bit caches, its
-        GEMMs in `absorbed_gemm_dtype`); `o = (softmax · c_KV) · W_UV` per head. `attend_absorbed_paper`
-        is the same computation written as the paper does.
+        GEMMs in `absorbed_gemm_dtype`; or the fused CPU kernel reading the keys' storage, given each
+        sequence's cached `lengths` before this step); `o = (softmax · c_KV) · W_UV` per head.
+        `attend_absorbed_paper` is the same computation written as the paper does.
         """
         c = self.config
         w_uk, w_uv = self.absorbed_weights()
         q_lat = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)  # [B, T, H, C]
         q = torch.cat([q_lat, q_pe], dim=-1)  # [B, T, H, C + R]
-        gemm = absorbed_gemm_dtype(q.dtype, q.device)
-        o_lat = latent_attention(
-            q, kv, mask, c.softmax_scale, c.kv_lora_rank, gemm_dtype=gemm
-        )  # [B, T, H, C]
-        return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # [B, T, H, V]
+        o_lat = None
+        if self.fused_kernel and lengths is not None and isinstance(kv, LatentKeys):
+            o_lat = fused_latent_attention(q, kv, lengths, c.softmax_scale, c.kv_lora_rank)
+        if o_lat is None:
+            gemm = absorbed_gemm_dtype(q.dtype, q.device)
+            o_lat = latent_attention(q, kv, mask, c.softmax_scale, c.kv_lora_rank, gemm_dtype=gemm)
+        # o = o_lat · W_UVᵀ per head, as W_UV · o_latᵀ so W_UV is read where it lies (an einsum copies
+        # the strided [H, V, C] view transposed every step, slowly in bf16).
+        o = torch.matmul(w_uv, o_lat.flatten(0, 1).permute(1, 2, 0))  # [H, V, B·T]
+        return o.permute(2, 0, 1).unflatten(0, o_lat.shape[:2])  # [B, T, H, V]
 
     def attend_absorbed_paper(self, q_nope: Tensor, q_pe: Tensor, kv: Tensor, mask: Tensor | None) -> Tensor:
         """The absorbed path as the paper writes it, one einsum per product over the cached rows
@@ -417,11 +514,14 @@ class GQAAttention(nn.Module):
         self,
         config: GQAConfig,
         *,
+        fused_kernel: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.config = c = config
+        self.fused_kernel = fused_kernel
+        """GQA/MQA over a cache: use the fused CPU kernel where it serves (`fused_kernel_serves`)."""
         factory = {"device": device, "dtype": dtype}
         self.w_q = nn.Linear(c.d_model, c.n_heads * c.head_dim, bias=c.qkv_bias, **factory)
         self.w_k = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=c.qkv_bias, **factory)
@@ -487,6 +587,10 @@ class GQAAttention(nn.Module):
         q, k = self.rope(q, positions, memo), self.rope(k, positions, memo)
         v = self.w_v(x).view(batch, n_tokens, c.n_kv_heads, c.head_dim)
         rows, mask = (None, None) if cache is None else cache.update(k, v, step=step)  # mask [B, T, S]
+        if rows is not None and self.fused_kernel:
+            o = fused_grouped_attention(q, rows, step.lengths, c.softmax_scale)  # [B, T, H, D]
+            if o is not None:
+                return self.w_o(o.flatten(2))
         if rows is not None and rows.copies and n_tokens == 1 and x.device.type == "cpu":
             # Decode over gathered pages: cache-sized blocks, merged by their log-sum-exp.
             o = decode_in_blocks(q.view(batch, c.n_kv_heads, -1, c.head_dim), rows, mask, c.softmax_scale)

@@ -22,11 +22,12 @@ from typing import Any
 import torch
 from rich.table import Table
 
-from latentattn.attention import MLA, GQAAttention, absorbed_gemm_dtype, mla_path_flops
+from latentattn.attention import MLA, GQAAttention, absorbed_gemm_dtype, fused_kernel_serves, mla_path_flops
 from latentattn.caches import PagedLatentCache, QuantizedLatentCache
 from latentattn.calculator import format_bytes
 from latentattn.config import GQAConfig, MLAConfig
 from latentattn.hf import attention_state_dict_to_hf, mla_config_to_hf
+from latentattn.kernels import kernel_status
 
 IMPLS = (
     "mha",
@@ -34,12 +35,14 @@ IMPLS = (
     "mqa",
     "mla-naive",
     "mla-absorbed",
+    "mla-absorbed-torch",
     "mla-paged",
     "mla-int8",
     "mla-fp8",
     "hf-deepseek-v3",
 )
-"""mla-paged, mla-int8 and mla-fp8 decode on the absorbed path from a paged or an 8-bit latent cache."""
+"""mla-paged, mla-int8 and mla-fp8 decode on the absorbed path from a paged or an 8-bit latent cache;
+the absorbed rows run the fused CPU kernel where it serves, mla-absorbed-torch always the torch path."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 GEMM_MIN_MS = 50.0
 """The roofline's GEMM grows until one product takes this long: long enough to reach the peak."""
@@ -114,6 +117,8 @@ class Result:
     roofline_ms: float
     x_roofline: float
     max_rel_err: float | None
+    path: str
+    """What computed attention: "fused" (the CPU kernel), "torch" (the absorbed torch path), "sdpa", "hf"."""
     vs_mha: float | None = None
     vs_hf: float | None = None
 
@@ -200,6 +205,7 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "device": str(device),
+        "fused_kernel": kernel_status().detail,
         **(
             {"device_name": torch.cuda.get_device_name(device)} if torch.device(device).type == "cuda" else {}
         ),
@@ -255,6 +261,7 @@ class _Case:
     cache_bytes: int
     bytes_moved: int
     flops: int
+    path: str
 
 
 def _fragmented_pages(mla: MLA, latent: torch.Tensor, block_size: int = 64) -> PagedLatentCache:
@@ -278,6 +285,7 @@ def _mla_case(mla: MLA, x: torch.Tensor, latent: torch.Tensor, impl: str) -> _Ca
     batch, context = latent.shape[:2]
     storage = impl.removeprefix("mla-")
     mode = "naive" if storage == "naive" else "absorbed"
+    fused = storage != "absorbed-torch"
     factory = {"device": latent.device, "dtype": latent.dtype}
     if storage == "paged":
         cache = _fragmented_pages(mla, latent)
@@ -287,15 +295,20 @@ def _mla_case(mla: MLA, x: torch.Tensor, latent: torch.Tensor, impl: str) -> _Ca
         else:
             cache = mla.new_cache(batch, context + 1)
         cache.update(latent)
+    attention = "sdpa" if mode == "naive" else "torch"
+    q = x.new_empty(batch, 1, mla.config.n_heads, mla.config.cache_width)
+    if fused and mode == "absorbed" and fused_kernel_serves(q, cache.storage()):
+        attention = "fused"
 
     def step() -> torch.Tensor:
         cache.truncate([context] * batch)  # every step decodes at the same context
+        mla.fused_kernel = fused
         return mla(x, cache, mode=mode)
 
     path = mla_path_flops(mla.config, n_queries=1, n_keys=context + 1)[mode]
     flops = batch * (path + 2 * _linear_params(mla, skip="w_ukv.weight"))
     cache_bytes = batch * context * cache.bytes_per_token
-    return _Case(step, cache_bytes, _weight_bytes(mla) + cache_bytes, flops)
+    return _Case(step, cache_bytes, _weight_bytes(mla) + cache_bytes, flops, attention)
 
 
 def _hf_case(mla: MLA, x: torch.Tensor, latent: torch.Tensor) -> _Case:
@@ -331,7 +344,7 @@ def _hf_case(mla: MLA, x: torch.Tensor, latent: torch.Tensor) -> _Case:
     path = mla_path_flops(c, n_queries=1, n_keys=context + 1)["naive"]
     flops = batch * (path + 2 * _linear_params(mla, skip="w_ukv.weight"))
     cache_bytes = batch * context * c.cache_width * latent.element_size()
-    return _Case(step, cache_bytes, _weight_bytes(mla) + cache_bytes, flops)
+    return _Case(step, cache_bytes, _weight_bytes(mla) + cache_bytes, flops, "hf")
 
 
 def _gqa_case(layer: GQAAttention, x: torch.Tensor, context: int) -> _Case:
@@ -347,7 +360,9 @@ def _gqa_case(layer: GQAAttention, x: torch.Tensor, context: int) -> _Case:
 
     flops = batch * (2 * _linear_params(layer) + 4 * c.n_heads * c.head_dim * (context + 1))
     cache_bytes = batch * context * cache.bytes_per_token
-    return _Case(step, cache_bytes, _weight_bytes(layer) + cache_bytes, flops)
+    queries = x.new_empty(batch, 1, c.n_heads, c.head_dim)
+    fused = layer.fused_kernel and fused_kernel_serves(queries, cache.storage())
+    return _Case(step, cache_bytes, _weight_bytes(layer) + cache_bytes, flops, "fused" if fused else "sdpa")
 
 
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -426,6 +441,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
                             roofline_ms=bound,
                             x_roofline=median / bound,
                             max_rel_err=error,
+                            path=case.path,
                         )
                     )
                     del case
@@ -461,15 +477,17 @@ def results_table(report: dict[str, Any]) -> Table:
             f"at most ~{report['config']['max_seconds']:g} s per row"
         ),
         caption=(
-            f"{machine['cpu']}, {machine['torch_threads']} threads, torch {machine['torch']}; roofline: "
+            f"{machine['cpu']}, {machine['torch_threads']} threads, torch {machine['torch']}, fused kernel: "
+            f"{machine['fused_kernel']}; roofline: "
             f"{roof['bandwidth_gbs']:.1f} GB/s copy, {peaks}. ×roof = measured / max(bytes/BW, FLOPs/peak); "
             "rel err: max |out − mla-naive| / max |mla-naive| on the same full-precision cache"
         ),
     )
-    headers = ["impl", "dtype", "batch", "context", "ms/step", "min–max", "tok/s", "cache", "GB/s", "GFLOP/s"]
+    headers = ["impl", "path", "dtype", "batch", "context", "ms/step", "min–max", "tok/s", "cache", "GB/s"]
+    headers += ["GFLOP/s"]
     headers += ["×roof", "vs MHA", "vs HF", "rel err"]
     for header in headers:
-        table.add_column(header, justify="left" if header in ("impl", "dtype") else "right")
+        table.add_column(header, justify="left" if header in ("impl", "path", "dtype") else "right")
     previous = None
     for row in report["results"]:
         group = (row["dtype"], row["batch"], row["context"])
@@ -478,6 +496,7 @@ def results_table(report: dict[str, Any]) -> Table:
         previous = group
         table.add_row(
             row["impl"],
+            row["path"],
             row["dtype"],
             str(row["batch"]),
             f"{row['context']:,}",
