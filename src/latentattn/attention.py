@@ -615,9 +615,9 @@ class GQAAttention(nn.Module):
         return self.w_o(o.reshape(batch, c.n_heads, n_tokens, c.head_dim).transpose(1, 2).flatten(2))
 
 
-KV_BLOCK_BYTES = 4 * 2**20
+KV_BLOCK_BYTES = 8 * 2**20
 """Keys + values per block when decode reads a paged K/V cache block by block: small enough to stay in
-the CPU's cache between the gather and the attention that reads them back."""
+the CPU's cache between the gather and the attention that reads them back (README: paged caches)."""
 
 
 def decode_in_blocks(q: Tensor, rows: KVRows, mask: Tensor | None, scale: float) -> Tensor:

@@ -352,9 +352,8 @@ class PagedLayerCache(LayerCache):
             shape = (physical.shape[0], ids.numel(), *physical.shape[2:])
             out = None if workspace is None else workspace.take(name, shape, pool.dtype, pool.device)
             pages = torch.index_select(physical, 1, ids.flatten(), out=out)  # [G, B·p, block, D]
-            return pages.view(shape[0], *ids.shape[:1], -1, shape[-1]).permute(
-                1, 2, 0, 3
-            )  # [B, p·block, G, D]
+            rows = pages.view(shape[0], ids.shape[0], -1, shape[-1])  # [G, B, p·block, D]
+            return rows.permute(1, 2, 0, 3)  # [B, p·block, G, D]
         source = as_bytes(pool)
         shape = (ids.numel(), *source.shape[1:])
         out = None if workspace is None else workspace.take(name, shape, source.dtype, source.device)
