@@ -5,9 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from latentattn import GQAConfig, KVCache, LatentCache, MLAConfig, PagedLatentCache, QuantizedLatentCache
+from latentattn import (
+    MLA,
+    GQAAttention,
+    GQAConfig,
+    KVCache,
+    LatentCache,
+    MLAConfig,
+    PagedLatentCache,
+    PagedModelCache,
+    QuantizedLatentCache,
+)
 from latentattn.attention import latent_attention
-from latentattn.cache import COPIED_BLOCK
+from latentattn.caches import COPIED_BLOCK, Storage
 
 V2 = MLAConfig(d_model=5120, n_heads=128, kv_lora_rank=512, q_lora_rank=1536)
 TINY_MLA = MLAConfig(
@@ -55,11 +65,12 @@ def test_update_writes_at_per_sequence_offsets_and_masks_causally():
 def test_kv_cache_update_returns_keys_and_values():
     cache = KVCache(TINY_GQA, batch_size=1, max_len=4)
     k, v = torch.randn(1, 3, 2, 4), torch.randn(1, 3, 2, 4)
-    keys, values, mask = cache.update(k, v)
+    rows, mask = cache.update(k, v)
+    keys, values = rows.full()
     torch.testing.assert_close(keys, k)
     torch.testing.assert_close(values, v)
     assert mask is None  # one length for all sequences: attention uses the aligned causal mask
-    _, _, mask = cache.update(k[:, :1], v[:, :1], n_new=torch.tensor([0]))  # padding only: explicit mask
+    _, mask = cache.update(k[:, :1], v[:, :1], n_new=torch.tensor([0]))  # padding only: explicit mask
     assert mask.tolist() == [[[True, True, True]]]
 
 
@@ -110,6 +121,8 @@ def test_bad_n_new_and_sizes():
         cache.update(k, k, n_new=torch.tensor([3, 1]))
     with pytest.raises(ValueError, match=r"n_new must be an integer tensor of shape \[batch=2\]"):
         cache.update(k, k, n_new=torch.tensor([1.0, 1.0]))
+    with pytest.raises(ValueError, match=r"n_new must be an integer tensor .* got torch.bool"):
+        cache.update(k, k, n_new=torch.tensor([True, False]))
     with pytest.raises(ValueError, match=r"'v' has shape"):
         cache.update(k, k[:, :, :1])
     with pytest.raises(ValueError, match="entries disagree on the number of new tokens"):
@@ -152,18 +165,19 @@ def _check_blocks(kind: str, grad: bool) -> None:
         whole[1, :20], torch.cat([first[1, :17], second[1]]), rtol=tolerance, atol=tolerance
     )
     q = torch.randn(2, 3, 5, 8, dtype=torch.float64, requires_grad=grad)
-    expected = latent_attention(q, whole, mask, 0.3, 6, block_size=26)
+    expected = latent_attention(q, whole, mask, 0.3, 6, max_rows=26)
     expected_grad = torch.autograd.grad(expected.sum(), q)[0] if grad else None
     for size in (1, 3, 4, 7, 26, 100):
         blocks, buffers = [], set()
-        for block in keys.blocks(size):
+        for block in keys.iter_blocks(max_rows=size):
             blocks.append(block.clone())
             buffers.add(block.untyped_storage().data_ptr())
-        assert all(block.shape[1] % keys.granule == 0 for block in blocks[:-1])
+        page = cache.block_size if kind == "paged" else 1
+        assert all(block.shape[1] % page == 0 for block in blocks[:-1])
         torch.testing.assert_close(torch.cat(blocks, dim=1), whole, rtol=0, atol=0)
         if kind != "contiguous" and not grad:
             assert len(buffers) == 1, "copied blocks should reuse the workspace"
-        got = latent_attention(q, keys, mask, 0.3, 6, block_size=size)
+        got = latent_attention(q, keys, mask, 0.3, 6, max_rows=size)
         assert ((got - expected).abs().max() / expected.abs().max()).item() <= 1e-12
         if grad:
             torch.testing.assert_close(
@@ -178,10 +192,10 @@ def test_workspace_from_inference_mode_is_rebuilt_outside_it():
     cache.update(torch.randn(2, 9, 8, dtype=torch.float64))
     with torch.inference_mode():
         keys, _ = cache.update(torch.randn(2, 1, 8, dtype=torch.float64))
-        inside = [block.clone() for block in keys.blocks(4)]
+        inside = [block.clone() for block in keys.iter_blocks(max_rows=4)]
     with torch.no_grad():
         keys, _ = cache.update(torch.randn(2, 1, 8, dtype=torch.float64))
-        outside = [block.clone() for block in keys.blocks(4)]
+        outside = [block.clone() for block in keys.iter_blocks(max_rows=4)]
     torch.testing.assert_close(torch.cat(outside, 1)[:, :10], torch.cat(inside, 1), rtol=0, atol=0)
 
 
@@ -198,10 +212,133 @@ def test_views_read_in_another_dtype_are_copied_in_capped_blocks():
     keys, _ = cache.update(torch.randn(1, COPIED_BLOCK + 5, 8, dtype=torch.bfloat16))
     with torch.no_grad():
         blocks = []
-        for block in keys.blocks(10**6, torch.float32):
+        for block in keys.iter_blocks(max_rows=10**6, dtype=torch.float32):
             assert block.dtype == torch.float32
-            assert block.untyped_storage().data_ptr() == cache.workspace.buffer.untyped_storage().data_ptr()
+            workspace = cache.workspace.buffers["rows"]
+            assert block.untyped_storage().data_ptr() == workspace.untyped_storage().data_ptr()
             blocks.append(block.clone())
     assert [block.shape[1] for block in blocks] == [COPIED_BLOCK, 5]
     torch.testing.assert_close(torch.cat(blocks, 1), keys.full().float(), rtol=0, atol=0)
-    assert [block.shape[1] for block in keys.blocks(10**6)] == [COPIED_BLOCK + 5]  # same dtype: one view
+    assert [block.shape[1] for block in keys.iter_blocks(max_rows=10**6)] == [
+        COPIED_BLOCK + 5
+    ]  # same dtype: one view
+
+
+def rows_from_storage(storage: Storage, b: int) -> dict[str, torch.Tensor]:
+    """Sequence b's cached rows read from the raw layout exactly as `Storage` documents it (what a
+    kernel does): contiguous `[B, L, ...]` rows, or paged rows through the block table; 8-bit c_KV
+    dequantized with its per-group scales."""
+    length = int(storage.lengths[b])
+    if storage.block_table is None:
+        rows = {name: entry[b, :length] for name, entry in storage.entries.items()}
+    else:
+        blocks = storage.block_table[b, : -(-length // storage.block_size)]
+        rows = {name: entry[blocks].flatten(0, 1)[:length] for name, entry in storage.entries.items()}
+    if "c_kv" in rows:
+        groups = rows["c_kv"].double().unflatten(-1, (-1, storage.group_size)) * rows["scale"][..., None]
+        return {"latent": torch.cat([groups.flatten(-2), rows["k_pe"].double()], dim=-1)}
+    return rows
+
+
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("kind", ["latent", "int8", "fp8", "kv"])
+def test_storage_describes_the_rows_attention_reads(kind, paged):
+    """Oracle: what attention reads this step (keys, or k and v). The descriptor (`Storage`) of the
+    layer cache and of the step's keys gives the same rows with no copy of the cache (paged: a
+    fragmented pool, so the block table matters)."""
+    config = TINY_GQA if kind == "kv" else TINY_MLA
+    latent_format = None if kind in ("latent", "kv") else kind
+    if paged:
+        cache = PagedModelCache(
+            [config], num_blocks=20, block_size=4, latent_format=latent_format, dtype=torch.float64
+        )
+        first, spacer = cache.new_batch(2), cache.add_sequence()
+        for _ in range(3):  # interleave a third sequence's blocks with the batch's
+            cache.select([spacer]).layers[0].update(*_entries(config, 1, 4))
+            cache.select(first).layers[0].update(*_entries(config, 2, 4), n_new=torch.tensor([4, 2]))
+        layer = cache.layers[0]
+    else:
+        shared = {"dtype": torch.float64}
+        if kind == "kv":
+            layer = KVCache(config, 2, 20, **shared)
+        elif latent_format:
+            layer = QuantizedLatentCache(config, 2, 20, format=latent_format, **shared)
+        else:
+            layer = LatentCache(config, 2, 20, **shared)
+        layer.update(*_entries(config, 2, 12), n_new=torch.tensor([12, 6]))
+    with layer.stepping(3, torch.tensor([3, 1])) as step:
+        reads, _ = layer.update(*_entries(config, 2, 3), step=step)
+        storage = layer.storage(step)
+        descriptors = [storage, reads.storage()]
+    assert storage.lengths.tolist() == [15, 7]
+    read = dict(zip("kv", reads.full(), strict=True)) if kind == "kv" else {"latent": reads.full()}
+    buffers = {
+        entry.untyped_storage().data_ptr() for entry in (layer.pools if paged else layer.buffers).values()
+    }
+    for descriptor in descriptors:
+        assert {entry.untyped_storage().data_ptr() for entry in descriptor.entries.values()} <= buffers
+        for b, length in enumerate(storage.lengths.tolist()):
+            got = rows_from_storage(descriptor, b)
+            for name, rows in read.items():
+                torch.testing.assert_close(got[name], rows[b, :length].to(got[name].dtype), rtol=0, atol=0)
+
+
+def _entries(config, batch: int, tokens: int) -> list[torch.Tensor]:
+    if isinstance(config, GQAConfig):
+        shape = (batch, tokens, config.n_kv_heads, config.head_dim)
+        return [torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)]
+    return [torch.randn(batch, tokens, config.cache_width, dtype=torch.float64)]
+
+
+def test_truncate_rewinds_and_refuses_to_grow():
+    cache = LatentCache(TINY_MLA, batch_size=2, max_len=6)
+    first = torch.randn(2, 4, 8)
+    cache.update(first)
+    cache.truncate([2, 4])
+    assert cache.lengths.tolist() == [2, 4]
+    keys, _ = cache.update(torch.randn(2, 1, 8), n_new=torch.tensor([1, 0]))
+    torch.testing.assert_close(keys.full()[:, :2], first[:, :2], rtol=0, atol=0)
+    assert cache.lengths.tolist() == [3, 4]
+    with pytest.raises(ValueError, match=r"within its current length \[3, 4\], got \[4, 4\]"):
+        cache.truncate([4, 4])
+    with pytest.raises(ValueError, match="one length per sequence"):
+        cache.truncate([1])
+
+
+@pytest.mark.parametrize("kind", ["latent", "kv"])
+def test_static_cache_reads_every_row_and_equals_the_growing_one(kind):
+    """Oracle: the ordinary cache (growing reads); fp64 exact up to rounding. The static one reads all
+    L rows every step, masked past each sequence's length."""
+    config = TINY_GQA if kind == "kv" else TINY_MLA
+    layer = (GQAAttention if kind == "kv" else MLA)(config, dtype=torch.float64)
+    growing, static = layer.new_cache(2, 9), layer.new_cache(2, 9, static=True)
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    lengths = torch.tensor([5, 2])
+    torch.testing.assert_close(
+        layer(x[:, :5], static, n_new=lengths), layer(x[:, :5], growing, n_new=lengths)
+    )
+    for t in range(5, 9):
+        with static.stepping(1) as step:
+            assert step.n_keys == 9 and step.mask.shape == (2, 1, 9)
+            expected = layer(x[:, t : t + 1], growing)
+            torch.testing.assert_close(layer(x[:, t : t + 1], static, step=step), expected)
+
+
+def test_one_step_open_at_a_time_and_step_or_n_new():
+    cache = KVCache(TINY_GQA, batch_size=1, max_len=4)
+    k = torch.randn(1, 1, 2, 4)
+    step = cache.sequences.begin(1)
+    with pytest.raises(ValueError, match="a step is already open on this cache"):
+        cache.sequences.begin(1)
+    with pytest.raises(ValueError, match="pass n_new or a step, not both"):
+        cache.update(k, k, n_new=torch.tensor([1]), step=step)
+    cache.update(k, k, step=step)
+    cache.sequences.cancel(step)  # a failed forward: the written row is not kept
+    assert cache.lengths.tolist() == [0]
+    with pytest.raises(ValueError, match="this step is not the one open"):
+        cache.sequences.advance(step)
+    with pytest.raises(RuntimeError, match="boom"), cache.stepping(1):
+        raise RuntimeError("boom")
+    assert cache.lengths.tolist() == [0]
+    cache.update(k, k)
+    assert cache.lengths.tolist() == [1]

@@ -3,7 +3,7 @@
 Oracles: the DeepSeek-V2 paper's per-token formulas (MHA 2·n_h·d_h·l, GQA 2·n_g·d_h·l, MQA 2·d_h·l,
 MLA (d_c + d_R)·l), the published figures in docs/kv-cache.md (exact integers, so exact equality; the
 93.3% headline to 0.05 percentage points, as it is quoted), the byte accounting of the real cache
-objects in `latentattn.cache`, and the outputs pasted in docs/kv-cache.md (byte for byte).
+objects in `latentattn.caches`, and the outputs pasted in docs/kv-cache.md (byte for byte).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from latentattn import calculator as calc
-from latentattn.cache import KVCache, LatentCache
+from latentattn.caches import KVCache, LatentCache
 from latentattn.calculator import (
     DEFAULT_BASELINE,
     DEFAULT_CONTEXT,
@@ -391,7 +391,7 @@ def test_cli_config_lacking_fields(capsys, tmp_path):
 
 def test_latent_format_bytes_match_the_quantized_cache_and_flashmla():
     """FlashMLA's 8-bit layout: 512 + 4·4 + 64·2 = 656 B per token per layer, as the cache object stores."""
-    from latentattn.quantized_cache import QuantizedLatentCache
+    from latentattn.caches import QuantizedLatentCache
 
     v2 = calc.preset("deepseek-v2")
     for latent_format in calc.LATENT_FORMATS:

@@ -21,10 +21,9 @@ from conftest import SMALL_MLA, relative_error
 from latentattn import MLA, GQAAttention, GQAConfig, LatentCache, MLAConfig
 from latentattn import attention as attention_module
 from latentattn.attention import FUSED_MAX_ROWS, fused_kernel_serves, latent_attention
+from latentattn.caches import PagedLatentCache, QuantizedLatentCache
 from latentattn.kernels import fused_latent_decode, kernel_status
 from latentattn.kernels import latent_decode as kernel_module
-from latentattn.paged_cache import PagedLatentCache
-from latentattn.quantized_cache import QuantizedLatentCache
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 EIGHT_BIT = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
@@ -245,7 +244,8 @@ def test_the_torch_path_runs_where_the_kernel_does_not_serve(monkeypatch):
         assert not kernel_status().available and "LATENTATTN_KERNEL=0" in kernel_status().detail
         monkeypatch.delenv("LATENTATTN_KERNEL")
     assert calls == []
-    assert not fused_kernel_serves(torch.empty(1, 1, 4, 20, device="meta", dtype=torch.float64), cache)
+    meta = torch.empty(1, 1, 4, 20, device="meta", dtype=torch.float64)
+    assert not fused_kernel_serves(meta, cache.storage())
     with torch.no_grad():
         layer(torch.randn(1, 1, 32, dtype=torch.float64), cache)
     assert len(calls) == 1

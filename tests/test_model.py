@@ -81,3 +81,57 @@ def test_cache_longer_than_the_context_is_rejected():
     model = LanguageModel(get_preset("debug").model("mla"))
     with pytest.raises(ValueError, match="max_len 65 exceeds the model's max_seq_len 64"):
         model.new_cache(1, 65)
+
+
+@pytest.mark.parametrize(("kind", "backend"), [("mla", "inductor"), ("gqa", "aot_eager")])
+def test_compiled_static_decode_equals_eager_and_does_not_recompile(kind, backend):
+    """A `static` cache reads all L rows every step (keys past each length masked), so the compiled
+    step (`forward_step`, the host-side plan made outside it) keeps one graph as the context grows.
+    Oracle: the eager model over an ordinary cache (fp32, 1e-5); dynamo's recompile guard."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch.manual_seed(0)
+    model = LanguageModel(get_preset("debug").model(kind)).eval()
+    dynamic, static = model.new_cache(2, 12), model.new_cache(2, 12, static=True)
+    prompt = torch.randint(0, model.config.vocab_size, (2, 5))
+    compiled = torch.compile(model.forward_step, backend=backend)
+    mode = "absorbed" if kind == "mla" else "auto"
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+        model(prompt, dynamic, n_new=torch.tensor([5, 3]))
+        model(prompt, static, n_new=torch.tensor([5, 3]))
+        for _ in range(4):
+            token = torch.randint(0, model.config.vocab_size, (2, 1))
+            expected = model(token, dynamic, mode=mode)
+            with static.stepping(1) as step:
+                assert step.n_keys == 12 and step.mask.shape == (2, 1, 12)
+                got = compiled(token, static, step, mode)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert static.lengths.tolist() == [9, 7]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("kind", ATTENTION_KINDS)
+def test_a_step_over_caches_on_meta_reads_no_device_values(kind):
+    """Planning a step reads only host lengths: a model and its caches on `meta` (tensors without
+    values) run ragged steps, so no layer syncs with the device."""
+    model = LanguageModel(get_preset("debug").model(kind), device="meta")
+    caches = [model.new_cache(2, 16), model.new_paged_cache(num_blocks=8, block_size=4)]
+    caches[1].new_batch(2)
+    for cache in caches:
+        logits = model(torch.zeros(2, 3, dtype=torch.long, device="meta"), cache, n_new=[3, 1])
+        assert logits.device.type == "meta" and cache.host_lengths == [3, 1]
+        model(torch.zeros(2, 1, dtype=torch.long, device="meta"), cache)
+        assert cache.host_lengths == [4, 2]
+
+
+def test_bad_mode_or_batch_changes_no_cache():
+    model = LanguageModel(get_preset("debug").model("mla"))
+    cache = model.new_cache(2, 16)
+    model(torch.zeros(2, 3, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match="unknown attention mode 'bogus'"):
+        model(torch.zeros(2, 1, dtype=torch.long), cache, mode="bogus")
+    with pytest.raises(ValueError, match="tokens hold 3 sequences but the cache holds 2"):
+        model(torch.zeros(3, 1, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match="n_new must be an integer tensor"):
+        model(torch.zeros(2, 1, dtype=torch.long), cache, n_new=torch.tensor([True, True]))
+    assert cache.lengths.tolist() == [3, 3]

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from conftest import SMALL_MLA, relative_error
 from latentattn import MLA, MLAConfig
-from latentattn.paged_cache import PagedLatentCache
+from latentattn.caches import PagedLatentCache, PagedSequences
 
 CONFIG = SMALL_MLA
 
@@ -71,8 +71,10 @@ def test_fork_shares_the_prefix_and_decodes_like_two_separate_caches(layer):
     assert pages.allocator.num_free == 32
 
 
-def check_invariants(pages: PagedLatentCache) -> None:
-    counts = [0] * len(pages.allocator.refcount)
+def check_invariants(pages: PagedSequences) -> None:
+    """Reference counts = uses by block tables + retained references; the free list holds exactly the
+    unused blocks, once each; every table holds exactly the blocks its length needs."""
+    counts = [pages.retained[block] for block in range(pages.num_blocks)]
     for seq, table in pages.tables.items():
         assert len(table) == -(-pages.seq_lengths[seq] // pages.block_size)  # ceil: no spare blocks held
         for block in table:

@@ -11,7 +11,7 @@ import torch
 
 from conftest import relative_l2
 from latentattn import MLA, MLAConfig
-from latentattn.quantized_cache import QuantizedLatentCache
+from latentattn.caches import QuantizedLatentCache
 
 V2 = MLAConfig(d_model=5120, n_heads=128, kv_lora_rank=512, q_lora_rank=1536)
 SMALL = MLAConfig(

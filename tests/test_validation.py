@@ -108,13 +108,14 @@ def test_a_batch_of_zero_sequences_is_refused(kind):
         model(torch.zeros(0, 3, dtype=torch.long))
 
 
-def test_a_cache_on_meta_is_refused_but_the_layer_runs_there_uncached():
-    """Caches read their lengths' values on the host; meta tensors have none (README: layers run there)."""
+def test_a_layer_runs_on_meta_with_its_cache():
+    """Caches keep their lengths on the host, so a step reads no device value (README: meta works)."""
     layer = MLA(SMALL_MLA, device="meta")
     x = torch.empty(2, 3, 32, device="meta")
     assert layer(x).shape == (2, 3, 32)
-    with pytest.raises(ValueError, match="a cache reads its lengths' values, which meta tensors lack"):
-        layer(x, LatentCache(SMALL_MLA, 2, 8, device="meta"))
+    cache = LatentCache(SMALL_MLA, 2, 8, device="meta")
+    assert layer(x, cache, n_new=[3, 1]).device.type == "meta"
+    assert cache.sequences.host_lengths == [3, 1]
 
 
 @pytest.fixture
@@ -123,42 +124,43 @@ def model() -> LanguageModel:
     return LanguageModel(get_preset("debug").model("mla")).eval()
 
 
+def _other_layers(cache: ModelCache) -> None:
+    cache.layers = cache.layers[:1]
+
+
+def _a_kv_layer(cache: ModelCache) -> None:
+    cache.layers[1] = KVCache(SMALL_GQA, 2, 5, sequences=cache)
+
+
 @pytest.mark.parametrize(
-    ("broken", "n_tokens", "kwargs", "message"),
+    ("break_cache", "n_tokens", "kwargs", "message"),
     [
-        (
-            lambda cache: cache,
-            3,
-            {},
-            "cache overflow: sequence 0 holds 3 tokens and gets 3 more, past max_len=5",
-        ),
-        (lambda cache: cache, 1, {"mode": "bogus"}, "MLA model: unknown attention mode 'bogus'"),
-        (lambda cache: cache, 1, {"n_new": torch.tensor([True, True])}, "n_new must be an integer"),
-        (lambda cache: ModelCache(cache.layers[:1]), 1, {}, "the ModelCache of 2 layers"),
-        (
-            lambda cache: ModelCache([cache.layers[0], KVCache(SMALL_GQA, 2, 16)]),
-            1,
-            {},
-            "cache layer 1 is a KVCache",
-        ),
+        (None, 3, {}, "cache overflow: sequence 0 holds 3 tokens and gets 3 more, past max_len=5"),
+        (None, 1, {"mode": "bogus"}, "MLA model: unknown attention mode 'bogus'"),
+        (None, 1, {"n_new": torch.tensor([True, True])}, "n_new must be an integer"),
+        (_other_layers, 1, {}, "the model cache of 2 layers"),
+        (_a_kv_layer, 1, {}, "cache layer 1 is a KVCache"),
     ],
-    ids=["last layer full", "mode", "bool n_new", "layers missing", "wrong kind"],
+    ids=["full", "mode", "bool n_new", "layers missing", "wrong kind"],
 )
-def test_a_model_step_is_checked_in_every_layer_before_any_writes(model, broken, n_tokens, kwargs, message):
-    cache = ModelCache([model.blocks[0].attn.new_cache(2, 16), model.blocks[1].attn.new_cache(2, 5)])
+def test_a_model_step_is_checked_before_any_layer_writes(model, break_cache, n_tokens, kwargs, message):
+    cache = model.new_cache(2, 5)
     with torch.no_grad():
         model(torch.randint(0, 100, (2, 3)), cache)
+        if break_cache is not None:
+            break_cache(cache)
         with pytest.raises(ValueError, match=message):
-            model(torch.randint(0, 100, (2, n_tokens)), broken(cache), **kwargs)
-    assert [layer.lengths.tolist() for layer in cache.layers] == [[3, 3], [3, 3]]
+            model(torch.randint(0, 100, (2, n_tokens)), cache, **kwargs)
+    assert cache.lengths.tolist() == [3, 3]
 
 
-def test_model_cache_layers_at_different_lengths_are_refused(model):
+def test_a_model_cache_layer_runs_no_step_alone(model):
+    """All layers of a model cache share one set of lengths: one layer stepping alone would advance the
+    others' too, so it is refused."""
     cache = model.new_cache(2, 16)
-    with torch.no_grad():
+    with torch.no_grad(), pytest.raises(ValueError, match="one layer of a model cache"):
         model.blocks[0].attn(torch.randn(2, 1, 64), cache.layers[0])
-        with pytest.raises(ValueError, match=r"cache layer 1 holds lengths \[0, 0\], layer 0 \[1, 1\]"):
-            model(torch.zeros(2, 1, dtype=torch.long), cache)
+    assert cache.lengths.tolist() == [0, 0]
 
 
 @pytest.mark.parametrize("kv_lora_rank", [16, 96, 128, 200, 256, 320, 384, 640])

@@ -1,12 +1,17 @@
 """latentattn: DeepSeek's Multi-head Latent Attention (MLA), MHA/GQA/MQA baselines and their caches."""
 
 from latentattn.attention import MLA, GQAAttention, build_attention, choose_mla_path, mla_path_flops
-from latentattn.cache import KVCache, LatentCache
+from latentattn.caches import (
+    KVCache,
+    LatentCache,
+    ModelCache,
+    PagedLatentCache,
+    PagedModelCache,
+    QuantizedLatentCache,
+)
 from latentattn.config import GQAConfig, MLAConfig, RopeConfig, YarnConfig
 from latentattn.layers import RMSNorm
 from latentattn.model import LanguageModel, ModelConfig, get_preset
-from latentattn.paged_cache import PagedLatentCache
-from latentattn.quantized_cache import QuantizedLatentCache
 from latentattn.rope import RotaryEmbedding
 
 __version__ = "0.1.0"
@@ -19,8 +24,10 @@ __all__ = [
     "LanguageModel",
     "LatentCache",
     "MLAConfig",
+    "ModelCache",
     "ModelConfig",
     "PagedLatentCache",
+    "PagedModelCache",
     "QuantizedLatentCache",
     "RMSNorm",
     "RopeConfig",

@@ -1,11 +1,13 @@
 """MLA (naive | absorbed) and the MHA/GQA/MQA family behind one call signature.
 
-    layer(x, cache=None, *, n_new=None, mode="auto") -> y
+    layer(x, cache=None, *, n_new=None, mode="auto", step=None) -> y
 
 x, y: [B, T, d]. Without a cache the T tokens sit at positions 0..T-1 under a causal mask (training,
 a fresh prompt). With a cache, sequence b's tokens sit at `cache.lengths[b] + t`, are appended to the
 cache, and attend to everything cached before them (decode, chunked prefill, ragged batches);
-`n_new[b]` marks how many of the T tokens of sequence b are real (right padding after them).
+`n_new[b]` marks how many of the T tokens of sequence b are real (right padding after them). A layer
+with its own cache plans and closes its step itself; the layers of a model get the `step` their model
+cache planned once for all of them (positions, mask, write slots: `latentattn.caches.Step`).
 
 Notation: B batch, T new tokens, S keys (cached + new), H heads, C kv_lora_rank (d_c),
 R qk_rope_head_dim (d_h^R), N qk_nope_head_dim (d_h), V v_head_dim, G kv heads, D head_dim.
@@ -21,18 +23,31 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from latentattn.cache import KVCache, LatentCache, LatentKeys, Workspace
+from latentattn.caches import (
+    AttentionCache,
+    ContiguousKeys,
+    ContiguousSequences,
+    KVCache,
+    KVRows,
+    LatentCache,
+    LatentKeys,
+    QuantizedLatentCache,
+    Step,
+    Storage,
+    Workspace,
+)
 from latentattn.config import AttentionConfig, GQAConfig, MLAConfig
 from latentattn.kernels import fused_latent_decode, kernel_status
 from latentattn.layers import RMSNorm, fp32_or_wider
-from latentattn.paged_cache import PagedLatentCache
-from latentattn.quantized_cache import QuantizedLatentCache
 from latentattn.rope import RotaryEmbedding
 
-LATENT_CACHES = (LatentCache, QuantizedLatentCache, PagedLatentCache)
-"""Caches MLA can read: contiguous, 8-bit (FlashMLA's layout) and paged."""
 Mode = Literal["auto", "naive", "absorbed"]
 MODES: tuple[Mode, ...] = ("auto", "naive", "absorbed")
+CACHE_NAMES = {
+    "latent": "a latent cache (LatentCache, QuantizedLatentCache, PagedLatentCache, a model's MLA layer)",
+    "kv": "a K/V cache (KVCache or a K/V layer of a model cache)",
+}
+"""What each attention family reads, for error messages."""
 
 
 def mla_path_flops(config: MLAConfig, n_queries: int, n_keys: int) -> dict[str, int]:
@@ -73,9 +88,20 @@ def choose_mla_path(config: MLAConfig, mode: Mode, n_queries: int, n_keys: int, 
     return "absorbed" if flops["absorbed"] < flops["naive"] else "naive"
 
 
-def _check_input(x: Tensor, d_model: int, weight: Tensor, cache: object | None, name: str) -> None:
+def _check_input(
+    x: Tensor,
+    weight: Tensor,
+    cache: AttentionCache | None,
+    n_new: Tensor | None,
+    step: Step | None,
+    *,
+    d_model: int,
+    family: str,
+    name: str,
+) -> None:
     """Raise a ValueError naming the problem unless `x` is `[B, T > 0, d]` on the layer's device, in its
-    dtype (any float dtype under autocast), and `cache` lives on the same device."""
+    dtype (any float dtype under autocast), and `cache` serves `family`, lives on the same device and
+    holds B sequences (`step`, when given, for B × T tokens)."""
     if x.dim() != 3 or x.shape[-1] != d_model:
         raise ValueError(
             f"{name} expects x of shape [batch, tokens, d_model={d_model}], got {tuple(x.shape)}"
@@ -89,28 +115,30 @@ def _check_input(x: Tensor, d_model: int, weight: Tensor, cache: object | None, 
         x.dtype.is_floating_point and x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
     ):
         raise ValueError(f"{name}: x is {x.dtype} but the layer's weights are {weight.dtype}")
-    if cache is not None and cache.device != weight.device:
+    if cache is None:
+        if n_new is not None or step is not None:
+            given = "n_new (right padding per sequence)" if n_new is not None else "a step"
+            raise ValueError(f"{given} needs a cache; without one the mask is causal")
+        return
+    if getattr(cache, "family", None) != family:
+        raise ValueError(f"{name} needs {CACHE_NAMES[family]}, got {type(cache).__name__}")
+    if cache.device != weight.device:
         raise ValueError(
             f"{name}: the cache is on {cache.device} but the layer's weights are on {weight.device}"
         )
-    if cache is not None and x.device.type == "meta":
+    if cache.batch_size != x.shape[0]:
+        raise ValueError(f"x holds {x.shape[0]} sequences but the cache holds {cache.batch_size}")
+    if step is not None and tuple(step.positions.shape) != tuple(x.shape[:2]):
         raise ValueError(
-            f"{name}: a cache reads its lengths' values, which meta tensors lack; on meta, run without one"
+            f"the step plans {tuple(step.positions.shape)} tokens but x holds {tuple(x.shape[:2])}"
         )
 
 
-def _positions(x: Tensor, cache: object | None, n_new: Tensor | None) -> Tensor:
-    """Token positions `[B, T]`: from the cache's per-sequence lengths, else 0..T-1."""
-    batch, n_tokens = x.shape[:2]
-    if cache is None:
-        if n_new is not None:
-            raise ValueError(
-                "n_new (right padding per sequence) needs a cache; without one the mask is causal"
-            )
-        return torch.arange(n_tokens, device=x.device).expand(batch, n_tokens)
-    if cache.batch_size != batch:
-        raise ValueError(f"x holds {batch} sequences but the cache holds {cache.batch_size}")
-    return cache.positions(n_tokens)
+def _positions(x: Tensor, step: Step | None) -> Tensor:
+    """Token positions `[B, T]`: the step's, else 0..T-1."""
+    if step is not None:
+        return step.positions
+    return torch.arange(x.shape[1], device=x.device).expand(*x.shape[:2])
 
 
 def causal_mask(n_queries: int, n_keys: int, device: torch.device) -> Tensor:
@@ -134,17 +162,17 @@ def _sdpa(
 
 SCORE_BLOCK_ELEMENTS = 2**22
 """Upper bound on the scores `[B, s, T·H]` of one key block (16 MiB in fp32). Decode at batch 1 with 16
-heads reads up to 262K keys of a contiguous cache as one block: one plain softmax, measured faster on
-CPU than blocks of 2K-8K keys kept in cache between the two GEMMs."""
+heads reads up to 262K keys of a contiguous cache as one block: one plain softmax, which beat blocks of
+2K-8K keys kept in cache between the two GEMMs on CPU (README, decode benchmark)."""
 MIN_KEY_BLOCK = 64
 """Keys per block at least, however many query rows a long chunk brings."""
 
 
-def gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype of the absorbed path's GEMMs: fp32 (or wider) on every CPU, since bf16/fp16 GEMMs
-    ran ~2.5x slower than fp32 on this project's AVX2 machine (no native bf16 units; CPUs with AMX
-    may differ, unmeasured); the input dtype elsewhere. bf16 products are exact in fp32, so this
-    changes only the summation order and rounding."""
+def absorbed_gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype `MLA` runs the absorbed path's GEMMs in: fp32 (or wider) on every CPU, since bf16/fp16
+    GEMMs ran slower than fp32 on this project's AVX2 machine (no native bf16 units; README, decode
+    benchmark; CPUs with AMX may differ, unmeasured); the input dtype elsewhere. bf16 products are
+    exact in fp32, so this changes only the summation order and rounding."""
     return fp32_or_wider(dtype) if device.type == "cpu" else dtype
 
 
@@ -154,7 +182,9 @@ def latent_attention(
     mask: Tensor | None,
     scale: float,
     value_width: int,
-    block_size: int | None = None,
+    *,
+    gemm_dtype: torch.dtype | None = None,
+    max_rows: int | None = None,
 ) -> Tensor:
     """`softmax(q · kvᵀ · scale) · kv[..., :value_width]`: attention with one shared key/value "head".
 
@@ -163,18 +193,19 @@ def latent_attention(
 
     Key-major, so both GEMMs read the cache where it lies: scores are the tall product `keys · qᵀ`
     ([s, W]·[W, T·H], one column per query row), the softmax reduces over keys (dim 1) and the output
-    is `valuesᵀ · probs` ([C, s]·[s, T·H]). Keys that fit in one block (`block_size`, default: as
-    many as keep the scores under `SCORE_BLOCK_ELEMENTS`, at most `kv.max_block` for caches that
-    gather or dequantize) take one softmax; more go block by block with an online softmax whose
-    running max carries no gradient (the softmax does not depend on the shift). Scale, softmax and
+    is `valuesᵀ · probs` ([C, s]·[s, T·H]). Keys that fit in one block (at most `max_rows`, default: as
+    many as keep the scores under `SCORE_BLOCK_ELEMENTS`; fewer for caches that gather or dequantize,
+    see `LatentKeys.iter_blocks`) take one softmax; more go block by block with an online softmax
+    whose running max carries no gradient (the softmax does not depend on the shift). The GEMMs run in
+    `gemm_dtype` (default: q's; the caller chooses, e.g. `absorbed_gemm_dtype`); scale, softmax and
     accumulation in fp32 (fp64 for fp64 inputs).
     """
-    keys = kv if isinstance(kv, LatentKeys) else LatentKeys.of(kv)
+    keys = kv if isinstance(kv, LatentKeys) else ContiguousKeys.of(kv)
     batch, n_tokens, heads, width = q.shape
     n_rows, n_keys = n_tokens * heads, keys.shape[1]
     if mask is None and n_tokens > 1:
         mask = causal_mask(n_tokens, n_keys, q.device)
-    acc, gemm = fp32_or_wider(q.dtype), gemm_dtype(q.dtype, q.device)
+    acc, gemm = fp32_or_wider(q.dtype), gemm_dtype or q.dtype
     rows_t = q.reshape(batch, n_rows, width).transpose(1, 2).to(gemm)  # [B, W, T·H]
 
     def scores_of(block: Tensor, start: int) -> Tensor:
@@ -189,7 +220,8 @@ def latent_attention(
         """`valuesᵀ · probs`: [B, C, s]·[B, s, T·H] → [B, C, T·H]."""
         return torch.matmul(block[..., :value_width].transpose(1, 2), probs.to(gemm)).to(acc)
 
-    blocks = keys.blocks(block_size or max(MIN_KEY_BLOCK, SCORE_BLOCK_ELEMENTS // (batch * n_rows)), gemm)
+    max_rows = max_rows or max(MIN_KEY_BLOCK, SCORE_BLOCK_ELEMENTS // (batch * n_rows))
+    blocks = keys.iter_blocks(max_rows=max_rows, dtype=gemm)
     first = next(blocks)  # [B, s, W]
     if first.shape[1] == n_keys:  # every query row sees key 0, so no row is fully masked
         out = weighted_values(first, torch.softmax(scores_of(first, 0), dim=1))  # [B, C, T·H]
@@ -216,75 +248,76 @@ FUSED_MAX_ROWS = 1024
 rows · C values (chunks of 64 tokens with 16 heads still measured faster than the torch path)."""
 
 
-def fused_kernel_serves(q: Tensor, cache: object | None) -> bool:
+def fused_kernel_serves(q: Tensor, storage: Storage) -> bool:
     """Whether the fused CPU kernel (`latentattn.kernels`) runs for a layer's queries like
-    `q: [B, T, H, W]` over `cache`: a latent cache, or a K/V cache with fewer K/V heads G than query
-    heads (GQA/MQA) for chunks of T >= 2 tokens, on CPU; fp32/bf16/fp64 queries that need no gradient;
-    at most `FUSED_MAX_ROWS` query rows per kernel sequence (T·H, or T·H/G per K/V head); and the
-    kernel built here (not disabled by LATENTATTN_KERNEL=0). GQA/MQA decode (T = 1) and MHA stay
-    with SDPA: its folded-query decode measured about as fast as the kernel, and MHA gives each K/V
-    head one query row, a sliver of the kernel's vector lanes."""
+    `q: [B, T, H, W]` over a cache laid out as `storage` (`LatentKeys.storage()`, `KVRows.storage()`
+    or a cache's `storage()`): latent rows (full precision or 8-bit, contiguous or paged), or
+    contiguous K/V with fewer K/V heads G than query heads (GQA/MQA) for chunks of T >= 2 tokens, on
+    CPU; fp32/bf16/fp64 queries and storage that need no gradient; at most `FUSED_MAX_ROWS` query rows
+    per kernel sequence (T·H, or T·H/G per K/V head); outside `torch.compile`; and the kernel built
+    here (not disabled by LATENTATTN_KERNEL=0). GQA/MQA decode (T = 1) and MHA stay with SDPA: its
+    folded-query decode measured about as fast as the kernel, and MHA gives each K/V head one query
+    row, a sliver of the kernel's vector lanes."""
     rows = q.shape[1] * q.shape[2]
-    if isinstance(cache, KVCache):
-        groups = cache.buffers["k"].shape[2]
-        if groups == q.shape[2] or q.shape[1] == 1:
+    if "k" in storage.entries:
+        groups = storage.entries["k"].shape[2]
+        if storage.block_table is not None or groups == q.shape[2] or q.shape[1] == 1:
             return False
         rows //= groups
-    elif not isinstance(cache, LATENT_CACHES):
-        return False
+    tensors = [q, *storage.entries.values()]
     return (
-        q.device.type == "cpu"
+        not torch.compiler.is_compiling()  # a ctypes call dynamo cannot trace: compiled graphs keep torch
+        and q.device.type == "cpu"
         and q.dtype in (torch.float32, torch.bfloat16, torch.float64)
         and rows <= FUSED_MAX_ROWS
-        and not (torch.is_grad_enabled() and q.requires_grad)
+        and not (torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors))
         and kernel_status().available
     )
 
 
 def fused_latent_attention(
-    q: Tensor, cache: object | None, lengths: Tensor, n_keys: int, scale: float, value_width: int
+    q: Tensor, keys: LatentKeys, lengths: Tensor, scale: float, value_width: int
 ) -> Tensor | None:
-    """`latent_attention` by the fused CPU kernel straight from `cache`'s storage, or None where the
-    torch path must run (`fused_kernel_serves`, or storage that carries gradients).
+    """`latent_attention` by the fused CPU kernel straight from the keys' storage, or None where the
+    torch path must run (`fused_kernel_serves`).
 
-    The one place that maps today's caches to the kernel's raw arguments: q `[B, T, H, C + R]`,
-    `lengths` the cache's lengths before this step's T tokens were appended, `n_keys` the keys
-    attention reads (S). Query t of sequence b sees keys `< lengths[b] + t + 1` — the mask the
-    caches return.
+    The one place that maps the caches' `Storage` to the kernel's raw arguments: q `[B, T, H, C + R]`,
+    `lengths` each sequence's cached tokens before this step (`Step.lengths`); query t of sequence b
+    sees keys `< lengths[b] + t + 1` of the S the keys hold — the mask the caches return.
     """
-    if not fused_kernel_serves(q, cache):
+    storage = keys.storage()
+    if not fused_kernel_serves(q, storage):
         return None
-    storage: dict[str, Tensor] = {}
-    if isinstance(cache, LatentCache):
-        storage["kv"] = cache.latent
-    elif isinstance(cache, PagedLatentCache):
-        storage["kv"] = cache.pool
-        storage["block_table"] = cache._tables(-(-n_keys // cache.block_size))
-    else:  # QuantizedLatentCache
-        storage.update(kv=cache.buffers["c_kv"], scales=cache.buffers["scale"], k_pe=cache.buffers["k_pe"])
-    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in storage.values()):
-        return None
-    kv = storage.pop("kv")
-    return fused_latent_decode(q, kv, lengths, scale, value_width, n_keys=n_keys, **storage)
+    entries = storage.entries
+    if "latent" in entries:
+        parts = {"kv": entries["latent"]}
+    else:
+        parts = {"kv": entries["c_kv"], "scales": entries["scale"], "k_pe": entries["k_pe"]}
+    return fused_latent_decode(
+        q,
+        lengths=lengths,
+        scale=scale,
+        value_width=value_width,
+        n_keys=keys.shape[1],
+        block_table=storage.block_table,
+        **parts,
+    )
 
 
-def fused_grouped_attention(
-    q: Tensor, cache: object | None, lengths: Tensor, n_keys: int, scale: float
-) -> Tensor | None:
-    """GQA/MQA attention `[B, T, H, D]` by the fused CPU kernel straight from a `KVCache`, or None where
-    SDPA must run (see `fused_kernel_serves`). Each K/V head is one kernel sequence whose query rows
-    are its H/G query heads; the head-major buffers `[B, G, L, D]` are read in place as `[B·G, L, D]`.
+def fused_grouped_attention(q: Tensor, rows: KVRows, lengths: Tensor, scale: float) -> Tensor | None:
+    """GQA/MQA attention `[B, T, H, D]` by the fused CPU kernel straight from contiguous K/V rows, or None
+    where SDPA must run (see `fused_kernel_serves`). Each K/V head is one kernel sequence whose query
+    rows are its H/G query heads; head-major buffers `[B, G, L, D]` are read in place as `[B·G, L, D]`.
     """
-    if not fused_kernel_serves(q, cache):
+    storage = rows.storage()
+    if not fused_kernel_serves(q, storage):
         return None
     batch, _, heads, head_dim = q.shape
-    groups = cache.buffers["k"].shape[2]
+    groups = storage.entries["k"].shape[2]
     grouped = q.unflatten(2, (groups, heads // groups)).transpose(1, 2).flatten(0, 1)  # [B·G, T, H/G, D]
-    keys, values = (cache.buffers[name].transpose(1, 2).flatten(0, 1) for name in ("k", "v"))  # [B·G, L, D]
-    if torch.is_grad_enabled() and (keys.requires_grad or values.requires_grad):
-        return None
+    keys, values = (storage.entries[name].transpose(1, 2).flatten(0, 1) for name in ("k", "v"))  # [B·G, S, D]
     o = fused_latent_decode(
-        grouped, keys, lengths.repeat_interleave(groups), scale, head_dim, values=values, n_keys=n_keys
+        grouped, keys, lengths.repeat_interleave(groups), scale, head_dim, values=values, n_keys=rows.shape[1]
     )
     return o.unflatten(0, (batch, groups)).transpose(1, 2).flatten(2, 3)  # [B, T, H, D]
 
@@ -336,58 +369,71 @@ class MLA(nn.Module):
         max_len: int,
         *,
         latent_format: str | None = None,
+        static: bool = False,
         workspace: Workspace | None = None,
-    ) -> LatentCache | QuantizedLatentCache:
+        sequences: ContiguousSequences | None = None,
+    ) -> LatentCache:
         """An empty latent cache on this layer's device, in its dtype; `latent_format` ("int8", "fp8")
-        stores it in FlashMLA's 8-bit layout instead (dequantizing into `workspace`, which a model's
-        layers may share)."""
+        stores it in FlashMLA's 8-bit layout instead. A model's layers share `sequences` and the
+        `workspace` copied blocks are built in; `static`: see `ContiguousSequences`."""
         factory = {"device": self.w_dkv.weight.device, "dtype": self.w_dkv.weight.dtype}
+        shared = {"static": static, "sequences": sequences, "workspace": workspace}
         if latent_format is None:
-            return LatentCache(self.config, batch_size, max_len, **factory)
+            return LatentCache(self.config, batch_size, max_len, **shared, **factory)
         return QuantizedLatentCache(
-            self.config, batch_size, max_len, format=latent_format, workspace=workspace, **factory
+            self.config, batch_size, max_len, format=latent_format, **shared, **factory
         )
+
+    def check_mode(self, mode: str) -> None:
+        """Raise a ValueError unless this layer has execution path `mode`."""
+        check_mode(mode, MODES, "MLA")
 
     def forward(
         self,
         x: Tensor,
-        cache: LatentCache | QuantizedLatentCache | PagedLatentCache | None = None,
+        cache: AttentionCache | None = None,
         *,
         n_new: Tensor | None = None,
         mode: Mode = "auto",
+        step: Step | None = None,
     ) -> Tensor:
         """x: [B, T, d] → [B, T, d]; see the module docstring for the cache protocol."""
-        check_mode(mode)  # before the cache advances
-        if cache is not None and not isinstance(cache, LATENT_CACHES):
-            names = ", ".join(kind.__name__ for kind in LATENT_CACHES)
-            raise ValueError(f"MLA needs a latent cache ({names}), got {type(cache).__name__}")
-        _check_input(x, self.config.d_model, self.w_o.weight, cache, "MLA")
-        positions = _positions(x, cache, n_new)
-        q_nope, q_pe = self.queries(x, positions)
-        latent = self.latent(x, positions)
-        lengths = None if cache is None else cache.lengths  # before this step's tokens
-        keys, mask = (LatentKeys.of(latent), None) if cache is None else cache.update(latent, n_new)
+        self.check_mode(mode)
+        _check_input(
+            x, self.w_o.weight, cache, n_new, step, d_model=self.config.d_model, family="latent", name="MLA"
+        )
+        if cache is not None and step is None:
+            with cache.stepping(x.shape[1], n_new) as step:
+                return self._forward(x, cache, step, mode)
+        return self._forward(x, cache, step, mode)
+
+    def _forward(self, x: Tensor, cache: AttentionCache | None, step: Step | None, mode: Mode) -> Tensor:
+        positions, memo = _positions(x, step), None if step is None else step.memo
+        q_nope, q_pe = self.queries(x, positions, memo)
+        latent = self.latent(x, positions, memo)
+        keys, mask = (ContiguousKeys.of(latent), None) if cache is None else cache.update(latent, step=step)
+        lengths = None if step is None else step.lengths  # before this step's tokens
         path = choose_mla_path(self.config, mode, x.shape[1], keys.shape[1], cached=cache is not None)
         if path == "absorbed":
-            o = self.attend_absorbed(q_nope, q_pe, keys, mask, cache=cache, lengths=lengths)  # [B, T, H, V]
+            o = self.attend_absorbed(q_nope, q_pe, keys, mask, lengths=lengths)  # [B, T, H, V]
         elif self.recompute_kv and torch.is_grad_enabled():
             o = checkpoint(self.attend_naive, q_nope, q_pe, keys.full(), mask, use_reentrant=False)
         else:
             o = self.attend_naive(q_nope, q_pe, keys.full(), mask)
         return self.w_o(o.flatten(2))
 
-    def queries(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """`q_nope: [B, T, H, N]` and RoPE'd `q_pe: [B, T, H, R]`."""
+    def queries(self, x: Tensor, positions: Tensor, memo: dict | None = None) -> tuple[Tensor, Tensor]:
+        """`q_nope: [B, T, H, N]` and RoPE'd `q_pe: [B, T, H, R]` (`memo`: the step's, for RoPE)."""
         c = self.config
         q = self.w_q(x) if c.q_lora_rank is None else self.w_uq(self.q_norm(self.w_dq(x)))
         q = q.view(*x.shape[:2], c.n_heads, c.qk_head_dim)  # [B, T, H, N + R]
         q_nope, q_pe = q.split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
-        return q_nope, self.rope(q_pe, positions)
+        return q_nope, self.rope(q_pe, positions, memo)
 
-    def latent(self, x: Tensor, positions: Tensor) -> Tensor:
+    def latent(self, x: Tensor, positions: Tensor, memo: dict | None = None) -> Tensor:
         """What the cache stores: `[RMSNorm(c_KV) | RoPE(k_pe)]`, shape [B, T, C + R]."""
         c_kv, k_pe = self.w_dkv(x).split([self.config.kv_lora_rank, self.config.qk_rope_head_dim], dim=-1)
-        k_pe = self.rope(k_pe[:, :, None, :], positions)[:, :, 0, :]  # one RoPE key for all heads
+        k_pe = self.rope(k_pe[:, :, None, :], positions, memo)[:, :, 0, :]  # one RoPE key for all heads
         return torch.cat([self.kv_norm(c_kv), k_pe], dim=-1)
 
     def attend_naive(self, q_nope: Tensor, q_pe: Tensor, kv: Tensor, mask: Tensor | None) -> Tensor:
@@ -403,6 +449,13 @@ class MLA(nn.Module):
         o = _sdpa(q, k, v.transpose(1, 2), mask, c.softmax_scale)  # [B, H, T, V]
         return o.transpose(1, 2)  # [B, T, H, V]
 
+    def absorbed_weights(self) -> tuple[Tensor, Tensor]:
+        """`W_UK: [H, N, C]` and `W_UV: [H, V, C]`, views of `w_ukv`."""
+        c = self.config
+        w_ukv = self.w_ukv.weight.view(c.n_heads, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
+        w_uk, w_uv = w_ukv.split([c.qk_nope_head_dim, c.v_head_dim], dim=1)
+        return w_uk, w_uv
+
     def attend_absorbed(
         self,
         q_nope: Tensor,
@@ -410,31 +463,44 @@ class MLA(nn.Module):
         kv: Tensor | LatentKeys,
         mask: Tensor | None,
         *,
-        cache: object | None = None,
         lengths: Tensor | None = None,
     ) -> Tensor:
         """Attend in latent space: MQA with one (C + R)-wide key per token whose value is c_KV.
 
         `q_lat = q_nope · W_UK` per head; scores are `[q_lat | q_pe] · [c_KV | k_pe]` for all T·H query
-        rows at once against the cache rows (`latent_attention`, blocked for paged and 8-bit caches;
-        or the fused CPU kernel reading `cache`'s storage, given its `lengths` before this step);
-        `o = (softmax · c_KV) · W_UV` per head.
+        rows at once against the cache rows (`latent_attention`, blocked for paged and 8-bit caches, its
+        GEMMs in `absorbed_gemm_dtype`; or the fused CPU kernel reading the keys' storage, given each
+        sequence's cached `lengths` before this step); `o = (softmax · c_KV) · W_UV` per head.
+        `attend_absorbed_paper` is the same computation written as the paper does.
         """
         c = self.config
-        heads = c.n_heads
-        w_ukv = self.w_ukv.weight.view(heads, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
-        w_uk, w_uv = w_ukv.split([c.qk_nope_head_dim, c.v_head_dim], dim=1)  # [H, N, C], [H, V, C]
+        w_uk, w_uv = self.absorbed_weights()
         q_lat = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)  # [B, T, H, C]
         q = torch.cat([q_lat, q_pe], dim=-1)  # [B, T, H, C + R]
         o_lat = None
-        if self.fused_kernel and cache is not None:
-            o_lat = fused_latent_attention(q, cache, lengths, kv.shape[1], c.softmax_scale, c.kv_lora_rank)
+        if self.fused_kernel and lengths is not None and isinstance(kv, LatentKeys):
+            o_lat = fused_latent_attention(q, kv, lengths, c.softmax_scale, c.kv_lora_rank)
         if o_lat is None:
-            o_lat = latent_attention(q, kv, mask, c.softmax_scale, c.kv_lora_rank)  # [B, T, H, C]
+            gemm = absorbed_gemm_dtype(q.dtype, q.device)
+            o_lat = latent_attention(q, kv, mask, c.softmax_scale, c.kv_lora_rank, gemm_dtype=gemm)
         # o = o_lat · W_UVᵀ per head, as W_UV · o_latᵀ so W_UV is read where it lies (an einsum copies
         # the strided [H, V, C] view transposed every step, slowly in bf16).
         o = torch.matmul(w_uv, o_lat.flatten(0, 1).permute(1, 2, 0))  # [H, V, B·T]
         return o.permute(2, 0, 1).unflatten(0, o_lat.shape[:2])  # [B, T, H, V]
+
+    def attend_absorbed_paper(self, q_nope: Tensor, q_pe: Tensor, kv: Tensor, mask: Tensor | None) -> Tensor:
+        """The absorbed path as the paper writes it, one einsum per product over the cached rows
+        `kv: [B, S, C + R] = [c_KV | k_pe]` (as DeepSeek-V3's `inference/model.py` does); mask `[B, T, S]`
+        or None (aligned causal) → [B, T, H, V]. The readable oracle of `attend_absorbed`."""
+        c = self.config
+        w_uk, w_uv = self.absorbed_weights()  # [H, N, C], [H, V, C]
+        c_kv, k_pe = kv.split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)  # [B, S, C], [B, S, R]
+        q_lat = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)  # W_UK absorbed into the query
+        scores = torch.einsum("bthc,bsc->bths", q_lat, c_kv) + torch.einsum("bthr,bsr->bths", q_pe, k_pe)
+        keep = causal_mask(q_nope.shape[1], kv.shape[1], kv.device) if mask is None else mask  # [B, T, S]
+        scores = (scores * c.softmax_scale).masked_fill(~keep[:, :, None, :], float("-inf"))
+        o_lat = torch.einsum("bths,bsc->bthc", scores.softmax(dim=-1), c_kv)  # values are c_KV
+        return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # W_UV absorbed into the output
 
 
 class GQAAttention(nn.Module):
@@ -463,45 +529,78 @@ class GQAAttention(nn.Module):
         self.w_o = nn.Linear(c.n_heads * c.head_dim, c.d_model, bias=False, **factory)
         self.rope = RotaryEmbedding(c.head_dim, c.rope)
 
-    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        """An empty K/V cache on this layer's device, in its dtype."""
+    def new_cache(
+        self,
+        batch_size: int,
+        max_len: int,
+        *,
+        static: bool = False,
+        sequences: ContiguousSequences | None = None,
+    ) -> KVCache:
+        """An empty K/V cache on this layer's device, in its dtype (a model's layers share `sequences`;
+        `static`: see `ContiguousSequences`)."""
         weight = self.w_k.weight
-        return KVCache(self.config, batch_size, max_len, device=weight.device, dtype=weight.dtype)
+        return KVCache(
+            self.config,
+            batch_size,
+            max_len,
+            static=static,
+            sequences=sequences,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+
+    def check_mode(self, mode: str) -> None:
+        """Raise a ValueError unless `mode` is "auto" or "naive" (this layer has one execution path)."""
+        if mode not in ("auto", "naive"):
+            raise ValueError(
+                f"{self.config.kind.upper()} has one execution path; "
+                f"mode must be 'auto' or 'naive', not {mode!r}"
+            )
 
     def forward(
         self,
         x: Tensor,
-        cache: KVCache | None = None,
+        cache: AttentionCache | None = None,
         *,
         n_new: Tensor | None = None,
         mode: Mode = "auto",
+        step: Step | None = None,
     ) -> Tensor:
         """x: [B, T, d] → [B, T, d]. One execution path: `mode` may be "auto" or "naive"."""
         c = self.config
-        if mode not in ("auto", "naive"):
-            raise ValueError(
-                f"{c.kind.upper()} has one execution path; mode must be 'auto' or 'naive', not {mode!r}"
-            )
-        if cache is not None and not isinstance(cache, KVCache):
-            raise ValueError(f"{c.kind.upper()} needs a KVCache, got {type(cache).__name__}")
-        _check_input(x, c.d_model, self.w_o.weight, cache, c.kind.upper())
+        self.check_mode(mode)
+        _check_input(
+            x, self.w_o.weight, cache, n_new, step, d_model=c.d_model, family="kv", name=c.kind.upper()
+        )
+        if cache is not None and step is None:
+            with cache.stepping(x.shape[1], n_new) as step:
+                return self._forward(x, cache, step)
+        return self._forward(x, cache, step)
+
+    def _forward(self, x: Tensor, cache: AttentionCache | None, step: Step | None) -> Tensor:
+        c = self.config
         batch, n_tokens = x.shape[:2]
-        positions = _positions(x, cache, n_new)
-        q = self.rope(self.w_q(x).view(batch, n_tokens, c.n_heads, c.head_dim), positions)  # [B, T, H, D]
-        k = self.rope(self.w_k(x).view(batch, n_tokens, c.n_kv_heads, c.head_dim), positions)  # [B, T, G, D]
+        positions, memo = _positions(x, step), None if step is None else step.memo
+        q = self.w_q(x).view(batch, n_tokens, c.n_heads, c.head_dim)  # [B, T, H, D]
+        k = self.w_k(x).view(batch, n_tokens, c.n_kv_heads, c.head_dim)  # [B, T, G, D]
+        q, k = self.rope(q, positions, memo), self.rope(k, positions, memo)
         v = self.w_v(x).view(batch, n_tokens, c.n_kv_heads, c.head_dim)
-        mask = None
-        lengths = None if cache is None else cache.lengths  # before this step's tokens
-        if cache is not None:
-            k, v, mask = cache.update(k, v, n_new)  # [B, S, G, D] each, mask [B, T, S]
-        if self.fused_kernel and cache is not None:
-            o = fused_grouped_attention(q, cache, lengths, k.shape[1], c.softmax_scale)  # [B, T, H, D]
+        rows, mask = (None, None) if cache is None else cache.update(k, v, step=step)  # mask [B, T, S]
+        if rows is not None and self.fused_kernel:
+            o = fused_grouped_attention(q, rows, step.lengths, c.softmax_scale)  # [B, T, H, D]
             if o is not None:
                 return self.w_o(o.flatten(2))
+        if rows is not None and rows.copies and n_tokens == 1 and x.device.type == "cpu":
+            # Decode over gathered pages: cache-sized blocks, merged by their log-sum-exp.
+            o = decode_in_blocks(q.view(batch, c.n_kv_heads, -1, c.head_dim), rows, mask, c.softmax_scale)
+            return self.w_o(o.reshape(batch, 1, -1))
+        if rows is not None:
+            k, v = rows.full()  # [B, S, G, D] each
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, G, S, D]
         if n_tokens == 1 and c.n_kv_heads != c.n_heads:
             # Decode: each group's H/G query heads become its query rows, [B, G, H/G, D], so SDPA reads
-            # every K/V head once instead of repeating it per query head (MQA 3x faster at 16K on CPU).
+            # every K/V head once instead of repeating it per query head (docs/bench: MQA, GQA decode).
             o = F.scaled_dot_product_attention(
                 q.view(batch, c.n_kv_heads, -1, c.head_dim),
                 k,
@@ -514,6 +613,37 @@ class GQAAttention(nn.Module):
                 q.transpose(1, 2), k, v, mask, c.softmax_scale, c.n_kv_heads != c.n_heads
             )  # [B, H, T, D]
         return self.w_o(o.reshape(batch, c.n_heads, n_tokens, c.head_dim).transpose(1, 2).flatten(2))
+
+
+KV_BLOCK_BYTES = 8 * 2**20
+"""Keys + values per block when decode reads a paged K/V cache block by block: small enough to stay in
+the CPU's cache between the gather and the attention that reads them back (README: paged caches)."""
+
+
+def decode_in_blocks(q: Tensor, rows: KVRows, mask: Tensor | None, scale: float) -> Tensor:
+    """One query position per sequence, q `[B, G, h, D]` (each K/V head's h query heads), over keys and
+    values read in blocks (`rows.iter_blocks`): per block, the output and log-sum-exp of torch's CPU
+    flash-attention kernel; then the blocks' outputs weighted by the softmax of their log-sum-exps.
+    mask `[B, 1, S]` or None (all keys) → `[B, G, h, D]`."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    batch, _, heads, dim = rows.shape
+    max_rows = max(1, KV_BLOCK_BYTES // (2 * batch * heads * dim * q.element_size()))
+    outputs, lses, start = [], [], 0
+    for k, v in rows.iter_blocks(max_rows=max_rows):  # [B, s, G, D] each
+        stop = start + k.shape[1]
+        keep = None if mask is None else mask[:, None, :, start:stop]  # [B, 1, 1, s]
+        bias = (
+            None if keep is None else torch.zeros_like(keep, dtype=q.dtype).masked_fill_(~keep, float("-inf"))
+        )
+        o, lse = flash(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias, scale=scale)  # lse [B, G, h]
+        if keep is not None:  # the kernel gives a row without keys in this block lse 0, not -inf
+            lse = lse.masked_fill(~keep.any(dim=-1), float("-inf"))
+        outputs.append(o)
+        lses.append(lse)
+        start = stop
+    weights = torch.softmax(torch.stack(lses), dim=0).nan_to_num_(0.0)  # [blocks, B, G, h]; no key: 0
+    merged = torch.einsum("nbgh,nbghd->bghd", weights, torch.stack(outputs).to(weights.dtype))
+    return merged.to(q.dtype)
 
 
 def build_attention(

@@ -22,13 +22,12 @@ from typing import Any
 import torch
 from rich.table import Table
 
-from latentattn.attention import MLA, GQAAttention, fused_kernel_serves, gemm_dtype, mla_path_flops
+from latentattn.attention import MLA, GQAAttention, absorbed_gemm_dtype, fused_kernel_serves, mla_path_flops
+from latentattn.caches import PagedLatentCache, QuantizedLatentCache
 from latentattn.calculator import format_bytes
 from latentattn.config import GQAConfig, MLAConfig
 from latentattn.hf import attention_state_dict_to_hf, mla_config_to_hf
 from latentattn.kernels import kernel_status
-from latentattn.paged_cache import PagedLatentCache
-from latentattn.quantized_cache import QuantizedLatentCache
 
 IMPLS = (
     "mha",
@@ -174,7 +173,7 @@ def gemm_peak_gflops(dtype: torch.dtype, device: str, repeats: int = 5) -> float
 
 def measure_roofline(dtypes: tuple[str, ...], device: str, repeats: int = 5) -> Roofline:
     """Bandwidth: copy 256 MiB (bytes read + written). Peak per dtype: the faster of a GEMM in that
-    dtype and one in the dtype the absorbed path multiplies it in (`gemm_dtype`: fp32 for bf16 on a
+    dtype and one in the dtype the absorbed path multiplies it in (`absorbed_gemm_dtype`: fp32 for bf16 on a
     CPU, exact for bf16 products) — the fastest this machine multiplies such data."""
     source = torch.ones(64 * 2**20, device=device)  # 256 MiB of fp32
     target = torch.empty_like(source)
@@ -183,7 +182,7 @@ def measure_roofline(dtypes: tuple[str, ...], device: str, repeats: int = 5) -> 
     measured: dict[torch.dtype, float] = {}
     peaks = {}
     for name in dtypes:
-        candidates = {DTYPES[name], gemm_dtype(DTYPES[name], torch.device(device))}
+        candidates = {DTYPES[name], absorbed_gemm_dtype(DTYPES[name], torch.device(device))}
         for dtype in candidates - measured.keys():
             measured[dtype] = gemm_peak_gflops(dtype, device, repeats)
         peaks[name] = max(measured[dtype] for dtype in candidates)
@@ -298,14 +297,11 @@ def _mla_case(mla: MLA, x: torch.Tensor, latent: torch.Tensor, impl: str) -> _Ca
         cache.update(latent)
     attention = "sdpa" if mode == "naive" else "torch"
     q = x.new_empty(batch, 1, mla.config.n_heads, mla.config.cache_width)
-    if fused and mode == "absorbed" and fused_kernel_serves(q, cache):
+    if fused and mode == "absorbed" and fused_kernel_serves(q, cache.storage()):
         attention = "fused"
 
     def step() -> torch.Tensor:
-        if isinstance(cache, PagedLatentCache):  # every step decodes at the same context
-            cache.seq_lengths.update(dict.fromkeys(cache.batch, context))
-        else:
-            cache.lengths = torch.full_like(cache.lengths, context)
+        cache.truncate([context] * batch)  # every step decodes at the same context
         mla.fused_kernel = fused
         return mla(x, cache, mode=mode)
 
@@ -357,15 +353,15 @@ def _gqa_case(layer: GQAAttention, x: torch.Tensor, context: int) -> _Case:
     cache = layer.new_cache(batch, context + 1)
     kv_shape = (batch, context, c.n_kv_heads, c.head_dim)
     cache.update(torch.randn(kv_shape).to(x), torch.randn(kv_shape).to(x))
-    cached_lengths = cache.lengths
 
     def step() -> torch.Tensor:
-        cache.lengths = cached_lengths
+        cache.truncate([context] * batch)  # every step decodes at the same context
         return layer(x, cache)
 
     flops = batch * (2 * _linear_params(layer) + 4 * c.n_heads * c.head_dim * (context + 1))
     cache_bytes = batch * context * cache.bytes_per_token
-    fused = layer.fused_kernel and fused_kernel_serves(x.new_empty(batch, 1, c.n_heads, c.head_dim), cache)
+    queries = x.new_empty(batch, 1, c.n_heads, c.head_dim)
+    fused = layer.fused_kernel and fused_kernel_serves(queries, cache.storage())
     return _Case(step, cache_bytes, _weight_bytes(layer) + cache_bytes, flops, "fused" if fused else "sdpa")
 
 

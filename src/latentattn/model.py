@@ -7,6 +7,10 @@ Architecture only (no training code). Blocks are pre-norm, Llama / DeepSeek-V3 (
 with a SwiGLU MLP and no biases, so a block maps onto an HF Llama or DeepSeek-V3 dense layer.
 
 Notation: B batch, T new tokens, V vocabulary size, d d_model, F d_ff.
+
+With a cache (`new_cache`: contiguous; `new_paged_cache`: paged, every attention kind), each forward
+step is planned once by the cache (positions, mask, write slots: `latentattn.caches.Step`) and every
+layer reads that plan.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from latentattn.attention import LATENT_CACHES, MODES, Mode, build_attention, check_mode
-from latentattn.cache import Cache, KVCache, Workspace, check_capacity, check_n_new
+from latentattn.attention import MODES, Mode, build_attention, check_mode
+from latentattn.caches import AttentionCache, ModelCache, PagedModelCache, Step, Workspace
 from latentattn.config import (
     AttentionConfig,
     AttentionKind,
@@ -188,45 +192,10 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps, device=device, dtype=dtype)
         self.mlp = SwiGLU(config.d_model, config.d_ff, device=device, dtype=dtype)
 
-    def forward(self, x: Tensor, cache: Cache | None, n_new: Tensor | None, mode: Mode) -> Tensor:
-        """x: [B, T, d] → [B, T, d]."""
-        x = x + self.attn(self.attn_norm(x), cache, n_new=n_new, mode=mode)
+    def forward(self, x: Tensor, cache: AttentionCache | None, step: Step | None, mode: Mode) -> Tensor:
+        """x: [B, T, d] → [B, T, d]; `cache`: this layer's, over the model cache's `step`."""
+        x = x + self.attn(self.attn_norm(x), cache, mode=mode, step=step)
         return x + self.mlp(self.mlp_norm(x))
-
-
-class ModelCache:
-    """One attention cache per block, all `[B, max_len, ...]`; byte figures sum over the layers."""
-
-    def __init__(self, layers: list[Cache]) -> None:
-        self.layers = layers
-
-    @property
-    def lengths(self) -> Tensor:
-        """Tokens cached per sequence, `[B]` (the same in every layer)."""
-        return self.layers[0].lengths
-
-    @property
-    def max_len(self) -> int:
-        return self.layers[0].max_len
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes allocated by all layers."""
-        return sum(layer.nbytes for layer in self.layers)
-
-    @property
-    def bytes_per_token(self) -> int:
-        """Bytes one token of one sequence occupies across all layers."""
-        return sum(layer.bytes_per_token for layer in self.layers)
-
-    @property
-    def used_bytes(self) -> int:
-        """Bytes holding cached tokens across all layers."""
-        return sum(layer.used_bytes for layer in self.layers)
-
-    def reset(self) -> None:
-        for layer in self.layers:
-            layer.reset()
 
 
 class LanguageModel(nn.Module):
@@ -260,79 +229,121 @@ class LanguageModel(nn.Module):
                 is_residual_out = name.endswith(("attn.w_o", "mlp.w_down"))
                 nn.init.normal_(module.weight, std=residual_std if is_residual_out else 0.02)
 
-    def new_cache(self, batch_size: int, max_len: int, *, latent_format: str | None = None) -> ModelCache:
-        """Empty per-layer caches for `batch_size` sequences of up to `max_len` tokens; MLA models may
-        store the latents in an 8-bit `latent_format` ("int8", "fp8")."""
+    def new_cache(
+        self, batch_size: int, max_len: int, *, latent_format: str | None = None, static: bool = False
+    ) -> ModelCache:
+        """Empty contiguous caches, one per layer over one set of lengths, for `batch_size` sequences of
+        up to `max_len` tokens; MLA models may store the latents in an 8-bit `latent_format` ("int8",
+        "fp8"); `static` reads all `max_len` rows every step (shapes that do not grow, for
+        `torch.compile`)."""
         if max_len > self.config.max_seq_len:
             raise ValueError(
                 f"cache max_len {max_len} exceeds the model's max_seq_len {self.config.max_seq_len}"
             )
-        if latent_format is None:
-            return ModelCache([block.attn.new_cache(batch_size, max_len) for block in self.blocks])
-        if not isinstance(self.config.attention, MLAConfig):
+        if latent_format is not None and not isinstance(self.config.attention, MLAConfig):
             raise ValueError(
                 f"8-bit latent caches need an MLA model, this one is {self.config.attention.kind}"
             )
-        shared = Workspace()  # the layers attend one after another: one dequantized block at a time
-        return ModelCache(
-            [
-                block.attn.new_cache(batch_size, max_len, latent_format=latent_format, workspace=shared)
-                for block in self.blocks
-            ]
+        weight = self.embed.weight
+        cache = ModelCache(batch_size, max_len, device=weight.device, static=static)
+        shared = {"workspace": Workspace(), "latent_format": latent_format} if latent_format else {}
+        cache.layers = [
+            block.attn.new_cache(batch_size, max_len, static=static, sequences=cache, **shared)
+            for block in self.blocks
+        ]
+        return cache
+
+    def new_paged_cache(
+        self,
+        *,
+        budget_bytes: int | None = None,
+        num_blocks: int | None = None,
+        block_size: int = 64,
+        latent_format: str | None = None,
+    ) -> PagedModelCache:
+        """An empty paged cache for every layer: one block allocator and block table per sequence, one
+        pool per layer, sized by `budget_bytes` (the most blocks that fit, over all layers) or
+        `num_blocks`. MLA models may store the latents in 8 bits (`latent_format` "int8", "fp8")."""
+        if latent_format is not None and not isinstance(self.config.attention, MLAConfig):
+            raise ValueError(
+                f"8-bit latent caches need an MLA model, this one is {self.config.attention.kind}"
+            )
+        weight = self.embed.weight
+        return PagedModelCache(
+            [block.attn.config for block in self.blocks],
+            budget_bytes=budget_bytes,
+            num_blocks=num_blocks,
+            block_size=block_size,
+            latent_format=latent_format,
+            device=weight.device,
+            dtype=weight.dtype,
         )
 
     def forward(
         self,
         tokens: Tensor,
-        cache: ModelCache | None = None,
+        cache: ModelCache | PagedModelCache | None = None,
         *,
         n_new: Tensor | None = None,
         mode: Mode = "auto",
     ) -> Tensor:
-        """tokens: [B, T] → logits [B, T, V]. With a cache, the attention cache protocol applies per layer."""
+        """tokens: [B, T] → logits [B, T, V]. With a cache: one step over its batch (token t of sequence
+        b at position `lengths[b] + t`, `n_new[b]` of the T real), planned once for all layers."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, tokens], got shape {tuple(tokens.shape)}")
-        if cache is not None:
-            self._check_cache_step(cache, tokens, n_new)
         attention = self.config.attention
         modes = MODES if isinstance(attention, MLAConfig) else ("auto", "naive")
         check_mode(mode, modes, f"{attention.kind.upper()} model")
-        start = 0 if cache is None else int(cache.lengths.max())
+        if cache is not None:
+            self._check_cache(cache, tokens)
+        start = 0 if cache is None else max(cache.host_lengths, default=0)
         if start + tokens.shape[1] > self.config.max_seq_len:
             raise ValueError(
                 f"{start + tokens.shape[1]} positions exceed the model's "
                 f"max_seq_len {self.config.max_seq_len}"
             )
+        if cache is None:
+            if n_new is not None:
+                raise ValueError("n_new (right padding per sequence) needs a cache")
+            return self.forward_step(tokens, None, None, mode)
+        with cache.stepping(tokens.shape[1], n_new) as step:
+            return self.forward_step(tokens, cache, step, mode)
+
+    def forward_step(
+        self,
+        tokens: Tensor,
+        cache: ModelCache | PagedModelCache | None,
+        step: Step | None,
+        mode: Mode = "auto",
+    ) -> Tensor:
+        """The forward over a step the cache already planned (`cache.stepping(T, n_new)`), with no host
+        work: what `torch.compile` should compile for decoding over a `static` cache."""
         x = self.embed(tokens)  # [B, T, d]
         for i, block in enumerate(self.blocks):
-            x = block(x, None if cache is None else cache.layers[i], n_new, mode)
+            x = block(x, None if cache is None else cache.layers[i], step, mode)
         x = self.norm(x)
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, weight)  # [B, T, V]
 
-    def _check_cache_step(self, cache: ModelCache, tokens: Tensor, n_new: Tensor | None) -> None:
-        """What any layer would refuse, checked before the first layer writes its cache, so that a
-        failing step leaves no layer a step ahead of the others: one cache per layer, of the layer's
-        kind, on its device, for this batch, every layer at the same lengths with room for `n_new`."""
-        kind = LATENT_CACHES if isinstance(self.config.attention, MLAConfig) else (KVCache,)
-        if not isinstance(cache, ModelCache) or len(cache.layers) != len(self.blocks):
-            raise ValueError(f"cache must be the ModelCache of {len(self.blocks)} layers from new_cache()")
-        batch, n_tokens = tokens.shape
-        n_new = check_n_new(n_new, batch, n_tokens, tokens.device)
-        lengths = cache.lengths
+    def _check_cache(self, cache: ModelCache | PagedModelCache, tokens: Tensor) -> None:
+        """What a layer would refuse, checked before the step is planned: one cache layer per block, of
+        the layers' attention family, on the tokens' device, for this batch."""
+        if not isinstance(cache, ModelCache | PagedModelCache) or len(cache.layers) != len(self.blocks):
+            raise ValueError(
+                f"cache must be the model cache of {len(self.blocks)} layers "
+                "from new_cache() or new_paged_cache()"
+            )
+        family = "latent" if isinstance(self.config.attention, MLAConfig) else "kv"
         for i, layer in enumerate(cache.layers):
-            if not isinstance(layer, kind) or layer.batch_size != batch or layer.device != tokens.device:
+            if layer.family != family or layer.device != tokens.device:
                 raise ValueError(
-                    f"cache layer {i} is a {type(layer).__name__} of batch {layer.batch_size} on "
-                    f"{layer.device}; this model needs a {' or '.join(k.__name__ for k in kind)} of batch "
-                    f"{batch} on {tokens.device}"
+                    f"cache layer {i} is a {type(layer).__name__} on {layer.device}; this model needs "
+                    f"a {family} cache layer on {tokens.device}"
                 )
-            if not torch.equal(layer.lengths, lengths):
-                raise ValueError(
-                    f"cache layer {i} holds lengths {layer.lengths.tolist()}, layer 0 {lengths.tolist()}"
-                )
-            if hasattr(layer, "max_len"):
-                check_capacity(lengths, n_new, layer.max_len)
+        if cache.batch_size != tokens.shape[0]:
+            raise ValueError(
+                f"tokens hold {tokens.shape[0]} sequences but the cache holds {cache.batch_size}"
+            )
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters per component: embeddings (with an untied LM head), attention, mlp, norms, total."""

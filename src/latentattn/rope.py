@@ -67,7 +67,8 @@ class RotaryEmbedding(nn.Module):
     """Rotates the last dimension of `x: [B, T, H, R]` by angles `positions[b, t] · inv_freq`.
 
     The frequencies are kept in fp64 outside the module's buffers (so `module.to(torch.bfloat16)`
-    cannot round them) and copied once per device and compute dtype.
+    cannot round them) and copied once per device and compute dtype. Given a step's `memo` (a dict the
+    layers of one forward step share), cos/sin are computed once per step, not once per call.
     """
 
     def __init__(self, dim: int, config: RopeConfig) -> None:
@@ -76,6 +77,8 @@ class RotaryEmbedding(nn.Module):
         self.interleave = config.interleave
         self.amplitude = config.yarn.rope_amplitude if config.yarn else 1.0
         self.inv_freq = rope_frequencies(dim, config)
+        self.memo_key = f"rope {dim} {config!r}"
+        """Names these frequencies in a step's memo (layers with equal RoPE share their cos/sin)."""
         self._inv_freq_copies: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
     def _frequencies(self, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -84,13 +87,26 @@ class RotaryEmbedding(nn.Module):
             self._inv_freq_copies[key] = self.inv_freq.to(dtype).to(device)
         return self._inv_freq_copies[key]
 
-    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+    def cos_sin(
+        self, positions: Tensor, dtype: torch.dtype, memo: dict | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """`cos`, `sin` `[B, T, 1, R/2]` in `dtype` (times YaRN's amplitude) for `positions: [B, T]`."""
+        key = (self.memo_key, dtype)
+        if memo is not None and key in memo:
+            return memo[key]
+        angles = positions.to(dtype)[..., None] * self._frequencies(positions.device, dtype)  # [B, T, R/2]
+        cos_sin = (
+            (angles.cos() * self.amplitude)[:, :, None, :],
+            (angles.sin() * self.amplitude)[:, :, None, :],
+        )
+        if memo is not None:
+            memo[key] = cos_sin
+        return cos_sin
+
+    def forward(self, x: Tensor, positions: Tensor, memo: dict | None = None) -> Tensor:
         """x: [B, T, H, R]; positions: [B, T] integer token positions. Returns x rotated, same dtype."""
         compute_dtype = fp32_or_wider(x.dtype)
-        inv_freq = self._frequencies(x.device, compute_dtype)
-        angles = positions.to(compute_dtype)[..., None] * inv_freq  # [B, T, R/2]
-        cos = (angles.cos() * self.amplitude)[:, :, None, :]  # [B, T, 1, R/2]
-        sin = (angles.sin() * self.amplitude)[:, :, None, :]
+        cos, sin = self.cos_sin(positions, compute_dtype, memo)
         xf = x.to(compute_dtype)
         if self.interleave:
             x1, x2 = xf[..., 0::2], xf[..., 1::2]

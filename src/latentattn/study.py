@@ -34,11 +34,12 @@ from latentattn import calculator as calc
 from latentattn import run_dir
 from latentattn.attention import MLA, build_attention
 from latentattn.bench import machine_info, time_ms
+from latentattn.caches import ModelCache
 from latentattn.checkpoint import load_checkpoint, save_checkpoint, write_text_atomically
 from latentattn.config import AttentionConfig, AttentionKind, MLAConfig
 from latentattn.convert import Method, model_to_mla
 from latentattn.data import Corpus, default_cache_dir, default_corpus_files, prepare_corpus, resolve_files
-from latentattn.model import LanguageModel, ModelCache, get_preset
+from latentattn.model import LanguageModel, get_preset
 from latentattn.profiling import saved_activation_bytes
 from latentattn.train import (
     SHAPE_OVERRIDES,
@@ -331,9 +332,10 @@ def v2_projection(attention: AttentionConfig, mha: AttentionConfig, n_layers: in
 
 def _fill(cache: ModelCache, n_tokens: int) -> None:
     """Append `n_tokens` random entries to every layer (decode cost does not depend on the values)."""
-    for layer in cache.layers:  # LatentCache.update(latent) or KVCache.update(k, v), in buffer order
-        buffers = layer.buffers.values()
-        layer.update(*(torch.randn(layer.batch_size, n_tokens, *b.shape[2:], dtype=b.dtype) for b in buffers))
+    with cache.stepping(n_tokens) as step:
+        for layer in cache.layers:  # LatentCache.update(latent) or KVCache.update(k, v)
+            shapes = [(cache.batch_size, n_tokens, *shape) for shape in layer.inputs.values()]
+            layer.update(*(torch.randn(shape, dtype=layer.dtype) for shape in shapes), step=step)
 
 
 @torch.inference_mode()
