@@ -81,14 +81,27 @@ class RopeConfig:
     `interleave=True` rotates adjacent pairs (x0, x1), (x2, x3), … as DeepSeek's reference does;
     `False` rotates the two halves (x_i, x_{i+d/2}) as Llama/HF `rotate_half` does. Queries and cached
     keys always share one convention, so scores match either reference on the same weights.
+
+    `frequencies`, when given, lists the inverse frequency of each rotary pair in place of
+    `theta^(-2i/dim)` (theta unused, no YaRN): a model converted to MLA keeps its source's frequencies
+    (`latentattn.convert`), possibly repeated once per source kv head, which no theta can express and
+    DeepSeek-V3's checkpoint format cannot hold.
     """
 
     theta: float = 10000.0
     interleave: bool = True
     yarn: YarnConfig | None = None
+    frequencies: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         _positive("RopeConfig", theta=self.theta)
+        if self.frequencies is not None:
+            object.__setattr__(self, "frequencies", tuple(float(f) for f in self.frequencies))  # JSON lists
+            _require(
+                len(self.frequencies) > 0 and all(f > 0 for f in self.frequencies),
+                "RopeConfig.frequencies must be a non-empty list of positive inverse frequencies",
+            )
+            _require(self.yarn is None, "RopeConfig takes frequencies or yarn, not both")
 
 
 @dataclass(frozen=True)
@@ -104,6 +117,9 @@ class MLAConfig:
     v_head_dim: int = 128
     rope: RopeConfig = field(default_factory=RopeConfig)
     norm_eps: float = 1e-6
+    bias: bool = False
+    """Biases on the query projection (w_q, or w_uq with q-LoRA), w_dkv and w_o: how a model converted
+    from a source with q/k/v biases (Qwen2) keeps them (`latentattn.convert`). DeepSeek-V3 has none."""
 
     def __post_init__(self) -> None:
         _positive(
@@ -111,10 +127,13 @@ class MLAConfig:
             d_model=self.d_model,
             n_heads=self.n_heads,
             kv_lora_rank=self.kv_lora_rank,
-            qk_nope_head_dim=self.qk_nope_head_dim,
             qk_rope_head_dim=self.qk_rope_head_dim,
             v_head_dim=self.v_head_dim,
             norm_eps=self.norm_eps,
+        )
+        _require(
+            self.qk_nope_head_dim >= 0,
+            f"MLAConfig.qk_nope_head_dim must be >= 0 (0: every key dim rotary), got {self.qk_nope_head_dim}",
         )
         if self.q_lora_rank is not None:
             _positive("MLAConfig", q_lora_rank=self.q_lora_rank)

@@ -45,16 +45,26 @@ def rope_inv_freq(dim: int, theta: float, yarn: YarnConfig | None = None) -> Ten
 class RotaryEmbedding(nn.Module):
     """Rotates the last dimension of `x: [B, T, H, R]` by angles `positions[b, t] · inv_freq`.
 
-    The frequencies are kept in fp64 outside the module's buffers (so `module.to(torch.bfloat16)`
-    cannot round them) and copied once per device and compute dtype.
+    The frequencies (`config.frequencies` if given, else theta's, YaRN-blended) are kept in fp64
+    outside the module's buffers (so `module.to(torch.bfloat16)` cannot round them) and copied once per
+    device and compute dtype.
     """
 
     def __init__(self, dim: int, config: RopeConfig) -> None:
         super().__init__()
+        if config.frequencies is not None and len(config.frequencies) != dim // 2:
+            raise ValueError(
+                f"RopeConfig.frequencies lists {len(config.frequencies)} pairs, the rotary width {dim} "
+                f"has {dim // 2}"
+            )
         self.dim = dim
         self.interleave = config.interleave
         self.amplitude = config.yarn.rope_amplitude if config.yarn else 1.0
-        self.inv_freq = rope_inv_freq(dim, config.theta, config.yarn)
+        self.inv_freq = (
+            rope_inv_freq(dim, config.theta, config.yarn)
+            if config.frequencies is None
+            else torch.tensor(config.frequencies, dtype=torch.float64)
+        )
         self._inv_freq_copies: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
     def _frequencies(self, device: torch.device, dtype: torch.dtype) -> Tensor:
