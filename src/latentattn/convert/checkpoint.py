@@ -33,7 +33,7 @@ from latentattn.checkpoint import (
 from latentattn.convert.calibration import calibration_windows
 from latentattn.convert.layer import ConversionConfig
 from latentattn.convert.merge import merge_kv_heads
-from latentattn.convert.model import model_to_mla, require_unconverted
+from latentattn.convert.model import check_sizes, model_to_mla, require_unconverted
 from latentattn.model import LanguageModel, ModelConfig
 
 DEFAULT_CALIBRATION_TOKENS = 8192
@@ -102,6 +102,7 @@ def convert_checkpoint(
     require_unconverted(loaded.model)
     tokens = None
     if config.method != "merge":
+        check_sizes(loaded.model, config)
         window = min(CALIBRATION_WINDOW, loaded.config.max_seq_len)
         tokens = calibration_windows(
             loaded.tokenizer, n_tokens=calibration_tokens, window=window, file=calibration_file

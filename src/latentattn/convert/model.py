@@ -38,6 +38,21 @@ def require_unconverted(model: LanguageModel) -> None:
         raise ValueError("the model already uses MLA; conversion takes MHA/GQA/MQA models")
 
 
+def check_sizes(model: LanguageModel, config: ConversionConfig) -> None:
+    """Raise ValueError, before any calibration, unless `model` is MHA/GQA/MQA and `config` an svd/pca
+    conversion whose R and C it allows ("score" slots are only known after calibrating: C is checked
+    against the loosest bound here, N ≤ D, and exactly per layer)."""
+    require_unconverted(model)
+    if config.method not in ("svd", "pca"):
+        raise ValueError(f"model_to_mla converts with svd or pca, not {config.method!r}")
+    source = model.config.attention
+    pairs, groups = source.head_dim // 2, source.n_kv_heads
+    known = config.rope_frequencies == "highest"
+    slot_limits(
+        config, source, choose_slots("highest", config.rope_dim, pairs, groups, None) if known else []
+    )
+
+
 @torch.no_grad()
 def layer_input_moments(
     model: LanguageModel, tokens: Tensor, *, progress: Callable[[str], None] | None = None
@@ -98,18 +113,9 @@ def model_to_mla(
 ) -> LanguageModel:
     """`model` (MHA/GQA/MQA) with every block's attention converted by `gqa_to_mla` from the block's
     inputs on the calibration tokens `[B, T]` (required for "pca"); all other weights are copied."""
-    require_unconverted(model)
-    source = model.config.attention
-    if config.method not in ("svd", "pca"):
-        raise ValueError(f"model_to_mla converts with svd or pca, not {config.method!r}")
+    check_sizes(model, config)
     if config.method == "pca" and calibration is None:
         raise ValueError("method 'pca' needs calibration tokens [batch, tokens]")
-    # Fail before calibrating: "highest" slots are known now, "score" is checked against N ≤ D here.
-    pairs, groups = source.head_dim // 2, source.n_kv_heads
-    highest = config.rope_frequencies == "highest"
-    slot_limits(
-        config, source, choose_slots("highest", config.rope_dim, pairs, groups, None) if highest else []
-    )
     if calibration is None:
         moments = [Moments.isotropic(model.config.d_model) for _ in model.blocks]
     else:
