@@ -107,19 +107,26 @@ def assemble(model: LanguageModel, layers: list[nn.Module], attention: Attention
 def model_to_mla(
     model: LanguageModel,
     config: ConversionConfig,
-    calibration: Tensor | None = None,
+    calibration: Tensor | list[Moments] | None = None,
     *,
     progress: Callable[[str], None] | None = None,
 ) -> LanguageModel:
     """`model` (MHA/GQA/MQA) with every block's attention converted by `gqa_to_mla` from the block's
-    inputs on the calibration tokens `[B, T]` (required for "pca"); all other weights are copied."""
+    inputs on the calibration tokens `[B, T]` (required for "pca"), or from their `layer_input_moments`
+    (to calibrate once and convert several ways); all other weights are copied."""
     check_sizes(model, config)
     if config.method == "pca" and calibration is None:
         raise ValueError("method 'pca' needs calibration tokens [batch, tokens]")
     if calibration is None:
         moments = [Moments.isotropic(model.config.d_model) for _ in model.blocks]
-    else:
+    elif isinstance(calibration, Tensor):
         moments = layer_input_moments(model, calibration, progress=progress)
+    elif len(calibration) == len(model.blocks):
+        moments = calibration
+    else:
+        raise ValueError(
+            f"calibration moments for {len(calibration)} layers, the model has {len(model.blocks)}"
+        )
     slots = shared_slots(model, config, moments)
     layers = []
     for index, (block, layer_moments) in enumerate(zip(model.blocks, moments, strict=True)):

@@ -67,17 +67,13 @@ class RotaryKeys:
         """From `w_q: [H, D, d+1]`, `w_k: [G, D, d+1]` and E[x̃ x̃ᵀ] `[d+1, d+1]`."""
         heads, head_dim, _ = w_q.shape
         group_of = torch.arange(heads) // (heads // w_k.shape[0])
-        rotations, key_energy, query_energy = [], [], []
-        for pair in rope_pairs(head_dim, interleave):
-            pair_k, pair_q = w_k[:, pair], w_q[:, pair]  # [G, 2, d+1], [H, 2, d+1]
-            head_cov = torch.einsum("gpd,de,hpe->gh", pair_k, second_moment, pair_k)  # [G, G]
-            energy, u = torch.linalg.eigh(head_cov)
-            u, energy = u.flip(-1), energy.flip(-1).clamp_min(0)  # falling energy
-            q_energy = torch.einsum("hpd,de,hpe->h", pair_q, second_moment, pair_q)  # [H]
-            rotations.append(u)
-            key_energy.append(energy)
-            query_energy.append(torch.einsum("hj,h->j", u[group_of] ** 2, q_energy))
-        return cls(torch.stack(rotations), torch.stack(key_energy), torch.stack(query_energy))
+        pairs = torch.tensor(rope_pairs(head_dim, interleave))  # [P, 2]
+        pair_k, pair_q = w_k[:, pairs], w_q[:, pairs]  # [G, P, 2, d+1], [H, P, 2, d+1]
+        head_cov = torch.einsum("gipd,de,hipe->igh", pair_k, second_moment, pair_k)  # [P, G, G]
+        energy, u = torch.linalg.eigh(head_cov)
+        u, energy = u.flip(-1), energy.flip(-1).clamp_min(0)  # falling energy
+        q_energy = torch.einsum("hipd,de,hipe->ih", pair_q, second_moment, pair_q)  # [P, H]
+        return cls(u, energy, torch.einsum("ihj,ih->ij", u[:, group_of] ** 2, q_energy))
 
     @property
     def scores(self) -> Tensor:
@@ -134,26 +130,26 @@ def split_rope(
     heads, head_dim, _ = w_q.shape
     groups = w_k.shape[0]
     group_of = torch.arange(heads) // (heads // groups)
-    pairs = rope_pairs(head_dim, interleave)
-    k_pe, q_pe = [], []
-    for i, j in slots:
-        u = keys.rotations[i, :, j]  # [G]
-        k_pe.append(torch.einsum("g,gpd->pd", u, w_k[:, pairs[i]]))  # [2, d+1]
-        q_pe.append(u[group_of, None, None] * w_q[:, pairs[i]])  # [H, 2, d+1]
+    pairs = torch.tensor(rope_pairs(head_dim, interleave))  # [P, 2]
+    pair_index, component = (torch.tensor(index) for index in zip(*slots, strict=True))  # [S], [S]
+    u = keys.rotations[pair_index, :, component]  # [S, G]: each slot's mix of the kv heads
+    k_pe = torch.einsum("sg,gspd->spd", u, w_k[:, pairs[pair_index]])  # [S, 2, d+1]
+    q_pe = u.T[group_of, :, None, None] * w_q[:, pairs[pair_index]]  # [H, S, 2, d+1]
     layout = pair_layout(len(slots), interleave)
 
-    chosen = set(slots)
-    residual_k = w_k.clone()  # [G, D, d+1]; pairs with a slot keep only their components outside k_pe
-    for i, pair in enumerate(pairs):
-        outside = [j for j in range(groups) if (i, j) not in chosen]
-        if len(outside) < groups:
-            u = keys.rotations[i, :, outside]  # [G, J]
-            residual_k[:, pair] = torch.einsum("gh,hpd->gpd", u @ u.T, w_k[:, pair])
+    outside = torch.ones(head_dim // 2, groups, dtype=torch.float64)  # [P, G]: components not in k_pe
+    outside[pair_index, component] = 0
+    residual_k = w_k.clone()  # [G, D, d+1]; a pair with a slot keeps its components outside k_pe
+    partly = (outside.sum(1) < groups).nonzero()[:, 0]  # pairs with a slot
+    if len(partly):
+        rotation = keys.rotations[partly]  # [p, G, G]
+        keep = torch.einsum("igj,ij,ihj->igh", rotation, outside[partly], rotation)  # projectors [p, G, G]
+        residual_k[:, pairs[partly]] = torch.einsum("igh,hipd->gipd", keep, w_k[:, pairs[partly]])
     nope = nope_dims(slots, head_dim, groups, residual, interleave)
     return RopeSplit(
-        k_pe=torch.cat(k_pe)[layout],
-        q_pe=torch.cat(q_pe, dim=1)[:, layout],
-        pairs=[i for i, _ in slots],
+        k_pe=k_pe.reshape(-1, k_pe.shape[-1])[layout],
+        q_pe=q_pe.flatten(1, 2)[:, layout],
+        pairs=pair_index.tolist(),
         k_nope=residual_k[:, nope],
         q_nope=w_q[:, nope],
     )
