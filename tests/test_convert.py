@@ -102,7 +102,10 @@ def test_k_pe_frequencies_repeat_per_kv_head_or_reduce_to_a_theta():
     gqa = model_to_mla(source_model(2), full(2, method="svd")).config.attention.rope
     source = rope_inv_freq(HEAD_DIM, 10000.0)
     assert gqa.frequencies == tuple(source.repeat_interleave(2).tolist())
-    mqa = model_to_mla(source_model(1), ConversionConfig(method="svd", kv_lora_rank=8, rope_dim=4))
+    mqa = model_to_mla(
+        source_model(1),
+        ConversionConfig(method="svd", kv_lora_rank=8, rope_dim=4, rope_frequencies="highest"),
+    )
     mqa = mqa.config.attention.rope
     assert mqa.frequencies is None and mqa.theta == pytest.approx(10000.0**0.5)
 
@@ -156,7 +159,13 @@ def test_residual_nope_keeps_what_a_slow_rotation_leaves(residual):
     layer = GQAAttention(source, dtype=torch.float64).eval()
     calibration = torch.randn(256, 48, dtype=torch.float64)
     rank = 48 if residual == "nope" else 32  # the full rank of the stacked NoPE keys and values
-    config = ConversionConfig(kv_lora_rank=rank, rope_dim=16, rope_residual=residual, norm_linearity=1e14)
+    config = ConversionConfig(
+        kv_lora_rank=rank,
+        rope_dim=16,
+        rope_frequencies="highest",
+        rope_residual=residual,
+        norm_linearity=1e14,
+    )
     mla = gqa_to_mla(layer, config, calibration)
     x = torch.randn(2, 20, 48, dtype=torch.float64)
     with torch.no_grad():
@@ -293,8 +302,9 @@ def test_bad_requests_are_named():
         gqa_to_mla(layer, ConversionConfig(method="svd", kv_lora_rank=8, rope_dim=34))
     with pytest.raises(ValueError, match=r"kv_lora_rank must be at most 48"):
         gqa_to_mla(layer, ConversionConfig(method="svd", kv_lora_rank=49, rope_dim=4))
+    highest = ConversionConfig(method="svd", kv_lora_rank=41, rope_dim=12, rope_frequencies="highest")
     with pytest.raises(ValueError, match=r"kv_lora_rank must be at most 40, .* \(2 kv heads x \(4 \+ 16\)"):
-        gqa_to_mla(layer, ConversionConfig(method="svd", kv_lora_rank=41, rope_dim=12))
+        gqa_to_mla(layer, highest)
     with pytest.raises(ValueError, match=r"calibration inputs must have width d_model=48, got 47"):
         gqa_to_mla(layer, ConversionConfig(kv_lora_rank=8, rope_dim=4), torch.zeros(4, 47))
     with pytest.raises(ValueError, match="unknown conversion method 'lora'; choose one of svd, pca, merge"):

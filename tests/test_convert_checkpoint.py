@@ -185,7 +185,7 @@ def test_cli_errors_are_one_line_and_write_nothing(tmp_path, tokenizer, capsys):
         result.stderr == f"latentattn convert: error: calibration file '{tmp_path / 'empty.txt'}' is empty\n"
     )
     for args, message in [
-        (["--kv-lora-rank", "80", "--rope-dim", "4"], "kv_lora_rank must be at most 56, the rank of"),
+        (["--kv-lora-rank", "80", "--rope-dim", "4"], "kv_lora_rank must be at most 60, the rank of"),
         (["--kv-lora-rank", "8", "--rope-dim", "5"], "rope_dim must be even and positive, got 5"),
         (
             ["--kv-lora-rank", "8", "--rope-dim", "34"],

@@ -61,7 +61,7 @@ class ConversionConfig:
     kv_lora_rank: int | None = None
     rope_dim: int | None = None
     kv_heads: int | None = None
-    rope_frequencies: SlotRule = "highest"
+    rope_frequencies: SlotRule = "score"
     """Which rotated key slots keep RoPE: "highest" frequency first, or by "score" (see rope_split)."""
     rope_residual: Residual = "drop"
     """What becomes of a kept frequency's components outside k_pe: "drop", or "nope" dims."""
@@ -97,22 +97,20 @@ class ConversionConfig:
             raise ValueError(f"rope_dim must be even and positive, got {self.rope_dim}")
 
 
-def slot_limits(config: ConversionConfig, source: GQAConfig, slots: list[Slot]) -> int:
-    """N, the NoPE width `slots` leave, after checking R and C against the source; raises ValueError."""
+def check_widths(config: ConversionConfig, source: GQAConfig, nope: int) -> None:
+    """Raise ValueError unless the source allows R, and C with N NoPE dims."""
     groups, head_dim, d_model = source.n_kv_heads, source.head_dim, source.d_model
     if config.rope_dim > groups * head_dim:
         raise ValueError(
             f"rope_dim must be at most n_kv_heads·head_dim = {groups}·{head_dim} = {groups * head_dim} "
             f"(every key dim of the source), got {config.rope_dim}"
         )
-    nope = len(nope_dims(slots, head_dim, groups, config.rope_residual, source.rope.interleave))
     bound = min(groups * (nope + head_dim), d_model)
     if config.kv_lora_rank > bound:
         raise ValueError(
             f"kv_lora_rank must be at most {bound}, the rank of the stacked NoPE keys and values "
             f"({groups} kv heads x ({nope} + {head_dim}) rows of width {d_model}), got {config.kv_lora_rank}"
         )
-    return nope
 
 
 def factorise_kv(
@@ -188,7 +186,8 @@ def gqa_to_mla(
         keys = RotaryKeys.analyse(w_q, w_k, sigma, source.rope.interleave)
         if slots is None:
             slots = choose_slots(config.rope_frequencies, config.rope_dim, head_dim // 2, groups, keys.scores)
-        nope = slot_limits(config, source, slots)
+        nope = len(nope_dims(slots, head_dim, groups, config.rope_residual, source.rope.interleave))
+        check_widths(config, source, nope)
         split = split_rope(keys, w_q, w_k, slots, config.rope_residual, source.rope.interleave)
 
         # 2. Joint low-rank NoPE keys and values (their biases: see the module docstring).

@@ -23,9 +23,9 @@ from torch import Tensor, nn
 
 from latentattn.attention import MLA
 from latentattn.config import AttentionConfig, MLAConfig
-from latentattn.convert.layer import ConversionConfig, gqa_to_mla, slot_limits
+from latentattn.convert.layer import ConversionConfig, check_widths, gqa_to_mla
 from latentattn.convert.moments import Moments, augmented
-from latentattn.convert.rope_split import RotaryKeys, Slot, choose_slots
+from latentattn.convert.rope_split import RotaryKeys, Slot, choose_slots, largest_nope_width, nope_dims
 from latentattn.model import LanguageModel
 
 CALIBRATION_BATCH_TOKENS = 4096
@@ -40,17 +40,19 @@ def require_unconverted(model: LanguageModel) -> None:
 
 def check_sizes(model: LanguageModel, config: ConversionConfig) -> None:
     """Raise ValueError, before any calibration, unless `model` is MHA/GQA/MQA and `config` an svd/pca
-    conversion whose R and C it allows ("score" slots are only known after calibrating: C is checked
-    against the loosest bound here, N ≤ D, and exactly per layer)."""
+    conversion whose R and C it allows ("score" slots are known only after calibrating: C is checked
+    here against the most NoPE dims R/2 slots can leave, and exactly per layer)."""
     require_unconverted(model)
     if config.method not in ("svd", "pca"):
         raise ValueError(f"model_to_mla converts with svd or pca, not {config.method!r}")
     source = model.config.attention
     pairs, groups = source.head_dim // 2, source.n_kv_heads
-    known = config.rope_frequencies == "highest"
-    slot_limits(
-        config, source, choose_slots("highest", config.rope_dim, pairs, groups, None) if known else []
-    )
+    if config.rope_frequencies == "highest":
+        slots = choose_slots("highest", config.rope_dim, pairs, groups, None)
+        nope = len(nope_dims(slots, source.head_dim, groups, config.rope_residual, source.rope.interleave))
+    else:
+        nope = largest_nope_width(config.rope_dim, source.head_dim, groups, config.rope_residual)
+    check_widths(config, source, nope)
 
 
 @torch.no_grad()

@@ -123,6 +123,13 @@ def nope_dims(
     return sorted(keep)
 
 
+def largest_nope_width(rope_dim: int, head_dim: int, n_kv_heads: int, residual: Residual) -> int:
+    """The most NoPE dims any R/2 slots can leave: when they crowd into as few pairs as possible."""
+    slots = rope_dim // 2
+    covered = -(-slots // n_kv_heads) if residual == "drop" else slots // n_kv_heads
+    return max(head_dim - 2 * covered, 0)
+
+
 def split_rope(
     keys: RotaryKeys, w_q: Tensor, w_k: Tensor, slots: list[Slot], residual: Residual, interleave: bool
 ) -> RopeSplit:
