@@ -16,6 +16,7 @@ import itertools
 import json
 import statistics
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -42,6 +43,13 @@ def main() -> None:
     parser.add_argument("--rope-dims", type=int, nargs="+", default=[8, 16, 24, 48])
     parser.add_argument("--calibration-tokens", type=int, default=8192)
     parser.add_argument("--windows", type=int, default=32, help="validation windows")
+    parser.add_argument(
+        "--calibration-sweep",
+        type=int,
+        nargs="*",
+        default=[1024, 4096, 32768],
+        help="also convert with the defaults at each cache size's best R on this many calibration tokens",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     args = parser.parse_args()
     if args.threads:
@@ -90,6 +98,33 @@ def main() -> None:
                 {"cache_width": cache, "rope_dim": rope_dim, **options, "val_loss": loss(converted)}
             )
         print(f"cache {cache}, R {rope_dim}: {time.perf_counter() - started:.0f} s", flush=True)
+    chosen = {field.name: field.default for field in fields(ConversionConfig) if field.name in OPTIONS}
+    results["defaults"] = chosen
+    results["calibration_sweep"] = []
+    for count in args.calibration_sweep:
+        swept = layer_input_moments(
+            model,
+            calibration_windows(loaded.tokenizer, n_tokens=count, window=min(CALIBRATION_WINDOW, context)),
+        )
+        for cache in args.caches:
+            rows_at = [
+                r
+                for r in results["conversions"]
+                if r["cache_width"] == cache and all(r[k] == v for k, v in chosen.items())
+            ]
+            if not rows_at:
+                continue
+            rope_dim = min(rows_at, key=lambda r: r["val_loss"])["rope_dim"]
+            config = ConversionConfig(kv_lora_rank=cache - rope_dim, rope_dim=rope_dim)
+            results["calibration_sweep"].append(
+                {
+                    "calibration_tokens": count,
+                    "cache_width": cache,
+                    "rope_dim": rope_dim,
+                    "val_loss": loss(model_to_mla(model, config, swept)),
+                }
+            )
+        print(f"calibration {count}: {time.perf_counter() - started:.0f} s", flush=True)
     results["seconds"] = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "options.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -136,6 +171,30 @@ def summary(results: dict) -> str:
         lines.append(
             f"| {cache} | {best['rope_dim']} | {options} | {best['val_loss'] - base:+.3f} | {merge} |"
         )
+    sweep = results["calibration_sweep"]
+    if sweep:
+        counts = sorted({r["calibration_tokens"] for r in sweep} | {results["calibration_tokens"]})
+        lines += ["", "Defaults at each cache size's best R, by calibration tokens (loss added):", ""]
+        lines += [
+            "| cache (C + R) | R | " + " | ".join(f"{c:,}" for c in counts) + " |",
+            "|---" * (len(counts) + 2) + "|",
+        ]
+        for cache in sorted({r["cache_width"] for r in sweep}, reverse=True):
+            at = {r["calibration_tokens"]: r for r in sweep if r["cache_width"] == cache}
+            rope_dim = next(iter(at.values()))["rope_dim"]
+            main_row = next(
+                r
+                for r in rows
+                if r["cache_width"] == cache
+                and r["rope_dim"] == rope_dim
+                and all(r[k] == v for k, v in results["defaults"].items())
+            )
+            at[results["calibration_tokens"]] = main_row
+            lines.append(
+                f"| {cache} | {rope_dim} | "
+                + " | ".join(f"{at[c]['val_loss'] - base:+.3f}" for c in counts)
+                + " |"
+            )
     return "\n".join(lines)
 
 
