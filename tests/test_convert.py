@@ -19,7 +19,7 @@ from conftest import relative_error, relative_l2
 from latentattn import GQAAttention, GQAConfig, RopeConfig, YarnConfig
 from latentattn.convert import ConversionConfig, Moments, gqa_to_mla, layer_input_moments, model_to_mla
 from latentattn.convert.layer import factorise_kv
-from latentattn.convert.rope_split import RotaryKeys, choose_slots
+from latentattn.convert.rope_split import RotaryKeys, choose_slots, largest_nope_width, nope_dims
 from latentattn.model import LanguageModel, ModelConfig, get_preset
 from latentattn.rope import rope_inv_freq
 
@@ -266,6 +266,20 @@ def test_score_rule_keeps_the_slot_that_carries_the_scores():
     )
     assert (7, 0) in choose_slots("score", 4, 8, 2, keys.scores)
     assert (7, 0) not in choose_slots("highest", 4, 8, 2, keys.scores)
+
+
+@pytest.mark.parametrize(("head_dim", "n_kv_heads"), [(4, 1), (6, 2), (4, 3)])
+@pytest.mark.parametrize("residual", ["drop", "nope"])
+def test_the_rank_check_before_calibration_allows_every_slot_choice(head_dim, n_kv_heads, residual):
+    """Before calibrating, "score" slots are unknown: the bound used must be the largest N that any
+    set of R/2 slots leaves (every set, enumerated)."""
+    every = [(i, j) for i in range(head_dim // 2) for j in range(n_kv_heads)]
+    for count in range(1, len(every) + 1):
+        widths = [
+            len(nope_dims(list(slots), head_dim, n_kv_heads, residual, interleave=False))
+            for slots in itertools.combinations(every, count)
+        ]
+        assert max(widths) == largest_nope_width(2 * count, head_dim, n_kv_heads, residual)
 
 
 def test_calibration_block_by_block_equals_one_forward_pass():

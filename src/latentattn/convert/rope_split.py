@@ -124,10 +124,12 @@ def nope_dims(
 
 
 def largest_nope_width(rope_dim: int, head_dim: int, n_kv_heads: int, residual: Residual) -> int:
-    """The most NoPE dims any R/2 slots can leave: when they crowd into as few pairs as possible."""
-    slots = rope_dim // 2
-    covered = -(-slots // n_kv_heads) if residual == "drop" else slots // n_kv_heads
-    return max(head_dim - 2 * covered, 0)
+    """The most NoPE dims any R/2 slots can leave: "drop" keeps the pairs without a slot (fewest
+    touched: slots crowd into whole pairs), "nope" the pairs not wholly in k_pe (fewest: slots spread
+    over all pairs before completing any)."""
+    slots, pairs = rope_dim // 2, head_dim // 2
+    fewest_touched, fewest_whole = -(-slots // n_kv_heads), max(0, slots - pairs * (n_kv_heads - 1))
+    return max(head_dim - 2 * (fewest_touched if residual == "drop" else fewest_whole), 0)
 
 
 def split_rope(
