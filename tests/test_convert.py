@@ -10,6 +10,7 @@ hooks on one whole forward pass.
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from latentattn import GQAAttention, GQAConfig, RopeConfig, YarnConfig
 from latentattn.convert import ConversionConfig, Moments, gqa_to_mla, layer_input_moments, model_to_mla
 from latentattn.convert.layer import factorise_kv
 from latentattn.convert.rope_split import RotaryKeys, choose_slots, largest_nope_width, nope_dims
+from latentattn.hf import mla_config_to_hf
 from latentattn.model import LanguageModel, ModelConfig, get_preset
 from latentattn.rope import rope_inv_freq
 
@@ -108,6 +110,14 @@ def test_k_pe_frequencies_repeat_per_kv_head_or_reduce_to_a_theta():
     )
     mqa = mqa.config.attention.rope
     assert mqa.frequencies is None and mqa.theta == pytest.approx(10000.0**0.5)
+
+
+def test_the_hf_mapping_refuses_what_deepseek_v3_cannot_hold():
+    frequency_list = model_to_mla(source_model(2), full(2, method="svd")).config.attention
+    with pytest.raises(ValueError, match="list of frequencies .* has no HF form"):
+        mla_config_to_hf(frequency_list)
+    with pytest.raises(ValueError, match="MLA with biases .* has no DeepSeek-V3 form"):
+        mla_config_to_hf(replace(frequency_list, rope=RopeConfig(), bias=True))
 
 
 @pytest.mark.parametrize("method", ["svd", "pca"])

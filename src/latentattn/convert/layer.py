@@ -55,7 +55,7 @@ METHODS: tuple[Method, ...] = ("svd", "pca", "merge")
 class ConversionConfig:
     """What `latentattn convert` builds. "svd" and "pca" give MLA with a latent of `kv_lora_rank` and a
     shared RoPE key of `rope_dim`; "merge" (the baseline) gives GQA with `kv_heads` kv heads, each the
-    average of the source's heads it replaces."""
+    average of the source's heads it replaces. The defaults lost least in docs/convert/options.md."""
 
     method: Method = "pca"
     kv_lora_rank: int | None = None
