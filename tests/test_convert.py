@@ -10,6 +10,7 @@ hooks on one whole forward pass.
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import replace
 
 import pytest
@@ -18,6 +19,7 @@ from torch import nn
 
 from conftest import relative_error, relative_l2
 from latentattn import GQAAttention, GQAConfig, RopeConfig, YarnConfig
+from latentattn.checkpoint import model_config_from_dict, model_config_to_dict
 from latentattn.convert import ConversionConfig, Moments, gqa_to_mla, layer_input_moments, model_to_mla
 from latentattn.convert.layer import factorise_kv
 from latentattn.convert.rope_split import RotaryKeys, choose_slots, largest_nope_width, nope_dims
@@ -110,6 +112,12 @@ def test_k_pe_frequencies_repeat_per_kv_head_or_reduce_to_a_theta():
     )
     mqa = mqa.config.attention.rope
     assert mqa.frequencies is None and mqa.theta == pytest.approx(10000.0**0.5)
+
+
+def test_a_converted_config_survives_the_checkpoint_json():
+    converted = model_to_mla(source_model(2), full(2, method="svd")).config
+    converted = replace(converted, attention=replace(converted.attention, bias=True))
+    assert model_config_from_dict(json.loads(json.dumps(model_config_to_dict(converted)))) == converted
 
 
 def test_the_hf_mapping_refuses_what_deepseek_v3_cannot_hold():

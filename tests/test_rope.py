@@ -84,3 +84,11 @@ def test_frequencies_survive_module_dtype_casts():
     x = torch.randn(1, 1, 1, 16, dtype=torch.float64)
     exact = RotaryEmbedding(16, RopeConfig())
     assert torch.equal(rope(x, torch.tensor([[5000]])), exact(x, torch.tensor([[5000]])))
+
+
+def test_a_list_of_frequencies_rotates_like_the_theta_it_lists():
+    listed = RotaryEmbedding(8, RopeConfig(frequencies=tuple(rope_inv_freq(8, 500.0).tolist())))
+    x, positions = torch.randn(2, 5, 3, 8, dtype=torch.float64), torch.arange(5).expand(2, 5)
+    assert torch.equal(listed(x, positions), RotaryEmbedding(8, RopeConfig(theta=500.0))(x, positions))
+    with pytest.raises(ValueError, match="RopeConfig.frequencies lists 3 pairs, the rotary width 8 has 4"):
+        RotaryEmbedding(8, RopeConfig(frequencies=(1.0, 0.5, 0.25)))
