@@ -200,4 +200,15 @@ def test_cli_errors_are_one_line_and_write_nothing(tmp_path, tokenizer, capsys):
         assert main(["convert", str(source), "--out", str(tmp_path / "out"), *args]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"latentattn convert: error: {message}") and err.count("\n") == 1, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "run"]
+    mla = save_run(tmp_path / "mla-run", tokenizer, kind="mla")
+    assert (
+        main(["convert", str(mla), "--out", str(tmp_path / "out"), "--kv-lora-rank", "8", "--rope-dim", "4"])
+        == 2
+    )
+    assert capsys.readouterr().err == (
+        "latentattn convert: error: the model already uses MLA; conversion takes MHA/GQA/MQA models\n"
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", str(source), "--out", str(tmp_path / "out"), "--method", "lora"])
+    assert exit_info.value.code == 2 and "invalid choice: 'lora'" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "mla-run", "run"]
