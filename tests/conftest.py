@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import textwrap
+from pathlib import Path
+
+import pytest
 import torch
 from hypothesis import strategies as st
 
@@ -70,3 +74,12 @@ def gqa_configs(draw) -> GQAConfig:
 
 
 attention_configs = st.one_of(mla_configs, gqa_configs())
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A training corpus folder holding one file (textwrap's source: ~9K tokens for the debug preset);
+    its tokenizer cache can live next to it, in `corpus.parent / "cache"`."""
+    folder = tmp_path_factory.mktemp("corpus")
+    (folder / "textwrap.py").write_text(Path(textwrap.__file__).read_text())
+    return folder

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from latentattn import GQAConfig, MLAConfig, RopeConfig, YarnConfig
+from latentattn.config import Llama3RopeConfig
 
 
 def test_deepseek_v2_derived_sizes():
@@ -31,13 +32,22 @@ def test_gqa_family_kind_and_cache_width(n_kv_heads, kind):
         (lambda: GQAConfig(n_heads=6, n_kv_heads=4), r"n_heads \(6\) must be a multiple of n_kv_heads \(4\)"),
         (lambda: GQAConfig(head_dim=5), "head_dim must be even"),
         (lambda: RopeConfig(theta=0), "RopeConfig.theta must be positive"),
+        (lambda: RopeConfig(linear_factor=0), "RopeConfig.linear_factor must be positive"),
+        (
+            lambda: RopeConfig(yarn=YarnConfig(factor=4), linear_factor=2),
+            "RopeConfig takes one scaling scheme, got yarn and linear_factor",
+        ),
+        (
+            lambda: Llama3RopeConfig(factor=8, low_freq_factor=4, high_freq_factor=1),
+            r"high_freq_factor \(1\) must exceed low_freq_factor \(4\)",
+        ),
         (
             lambda: RopeConfig(frequencies=(1.0, 0.0)),
             "RopeConfig.frequencies must be a non-empty list of positive",
         ),
         (
             lambda: RopeConfig(frequencies=(1.0,), yarn=YarnConfig(factor=2)),
-            "takes frequencies or yarn, not both",
+            "RopeConfig takes one scaling scheme, got yarn and frequencies",
         ),
         (lambda: MLAConfig(qk_nope_head_dim=-1), "MLAConfig.qk_nope_head_dim must be >= 0"),
         (

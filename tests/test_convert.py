@@ -20,6 +20,7 @@ from torch import nn
 from conftest import relative_error, relative_l2
 from latentattn import GQAAttention, GQAConfig, RopeConfig, YarnConfig
 from latentattn.checkpoint import model_config_from_dict, model_config_to_dict
+from latentattn.config import Llama3RopeConfig
 from latentattn.convert import ConversionConfig, Moments, gqa_to_mla, layer_input_moments, model_to_mla
 from latentattn.convert.layer import factorise_kv
 from latentattn.convert.rope_split import RotaryKeys, choose_slots, largest_nope_width, nope_dims
@@ -28,6 +29,7 @@ from latentattn.model import LanguageModel, ModelConfig, get_preset
 from latentattn.rope import rope_inv_freq
 
 HEAD_DIM = 8
+LLAMA3 = Llama3RopeConfig(factor=8.0, original_max_position_embeddings=32)
 LEGACY = {"rope_frequencies": "highest", "rope_residual": "drop", "balance_kv": False}
 """The study's conversion (`study.study_conversion`)."""
 
@@ -87,9 +89,13 @@ def test_enough_rank_and_rope_width_reproduce_the_source_logits(kind, n_kv_heads
     [
         RopeConfig(interleave=True),
         RopeConfig(theta=500.0, yarn=YarnConfig(factor=4, original_max_position_embeddings=16)),
-        RopeConfig(interleave=False, frequencies=(1.0, 0.3, 0.02, 0.001)),  # llama3-like: no theta gives it
+        RopeConfig(
+            theta=5e5, interleave=False, llama3=Llama3RopeConfig(8, original_max_position_embeddings=32)
+        ),
+        RopeConfig(interleave=False, linear_factor=4.0),
+        RopeConfig(interleave=False, frequencies=(1.0, 0.3, 0.02, 0.001)),
     ],
-    ids=["interleaved", "yarn", "frequency-list"],
+    ids=["interleaved", "yarn", "llama3", "linear", "frequency-list"],
 )
 @pytest.mark.parametrize("rule", ["highest", "score"])
 def test_every_rope_layout_converts_exactly(rope, rule):
@@ -149,15 +155,18 @@ def test_error_grows_as_the_rank_shrinks(method):
     assert errors[-1] > 100 * max(errors[0], 1e-6)
 
 
-def test_biases_are_carried_exactly():
-    """Qwen2-style q/k/v biases (a hand-made layer: GQAConfig has no bias field yet): the query bias on
-    w_q, the k_pe part of the key bias on w_dkv, the value bias through w_o's bias."""
-    layer = source_layer(n_kv_heads=2)
-    for name in ("w_q", "w_k", "w_v"):
-        linear = getattr(layer, name)
-        biased = nn.Linear(linear.in_features, linear.out_features, dtype=torch.float64)
-        biased.weight.data.copy_(linear.weight)
-        setattr(layer, name, biased)
+@pytest.mark.parametrize("output_bias", [False, True])
+def test_biases_are_carried_exactly(output_bias):
+    """Qwen2's q/k/v biases (`GQAConfig.qkv_bias`; an output bias too, on a hand-made layer): the query
+    bias on w_q, the k_pe part of the key bias on w_dkv, the value bias through w_o's bias."""
+    torch.manual_seed(0)
+    layer = GQAAttention(
+        GQAConfig(d_model=48, n_heads=4, n_kv_heads=2, head_dim=16, qkv_bias=True), dtype=torch.float64
+    ).eval()
+    if output_bias:
+        linear = layer.w_o
+        layer.w_o = nn.Linear(linear.in_features, linear.out_features, dtype=torch.float64)
+        layer.w_o.weight.data.copy_(linear.weight)
     x = torch.randn(2, 24, 48, dtype=torch.float64)
     calibration = torch.randn(256, 48, dtype=torch.float64)
     mla = gqa_to_mla(layer, ConversionConfig(kv_lora_rank=32, rope_dim=32, norm_linearity=1e14), calibration)

@@ -101,6 +101,11 @@ def test_stopped_sequences_take_no_more_tokens():
     eos = first.tokens[1][2]
     stopped = generate(model, [[1, 2], [3]], max_new_tokens=6, sampling=GREEDY, eos_id=eos)
     assert stopped.tokens[1] == first.tokens[1][: first.tokens[1].index(eos) + 1]
+    other = first.tokens[0][1]  # several stop ids (an imported model's EOS list): any one ends a sequence
+    either = generate(model, [[1, 2], [3]], max_new_tokens=6, sampling=GREEDY, eos_id=[other, eos])
+    for tokens, free in zip(either.tokens, first.tokens, strict=True):
+        ends = [i for i, t in enumerate(free) if t in (other, eos)]
+        assert tokens == free[: ends[0] + 1]
 
 
 def test_sampling_rules():

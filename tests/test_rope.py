@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from latentattn import RopeConfig, RotaryEmbedding, YarnConfig
-from latentattn.rope import rope_inv_freq
+from latentattn.config import Llama3RopeConfig
+from latentattn.rope import rope_frequencies, rope_inv_freq
 
 
 def rotate(config: RopeConfig, x: torch.Tensor, position: int) -> torch.Tensor:
@@ -84,6 +85,35 @@ def test_frequencies_survive_module_dtype_casts():
     x = torch.randn(1, 1, 1, 16, dtype=torch.float64)
     exact = RotaryEmbedding(16, RopeConfig())
     assert torch.equal(rope(x, torch.tensor([[5000]])), exact(x, torch.tensor([[5000]])))
+
+
+@pytest.mark.parametrize(
+    ("params", "rope"),
+    [
+        (
+            {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            },
+            RopeConfig(theta=500000.0, llama3=Llama3RopeConfig(factor=8.0)),
+        ),
+        ({"rope_type": "linear", "factor": 4.0}, RopeConfig(theta=500000.0, linear_factor=4.0)),
+    ],
+    ids=["llama3", "linear"],
+)
+def test_llama3_and_linear_scaling_match_transformers(params, rope):
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = transformers.LlamaConfig(
+        hidden_size=2048, num_attention_heads=16, rope_parameters={**params, "rope_theta": 500000.0}
+    )
+    expected, amplitude = ROPE_INIT_FUNCTIONS[params["rope_type"]](config, "cpu")
+    torch.testing.assert_close(rope_frequencies(128, rope).float(), expected, rtol=1e-6, atol=0)
+    assert amplitude == 1.0
 
 
 def test_a_list_of_frequencies_rotates_like_the_theta_it_lists():

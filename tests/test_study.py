@@ -10,14 +10,17 @@ from __future__ import annotations
 import json
 import math
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from latentattn import study
+from latentattn import train as train_module
 from latentattn.cli import main
 from latentattn.model import LanguageModel, get_preset
-from latentattn.study import StudyConfig, Variant, matched_d_ff, study_preset
+from latentattn.study import StudyConfig, Variant, matched_d_ff, run_study, study_preset
 from latentattn.study_report import PLOTS, pareto_front
 
 
@@ -145,3 +148,66 @@ def test_variant_and_preset_errors():
         Variant("mha", kv_lora_rank=4)
     with pytest.raises(ValueError, match="unknown study preset 'huge'"):
         study_preset("huge", "x")
+
+
+def test_an_interrupted_study_continues_where_it_stopped(tmp_path, monkeypatch):
+    """A failure inside the MLA training run stops the study; the rerun keeps the finished MHA run (its
+    recorded result, not a retrained one), redoes the unfinished MLA run from scratch, and finishes."""
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "textwrap.py").write_text(Path(textwrap.__file__).read_text())
+    smoke = study_preset("smoke", str(tmp_path / "out"))
+    config = replace(
+        smoke,
+        seeds=(0,),
+        variants=(Variant("mha"), smoke.convert_target),
+        data=(str(tmp_path / "corpus"),),
+        cache_dir=str(tmp_path / "cache"),
+        decode_contexts=(16,),
+    )
+    real_step = train_module._train_step
+
+    def fail_in_mla(net, optimizer, tokens, train_config, env, step):
+        if train_config.attn == "mla" and step == 3:
+            raise RuntimeError("injected failure")
+        return real_step(net, optimizer, tokens, train_config, env, step)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        monkeypatch.setattr(train_module, "_train_step", fail_in_mla)
+        with pytest.raises(RuntimeError, match="injected failure"):
+            run_study(config)
+        monkeypatch.setattr(train_module, "_train_step", real_step)
+        journal = json.loads((tmp_path / "out" / "journal.json").read_text())
+        assert list(journal["parts"]) == ["train/mha/seed-0"]
+        unfinished = tmp_path / "out" / "runs" / "mla-16+8" / "seed-0"
+        assert (unfinished / "log.jsonl").exists() and not (unfinished / "latest").exists()
+
+        trained = []
+        real_train = study.train
+        monkeypatch.setattr(
+            study, "train", lambda cfg, **kw: trained.append(cfg.out) or real_train(cfg, **kw)
+        )
+        said = []
+        results = run_study(config, say=said.append)
+    finally:
+        torch.set_num_threads(threads)
+    assert str(tmp_path / "out" / "runs" / "mha" / "seed-0") not in trained
+    assert str(unfinished) in trained
+    assert said[0] == f"continuing the study in {tmp_path / 'out'}: 1 finished parts kept"
+    assert said[1].endswith("(finished before)")
+    assert results["variants"]["mha"]["runs"][0] == journal["parts"]["train/mha/seed-0"]
+    assert {row["method"] for row in results["conversion"]} == {"svd", "pca"}
+    assert (tmp_path / "out" / "report.md").exists()
+
+    with pytest.raises(
+        ValueError, match=r"was started with other settings: steps 6 -> 7; rerun it with those"
+    ):
+        run_study(replace(config, steps=7))
+
+
+def test_a_folder_that_is_not_a_study_is_refused(tmp_path):
+    (tmp_path / "report.md").write_text("mine\n")
+    with pytest.raises(ValueError, match="is a non-empty directory that holds no latentattn study"):
+        run_study(study_preset("smoke", str(tmp_path)))
+    assert [p.name for p in tmp_path.iterdir()] == ["report.md"]

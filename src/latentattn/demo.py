@@ -8,7 +8,7 @@ import time
 from typing import TextIO
 
 from latentattn.generate import SamplingConfig, run_generate
-from latentattn.train import TrainConfig, train
+from latentattn.train import resume_config, train
 
 DEMO_PROMPT = "def "
 
@@ -16,15 +16,17 @@ DEMO_PROMPT = "def "
 def run_demo(
     out: str = "runs/demo",
     *,
-    steps: int = TrainConfig.steps,
+    steps: int | None = None,
     max_new_tokens: int = 160,
     seed: int = 0,
     stream: TextIO | None = None,
 ) -> None:
-    """Train (or resume, or reuse the finished run in `out`), then generate from `DEMO_PROMPT`."""
+    """Train the `small` MLA model in `out` (continuing the run there, if any: to `steps` when given,
+    else to its own), then generate from `DEMO_PROMPT`. `steps` below the run's step is refused."""
     stream = stream or sys.stdout
     start = time.perf_counter()
-    result = train(TrainConfig(out=out, preset="small", attn="mla", steps=steps, seed=seed, resume=True))
+    given = {} if steps is None else {"steps": steps}
+    result = train(resume_config(out, preset="small", attn="mla", seed=seed, **given))
     stream.write(
         f"trained {result.step} steps: val loss {result.val_loss:.3f} (perplexity "
         f"{math.exp(result.val_loss):.1f}), {result.tokens_per_s:,.0f} tokens/s; "

@@ -21,7 +21,7 @@ from rich.table import Table
 
 from latentattn.checkpoint import Checkpoint, load_checkpoint
 from latentattn.data import load_corpus
-from latentattn.model import LanguageModel, get_preset
+from latentattn.model import LanguageModel
 
 FORMATS = ("none", "full", "int8", "fp8")
 """`none`: plain forward, no cache; `full`: the model-dtype cache; `int8`, `fp8`: MLA's 8-bit latents."""
@@ -73,16 +73,27 @@ def window_loss(
     return total / rows[:, 1:].numel(), bytes_per_token
 
 
+IMPORTED_WINDOW = 512
+"""Window length for models not trained here (imported), whose context may be 128K tokens."""
+
+
 def validation_tokens(checkpoint: Checkpoint) -> np.ndarray:
-    """The validation split the checkpoint's run trained against (from the data cache when unchanged)."""
+    """The validation split the checkpoint's run trained against (from the data cache when unchanged);
+    for an imported model, the built-in corpus's, encoded with its tokenizer."""
     train = checkpoint.train
     corpus = load_corpus(
         train.get("data") or (),
-        vocab_size=get_preset(train["preset"]).vocab_size,
+        vocab_size=checkpoint.tokenizer.get_vocab_size(),  # unused: the tokenizer is given
         cache_dir=train.get("cache_dir"),
         tokenizer=checkpoint.tokenizer,
     )
     return corpus.val
+
+
+def window_length(checkpoint: Checkpoint) -> int:
+    """The training context of a trained model; at most `IMPORTED_WINDOW` tokens for an imported one."""
+    context = checkpoint.config.max_seq_len
+    return context if "preset" in checkpoint.train else min(context, IMPORTED_WINDOW)
 
 
 def compare_cache_formats(
@@ -94,7 +105,7 @@ def compare_cache_formats(
 ) -> list[FormatResult]:
     """Validation loss of the checkpoint's model through each cache format (MLA models for 8-bit)."""
     checkpoint = load_checkpoint(checkpoint_path)
-    rows = windows(validation_tokens(checkpoint), checkpoint.config.max_seq_len, n_windows)
+    rows = windows(validation_tokens(checkpoint), window_length(checkpoint), n_windows)
     reference, _ = window_loss(checkpoint.model, rows, cache_format="none", chunk=chunk)
     results = []
     for cache_format in formats:

@@ -2,7 +2,8 @@
 
 A batch of ragged prompts is prefilled in one call (right padding, `n_new` = each prompt's length),
 then decoded one token per step: MLA on its absorbed path over the latent cache, the MHA/GQA/MQA
-family over its K/V cache. Every prompt starts with the document separator, as training documents do.
+family over its K/V cache. Prompts start with the checkpoint's BOS (a trained model's: the document
+separator, as training documents do) and completions end at its EOS (`latentattn.tokens`).
 
 Notation: B batch (prompts), V vocabulary size.
 """
@@ -22,8 +23,8 @@ from torch import Tensor
 
 from latentattn.checkpoint import load_checkpoint
 from latentattn.config import AttentionConfig, MLAConfig
-from latentattn.data import EOS
 from latentattn.model import LanguageModel
+from latentattn.tokens import encode_prompt
 
 
 @dataclass(frozen=True)
@@ -92,14 +93,15 @@ def generate(
     max_new_tokens: int,
     sampling: SamplingConfig,
     generator: torch.Generator | None = None,
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
     on_tokens: Callable[[list[int | None]], None] | None = None,
     latent_format: str | None = None,
 ) -> Generation:
     """Sample up to `max_new_tokens` per prompt through the model's cache (MLA: 8-bit latents with
     `latent_format` "int8" or "fp8").
 
-    Prompts may have different lengths. A sequence stops after it emits `eos_id`; `on_tokens` receives
+    Prompts may have different lengths. A sequence stops after it emits `eos_id` (or any of several);
+    `on_tokens` receives
     each step's new token per sequence (None for stopped ones).
     """
     lengths = [len(prompt) for prompt in prompts]
@@ -121,6 +123,9 @@ def generate(
     n_new = torch.tensor(lengths, device=device)
     cache = model.new_cache(batch, max(lengths) + max_new_tokens, latent_format=latent_format)
     decode_mode = "absorbed" if isinstance(model.config.attention, MLAConfig) else "auto"
+    stop_ids = torch.tensor(
+        [eos_id] if isinstance(eos_id, int) else list(eos_id or ()), dtype=torch.long, device=device
+    )
 
     start = time.perf_counter()
     logits = model(padded, cache, n_new=n_new)  # [B, T, V]
@@ -140,8 +145,7 @@ def generate(
                 outputs[b].append(t)
         if on_tokens is not None:
             on_tokens(emitted)
-        if eos_id is not None:
-            running &= token != eos_id
+        running &= ~torch.isin(token, stop_ids)
         if step == max_new_tokens - 1 or not bool(running.any()):
             break
         # Stopped sequences take no new token (n_new 0); their rows are computed and ignored.
@@ -171,7 +175,7 @@ def mha_cache_width(config: AttentionConfig) -> int:
 
 class _Detokenizer:
     """One sequence's text, token by token: `add` returns the new text, holding back an incomplete UTF-8
-    character; special tokens (the end-of-text `EOS`) add nothing."""
+    character; special tokens (BOS, EOS) add nothing."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
@@ -204,13 +208,15 @@ class _Streamer:
 
 class _LineStreamer:
     """Writes a batch's completions to `out` as they arrive, one finished line at a time as `[i] line`
-    (i: the prompt's number, from 1); a sequence's last partial line follows when it emits `eos_id`,
-    or at `close`."""
+    (i: the prompt's number, from 1); a sequence's last partial line follows when it emits one of
+    `eos_ids`, or at `close`."""
 
-    def __init__(self, tokenizer: Tokenizer, prompts: Sequence[str], out: TextIO, eos_id: int) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, prompts: Sequence[str], out: TextIO, eos_ids: Sequence[int]
+    ) -> None:
         self.texts = [_Detokenizer(tokenizer) for _ in prompts]
         self.pending = list(prompts)  # per sequence: the unfinished line, not written yet
-        self.out, self.eos_id = out, eos_id
+        self.out, self.eos_ids = out, set(eos_ids)
 
     def __call__(self, tokens: list[int | None]) -> None:
         for i, token in enumerate(tokens):
@@ -218,7 +224,7 @@ class _LineStreamer:
                 continue
             *lines, self.pending[i] = (self.pending[i] + self.texts[i].add(token)).split("\n")
             self.out.write("".join(f"[{i + 1}] {line}\n" for line in lines))
-            if token == self.eos_id:
+            if token in self.eos_ids:
                 self._finish(i)
         self.out.flush()
 
@@ -246,18 +252,19 @@ def run_generate(
     (MLA models may keep their latents in 8 bits: `latent_format` "int8" or "fp8").
 
     Text streams to `out` (default stdout) as it is produced: one prompt as plain text, several line by
-    line, each line prefixed with its prompt's number (`[2] ...`). A completion ends at the end-of-text
-    token, which is not printed.
+    line, each line prefixed with its prompt's number (`[2] ...`). A completion ends at the checkpoint's
+    EOS, which is not printed.
     """
     out = out or sys.stdout
     loaded = load_checkpoint(checkpoint)
-    tokenizer, config = loaded.tokenizer, loaded.config
-    eos_id = tokenizer.token_to_id(EOS)
-    encoded = [[eos_id, *tokenizer.encode(prompt).ids] for prompt in prompts]
+    tokenizer, config, tokens = loaded.tokenizer, loaded.config, loaded.tokens
+    encoded = [encode_prompt(tokenizer, tokens, prompt) for prompt in prompts]
     for i, ids in enumerate(encoded):
+        if not ids:
+            raise ValueError(f"prompt {i + 1} is empty and the model has no BOS token to start from")
         if len(ids) >= config.max_seq_len:
             raise ValueError(
-                f"prompt {i + 1} has {len(ids)} tokens (with the leading separator); the model's context "
+                f"prompt {i + 1} has {len(ids)} tokens (with BOS); the model's context "
                 f"is {config.max_seq_len}"
             )
     room = config.max_seq_len - max(map(len, encoded))
@@ -271,7 +278,7 @@ def run_generate(
     streamer = (
         _Streamer(tokenizer, prompts[0], out)
         if len(prompts) == 1
-        else _LineStreamer(tokenizer, prompts, out, eos_id)
+        else _LineStreamer(tokenizer, prompts, out, tokens.eos_ids)
     )
     result = generate(
         loaded.model,
@@ -279,7 +286,7 @@ def run_generate(
         max_new_tokens=max_new_tokens,
         sampling=sampling or SamplingConfig(),
         generator=torch.Generator().manual_seed(seed),
-        eos_id=eos_id,
+        eos_id=tokens.eos_ids,
         on_tokens=streamer,
         latent_format=latent_format,
     )

@@ -19,13 +19,21 @@ dict or a transformers `PretrainedConfig`.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import asdict
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from latentattn.attention import MLA, GQAAttention, build_attention
-from latentattn.config import AttentionConfig, GQAConfig, MLAConfig, RopeConfig, YarnConfig
+from latentattn.config import (
+    AttentionConfig,
+    GQAConfig,
+    Llama3RopeConfig,
+    MLAConfig,
+    RopeConfig,
+    YarnConfig,
+)
 
 MLA_TO_HF = {
     "w_q": "q_proj",
@@ -55,18 +63,34 @@ def _field(config: dict[str, Any], name: str, default: Any = _MISSING) -> Any:
 
 
 def rope_config_from_hf(hf_config: Mapping[str, Any] | Any, *, interleave: bool) -> RopeConfig:
-    """RoPE settings from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (4.x)."""
+    """RoPE settings from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (4.x):
+    default, `linear`, `llama3` or `yarn`; other types and a partial rotary factor raise ValueError."""
     config = _as_dict(hf_config)
     params = config.get("rope_parameters") or config.get("rope_scaling") or {}
     theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default"))
+    partial = params.get("partial_rotary_factor", config.get("partial_rotary_factor")) or 1.0
+    if partial != 1.0:
+        raise ValueError(f"unsupported partial_rotary_factor {partial}: latentattn rotates whole heads")
     if rope_type == "default":
         return RopeConfig(theta=theta, interleave=interleave)
-    if rope_type != "yarn":
-        raise ValueError(f"unsupported rope_type {rope_type!r}: latentattn implements default RoPE and YaRN")
+    if rope_type == "linear":
+        return RopeConfig(theta=theta, interleave=interleave, linear_factor=_field(params, "factor"))
+    if rope_type not in ("llama3", "yarn"):
+        raise ValueError(
+            f"unsupported rope_type {rope_type!r}: latentattn implements default, linear, llama3 and yarn"
+        )
+    original = params.get("original_max_position_embeddings") or _field(config, "max_position_embeddings")
+    if rope_type == "llama3":
+        llama3 = Llama3RopeConfig(
+            factor=_field(params, "factor"),
+            low_freq_factor=_field(params, "low_freq_factor"),
+            high_freq_factor=_field(params, "high_freq_factor"),
+            original_max_position_embeddings=original,
+        )
+        return RopeConfig(theta=theta, interleave=interleave, llama3=llama3)
     if params.get("attention_factor") is not None:
         raise ValueError("YaRN's explicit 'attention_factor' is not supported; give mscale/mscale_all_dim")
-    original = _field(params, "original_max_position_embeddings")
     factor = params.get("factor") or _field(config, "max_position_embeddings") / original
     yarn = YarnConfig(
         factor=factor,
@@ -82,7 +106,10 @@ def rope_config_from_hf(hf_config: Mapping[str, Any] | Any, *, interleave: bool)
 
 def _reject_biases(config: dict[str, Any]) -> None:
     if config.get("attention_bias"):
-        raise ValueError("HF config has attention_bias=True; latentattn's attention layers have no biases")
+        raise ValueError(
+            "unsupported attention_bias=True (biases on q/k/v/o_proj): latentattn has q/k/v biases only "
+            "(Qwen2) and none in MLA"
+        )
 
 
 def mla_config_from_hf(hf_config: Mapping[str, Any] | Any) -> MLAConfig:
@@ -108,12 +135,18 @@ def gqa_config_from_hf(hf_config: Mapping[str, Any] | Any) -> GQAConfig:
     _reject_biases(config)
     n_heads = _field(config, "num_attention_heads")
     d_model = _field(config, "hidden_size")
+    rope = rope_config_from_hf(config, interleave=False)
+    if rope.yarn is not None and rope.yarn.mscale_all_dim:
+        raise ValueError(
+            "unsupported YaRN mscale_all_dim for a Llama-family model: its attention does not scale the "
+            "softmax (only DeepSeek's does)"
+        )
     return GQAConfig(
         d_model=d_model,
         n_heads=n_heads,
         n_kv_heads=_field(config, "num_key_value_heads", n_heads),
         head_dim=_field(config, "head_dim", d_model // n_heads),
-        rope=rope_config_from_hf(config, interleave=False),
+        rope=rope,
     )
 
 
@@ -127,6 +160,10 @@ def rope_config_to_hf(rope: RopeConfig) -> dict[str, Any]:
     """HF 5.x `rope_parameters` for `rope` (inverse of `rope_config_from_hf`)."""
     if rope.frequencies is not None:
         raise ValueError("RoPE with a list of frequencies (a converted model's k_pe) has no HF form")
+    if rope.llama3 is not None:
+        return {"rope_type": "llama3", "rope_theta": rope.theta, **asdict(rope.llama3)}
+    if rope.linear_factor != 1.0:
+        return {"rope_type": "linear", "rope_theta": rope.theta, "factor": rope.linear_factor}
     if rope.yarn is None:
         return {"rope_type": "default", "rope_theta": rope.theta}
     yarn = rope.yarn

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from latentattn.config import RopeConfig, YarnConfig
+from latentattn.config import Llama3RopeConfig, RopeConfig, YarnConfig
 from latentattn.layers import fp32_or_wider
 
 
@@ -42,29 +42,48 @@ def rope_inv_freq(dim: int, theta: float, yarn: YarnConfig | None = None) -> Ten
     return inv_freq * (1 - ramp) + inv_freq / yarn.factor * ramp
 
 
-class RotaryEmbedding(nn.Module):
-    """Rotates the last dimension of `x: [B, T, H, R]` by angles `positions[b, t] · inv_freq`.
+def llama3_inv_freq(inv_freq: Tensor, llama3: Llama3RopeConfig) -> Tensor:
+    """Llama 3.1's rescaling of `inv_freq`: long wavelengths divided by `factor`, short ones kept, a
+    smooth blend between (as HF's `rope_type: llama3`)."""
+    wavelength = 2 * math.pi / inv_freq
+    original = llama3.original_max_position_embeddings
+    smooth = (original / wavelength - llama3.low_freq_factor) / (
+        llama3.high_freq_factor - llama3.low_freq_factor
+    )
+    blended = (1 - smooth) * inv_freq / llama3.factor + smooth * inv_freq
+    scaled = torch.where(wavelength > original / llama3.low_freq_factor, inv_freq / llama3.factor, blended)
+    return torch.where(wavelength < original / llama3.high_freq_factor, inv_freq, scaled)
 
-    The frequencies (`config.frequencies` if given, else theta's, YaRN-blended) are kept in fp64
-    outside the module's buffers (so `module.to(torch.bfloat16)` cannot round them) and copied once per
-    device and compute dtype.
-    """
 
-    def __init__(self, dim: int, config: RopeConfig) -> None:
-        super().__init__()
-        if config.frequencies is not None and len(config.frequencies) != dim // 2:
+def rope_frequencies(dim: int, config: RopeConfig) -> Tensor:
+    """The inverse frequencies `[dim/2]` (fp64) of `config`: its listed `frequencies`, or theta's with
+    its scaling scheme applied."""
+    if config.frequencies is not None:
+        if len(config.frequencies) != dim // 2:
             raise ValueError(
                 f"RopeConfig.frequencies lists {len(config.frequencies)} pairs, the rotary width {dim} "
                 f"has {dim // 2}"
             )
+        return torch.tensor(config.frequencies, dtype=torch.float64)
+    inv_freq = rope_inv_freq(dim, config.theta, config.yarn)
+    if config.llama3 is not None:
+        inv_freq = llama3_inv_freq(inv_freq, config.llama3)
+    return inv_freq / config.linear_factor
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotates the last dimension of `x: [B, T, H, R]` by angles `positions[b, t] · inv_freq`.
+
+    The frequencies are kept in fp64 outside the module's buffers (so `module.to(torch.bfloat16)`
+    cannot round them) and copied once per device and compute dtype.
+    """
+
+    def __init__(self, dim: int, config: RopeConfig) -> None:
+        super().__init__()
         self.dim = dim
         self.interleave = config.interleave
         self.amplitude = config.yarn.rope_amplitude if config.yarn else 1.0
-        self.inv_freq = (
-            rope_inv_freq(dim, config.theta, config.yarn)
-            if config.frequencies is None
-            else torch.tensor(config.frequencies, dtype=torch.float64)
-        )
+        self.inv_freq = rope_frequencies(dim, config)
         self._inv_freq_copies: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
     def _frequencies(self, device: torch.device, dtype: torch.dtype) -> Tensor:

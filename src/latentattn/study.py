@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import statistics
 import subprocess
 import time
@@ -29,9 +31,10 @@ import numpy as np
 import torch
 
 from latentattn import calculator as calc
+from latentattn import run_dir
 from latentattn.attention import MLA, build_attention
 from latentattn.bench import machine_info, time_ms
-from latentattn.checkpoint import load_checkpoint, save_checkpoint
+from latentattn.checkpoint import load_checkpoint, save_checkpoint, write_text_atomically
 from latentattn.config import AttentionConfig, AttentionKind, MLAConfig
 from latentattn.convert import ConversionConfig, Method, model_to_mla
 from latentattn.data import Corpus, default_cache_dir, default_corpus_files, prepare_corpus, resolve_files
@@ -50,6 +53,8 @@ from latentattn.train import (
 METHODS: tuple[Method, ...] = ("svd", "pca")
 V2_BASELINE = calc.DEFAULT_BASELINE
 """The projection's reference: MHA over DeepSeek-V2's 128 heads of 128 and 60 layers, in bf16."""
+JOURNAL = "journal.json"
+"""A study's settings and the results of its finished parts; a rerun with the same --out continues."""
 
 
 @dataclass(frozen=True)
@@ -96,31 +101,52 @@ class StudyConfig:
     fixed validation windows."""
 
     out: str
+    """Study folder: report.md, plots, results.json, journal.json; the training runs in out/runs."""
     variants: tuple[Variant, ...]
     convert_target: Variant
     """The trained MLA variant whose C and R the post-hoc conversions of MHA use (equal cache bytes)."""
     name: str = "custom"
     """The study preset this config came from (for the report)."""
     model_preset: str = "small"
+    """Model preset whose depth, width d and vocabulary every variant shares."""
     n_heads: int = 6
+    """Query heads H of every variant."""
     head_dim: int = 32
+    """Width D of each head of every variant."""
     seeds: tuple[int, ...] = (0, 1)
+    """Training seeds: every variant trains once per seed."""
     steps: int = 300
+    """Training steps per run."""
     batch_size: int = 16
+    """Windows per training step."""
     context: int = 128
+    """Tokens per window."""
     lr: float = 2e-3
+    """Peak learning rate."""
     warmup: int = 30
+    """Steps of linear warmup."""
     eval_batches: int = 16
+    """Validation batches of batch_size windows."""
     match_params: bool = True
+    """Widen or narrow each variant's MLP so its parameter count matches MHA's."""
     heal_steps: int = 60
+    """Fine-tuning steps after the post-hoc conversion (and for the MHA control)."""
     heal_lr: float = 1e-3
+    """Peak learning rate of the healing fine-tune."""
     calibration_windows: int = 32
+    """Training windows whose activations calibrate the PCA conversion."""
     decode_contexts: tuple[int, ...] = (256, 1024, 4096, 16384)
+    """Cached tokens at which decode speed is measured."""
     decode_batch: int = 4
+    """Sequences per measured decode step."""
     timing_repeats: int = 5
+    """Timed repeats per speed measurement (the median is reported)."""
     memory_batch: int = 8
+    """Windows of the training step whose memory is measured."""
     data: tuple[str, ...] = ()
+    """Text files or folders (default: the standard library's source)."""
     cache_dir: str | None = None
+    """Tokenizer and token-id cache (default: $XDG_CACHE_HOME/latentattn or ~/.cache/latentattn)."""
 
     def __post_init__(self) -> None:
         for name in ("n_heads", "head_dim", "steps", "batch_size", "context", "eval_batches", "heal_steps"):
@@ -380,137 +406,233 @@ def _summary(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "std": std, "min": min(values), "max": max(values)}
 
 
+def _settings(config: StudyConfig) -> dict[str, Any]:
+    """What a continued study must share with the one it continues: the config as JSON, paths absolute,
+    `out` aside."""
+    settings = json.loads(json.dumps(asdict(config)))
+    del settings["out"]
+    settings["data"] = [os.path.abspath(path) for path in config.data]
+    if config.cache_dir is not None:
+        settings["cache_dir"] = os.path.abspath(config.cache_dir)
+    return settings
+
+
+class _Journal:
+    """`out/journal.json`: the study's settings and each finished part's result (JSON), rewritten after
+    every part, so that running the study again skips the finished parts and redoes the others."""
+
+    def __init__(self, out: Path, config: StudyConfig) -> None:
+        self.path, self.settings, self.parts = out / JOURNAL, _settings(config), {}
+        self._seconds_before, self._started = 0.0, time.perf_counter()
+        if self.path.exists():
+            try:
+                saved = json.loads(self.path.read_text())
+                saved_settings, self.parts = saved["settings"], saved["parts"]
+                self._seconds_before = saved["seconds"]
+            except (ValueError, KeyError, TypeError) as error:
+                raise ValueError(f"corrupt study: {self.path} is unreadable ({error})") from None
+            changed = [
+                f"{name} {saved_settings.get(name)!r} -> {value!r}"
+                for name, value in self.settings.items()
+                if saved_settings.get(name) != value
+            ]
+            if changed:
+                raise ValueError(
+                    f"the study in {str(out)!r} was started with other settings: {', '.join(changed)}; "
+                    "rerun it with those to continue it, or choose another --out"
+                )
+        self._write()
+
+    @property
+    def seconds(self) -> float:
+        """Seconds spent on the study so far, earlier runs of it included."""
+        return self._seconds_before + time.perf_counter() - self._started
+
+    def _write(self) -> None:
+        record = {"settings": self.settings, "parts": self.parts, "seconds": self.seconds}
+        write_text_atomically(self.path, json.dumps(record, indent=1) + "\n")
+
+    def part(self, key: str, compute: Callable[[], Any]) -> Any:
+        """The recorded result of the part `key`, or `compute()`'s, recorded."""
+        if key not in self.parts:
+            self.parts[key] = json.loads(json.dumps(compute()))
+            self._write()
+        return self.parts[key]
+
+
+def _fresh(path: Path) -> Path:
+    """`path`, a run folder of this study, emptied of what an interrupted attempt left there."""
+    if path.exists():
+        shutil.rmtree(path)
+    return path
+
+
 def run_study(config: StudyConfig, *, say: Callable[[str], None] = lambda _text: None) -> dict[str, Any]:
     """Run every part of the study; write `results.json`, `report.md` and the plots into `config.out`;
-    return the results. `say` receives one line per finished part."""
+    return the results. `say` receives one line per finished part. A study interrupted in `config.out`
+    continues: parts that finished are kept, the others are redone."""
+    out = Path(config.out)
+    run_dir.check_out(out, markers=(JOURNAL, run_dir.LOCK), owner="study")
+    with run_dir.locked(out, owner="study"):
+        journal = _Journal(out, config)
+        if journal.parts:
+            say(f"continuing the study in {out}: {len(journal.parts)} finished parts kept")
+        return _run_parts(config, journal, say)
+
+
+def _train_run(config: StudyConfig, variant: Variant, seed: int, d_ff: int) -> dict[str, Any]:
+    """One training run of `variant`: its validation loss, speed and loss curves."""
+    train_config = config.train_config(variant, seed=seed, d_ff=d_ff)
+    result = train(replace(train_config, out=str(_fresh(Path(train_config.out)))), quiet=True)
+    return {
+        "seed": seed,
+        "checkpoint": str(result.checkpoint.relative_to(config.out)),
+        "val_loss": result.val_loss,
+        "val_ppl": math.exp(result.val_loss),
+        "tokens_per_s": result.tokens_per_s,
+        "train_seconds": result.seconds,
+        "curves": _log_curves(Path(train_config.out)),
+    }
+
+
+def _variant_results(
+    config: StudyConfig, variant: Variant, d_ff: int, journal: _Journal, say: Callable[[str], None]
+) -> dict[str, Any]:
+    """`variant` trained once per seed, with its cache and parameter figures."""
+    runs = []
+    for seed in config.seeds:
+        key = f"train/{variant.name}/seed-{seed}"
+        done = key in journal.parts
+        run = journal.part(key, lambda seed=seed: _train_run(config, variant, seed, d_ff))
+        runs.append(run)
+        kept = " (finished before)" if done else ""
+        speed = f"{run['tokens_per_s']:,.0f} tok/s"
+        say(f"{variant.name} seed {seed}: val loss {run['val_loss']:.3f}, {speed}{kept}")
+    model_config = load_checkpoint(Path(config.out) / runs[-1]["checkpoint"]).config
+    mha_attention = config.train_config(config.variants[0], seed=0).model_preset().attention("mha")
+    return {
+        "variant": asdict(variant),
+        "d_ff": d_ff,
+        "params": LanguageModel(model_config, device="meta").parameter_counts(),
+        "cache_elements_per_token_per_layer": model_config.attention.cache_width,
+        "cache_bytes_per_token_bf16": cache_bytes_per_token(model_config),
+        "cache_bytes_per_token_fp32": cache_bytes_per_token(model_config, torch.float32),
+        "deepseek_v2_projection": v2_projection(model_config.attention, mha_attention, model_config.n_layers),
+        "runs": runs,
+        "val_loss": _summary([run["val_loss"] for run in runs]),
+        "val_ppl": _summary([run["val_ppl"] for run in runs]),
+        "tokens_per_s": _summary([run["tokens_per_s"] for run in runs]),
+    }
+
+
+def _run_parts(config: StudyConfig, journal: _Journal, say: Callable[[str], None]) -> dict[str, Any]:
+    """Every part of the study, each through `journal`; then results.json and the report."""
     from latentattn.study_report import write_report
 
-    started = time.perf_counter()
     out = Path(config.out)
-    if (out / "runs").exists():
-        raise ValueError(f"{str(out)!r} already holds study runs; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
     corpus = _load_study_corpus(config)
     d_ff = matched_d_ff(config)
-    mha = config.variants[0]
     results: dict[str, Any] = {
         "config": asdict(config),
         "environment": {**machine_info(), "git_commit": _git_commit()},
-        "variants": {},
+        "variants": {
+            variant.name: _variant_results(config, variant, d_ff[variant.name], journal, say)
+            for variant in config.variants
+        },
     }
-
-    for variant in config.variants:
-        runs = []
-        for seed in config.seeds:
-            train_config = config.train_config(variant, seed=seed, d_ff=d_ff[variant.name])
-            result = train(train_config, quiet=True)
-            model_config = load_checkpoint(result.checkpoint).config
-            counts = LanguageModel(model_config, device="meta").parameter_counts()
-            runs.append(
-                {
-                    "seed": seed,
-                    "checkpoint": str(result.checkpoint.relative_to(out)),
-                    "val_loss": result.val_loss,
-                    "val_ppl": math.exp(result.val_loss),
-                    "tokens_per_s": result.tokens_per_s,
-                    "train_seconds": result.seconds,
-                    "curves": _log_curves(Path(train_config.out)),
-                }
-            )
-            say(
-                f"{variant.name} seed {seed}: val loss {result.val_loss:.3f}, "
-                f"{result.tokens_per_s:,.0f} tok/s"
-            )
-        mha_attention = config.train_config(mha, seed=0).model_preset().attention("mha")
-        results["variants"][variant.name] = {
-            "variant": asdict(variant),
-            "d_ff": d_ff[variant.name],
-            "params": counts,
-            "cache_elements_per_token_per_layer": model_config.attention.cache_width,
-            "cache_bytes_per_token_bf16": cache_bytes_per_token(model_config),
-            "cache_bytes_per_token_fp32": cache_bytes_per_token(model_config, torch.float32),
-            "deepseek_v2_projection": v2_projection(
-                model_config.attention, mha_attention, model_config.n_layers
-            ),
-            "runs": runs,
-            "val_loss": _summary([run["val_loss"] for run in runs]),
-            "val_ppl": _summary([run["val_ppl"] for run in runs]),
-            "tokens_per_s": _summary([run["tokens_per_s"] for run in runs]),
-        }
-
     for variant in config.variants:
         entry = results["variants"][variant.name]
-        model = load_checkpoint(out / entry["runs"][0]["checkpoint"]).model
-        entry["decode"] = decode_speed(
-            model, config.decode_contexts, config.decode_batch, config.timing_repeats
-        )
+
+        def decode(entry: dict[str, Any] = entry) -> list[dict]:
+            model = load_checkpoint(out / entry["runs"][0]["checkpoint"]).model
+            return decode_speed(model, config.decode_contexts, config.decode_batch, config.timing_repeats)
+
+        entry["decode"] = journal.part(f"decode/{variant.name}", decode)
         say(
             f"{variant.name} decode: {entry['decode'][-1]['tokens_per_s']:,.0f} tok/s "
             f"at context {config.decode_contexts[-1]}"
         )
 
-    results["conversion"] = _conversions(config, corpus, results, say)
-    results["training_memory"] = _training_memory(config, corpus, d_ff)
+    results["conversion"] = _conversions(config, corpus, results, journal, say)
+    results["training_memory"] = journal.part(
+        "training_memory", lambda: _training_memory(config, corpus, d_ff)
+    )
     say(
         "training step: "
         + ", ".join(f"{k} {v['ms_per_step']:.0f} ms" for k, v in results["training_memory"].items())
     )
-    results["seconds"] = time.perf_counter() - started
+    results["seconds"] = journal.seconds
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     write_report(results, out)
     return results
 
 
 def _conversions(
-    config: StudyConfig, corpus: Corpus, results: dict[str, Any], say: Callable[[str], None]
+    config: StudyConfig,
+    corpus: Corpus,
+    results: dict[str, Any],
+    journal: _Journal,
+    say: Callable[[str], None],
 ) -> list[dict[str, Any]]:
     """Each seed's trained MHA converted to MLA at the target's C and R by each method: validation loss
     right after conversion, and after `heal_steps` of fine-tuning; the control is the MHA itself
     fine-tuned the same way (the converted models see the MHA's steps plus the healing steps)."""
-    target = config.convert_target
     rows = []
     for run in results["variants"]["mha"]["runs"]:
         checkpoint = Path(config.out) / run["checkpoint"]
-        loaded = load_checkpoint(checkpoint)
         control_dir = Path(config.out) / "runs" / "mha-continued" / f"seed-{run['seed']}"
-        continued = _fine_tune(config, checkpoint, control_dir, seed=run["seed"])
-        calibration, _ = _windows(corpus.train, config, config.calibration_windows, seed=10_000 + run["seed"])
+        continued = journal.part(
+            f"continued/seed-{run['seed']}",
+            lambda checkpoint=checkpoint, control_dir=control_dir, seed=run["seed"]: (
+                _fine_tune(config, checkpoint, control_dir, seed=seed).val_loss
+            ),
+        )
         for method in METHODS:
-            converted = model_to_mla(loaded.model, study_conversion(method, target), calibration).eval()
-            converted_loss = evaluate(converted, corpus.val, config.train_config(target, seed=run["seed"]))
-            base = Path(config.out) / "runs" / f"mha-to-{target.name}-{method}" / f"seed-{run['seed']}"
-            start = save_checkpoint(
-                base / "converted",
-                step=0,
-                model=converted,
-                tokenizer=loaded.tokenizer,
-                train={"converted_from": run["checkpoint"], "method": method},
-                trainer_state={},
+            row = journal.part(
+                f"conversion/{method}/seed-{run['seed']}",
+                lambda method=method, run=run: _convert(config, corpus, run, method),
             )
-            healed = _fine_tune(config, start, base / "healed", seed=run["seed"])
-            rows.append(
-                {
-                    "method": method,
-                    "seed": run["seed"],
-                    "kv_lora_rank": target.kv_lora_rank,
-                    "rope_dim": target.rope_dim,
-                    "mha_val_loss": run["val_loss"],
-                    "mha_continued_val_loss": continued.val_loss,
-                    "converted_val_loss": converted_loss,
-                    "healed_val_loss": healed.val_loss,
-                    "heal_steps": config.heal_steps,
-                    "cache_bytes_per_token_bf16": cache_bytes_per_token(converted.config),
-                    "params": converted.parameter_counts(),
-                    "norm_eps": converted.config.attention.norm_eps,
-                    "curves": _log_curves(base / "healed"),
-                }
-            )
+            rows.append({**row, "mha_continued_val_loss": continued})
+            target = config.convert_target.name
             say(
-                f"MHA seed {run['seed']} -> {target.name} ({method}): {run['val_loss']:.3f} -> "
-                f"{converted_loss:.3f} converted, {healed.val_loss:.3f} healed "
-                f"(MHA fine-tuned alike: {continued.val_loss:.3f})"
+                f"MHA seed {run['seed']} -> {target} ({method}): {run['val_loss']:.3f} -> "
+                f"{row['converted_val_loss']:.3f} converted, {row['healed_val_loss']:.3f} healed "
+                f"(MHA fine-tuned alike: {continued:.3f})"
             )
     return rows
+
+
+def _convert(config: StudyConfig, corpus: Corpus, run: dict[str, Any], method: Method) -> dict[str, Any]:
+    """The trained MHA of `run` converted by `method`, saved, evaluated, and healed by a fine-tune."""
+    target = config.convert_target
+    loaded = load_checkpoint(Path(config.out) / run["checkpoint"])
+    calibration, _ = _windows(corpus.train, config, config.calibration_windows, seed=10_000 + run["seed"])
+    converted = model_to_mla(loaded.model, study_conversion(method, target), calibration).eval()
+    converted_loss = evaluate(converted, corpus.val, config.train_config(target, seed=run["seed"]))
+    base = _fresh(Path(config.out) / "runs" / f"mha-to-{target.name}-{method}" / f"seed-{run['seed']}")
+    start = save_checkpoint(
+        base / "converted",
+        step=0,
+        model=converted,
+        tokenizer=loaded.tokenizer,
+        train={"converted_from": run["checkpoint"], "method": method},
+        trainer_state={},
+    )
+    healed = _fine_tune(config, start, base / "healed", seed=run["seed"])
+    return {
+        "method": method,
+        "seed": run["seed"],
+        "kv_lora_rank": target.kv_lora_rank,
+        "rope_dim": target.rope_dim,
+        "mha_val_loss": run["val_loss"],
+        "converted_val_loss": converted_loss,
+        "healed_val_loss": healed.val_loss,
+        "heal_steps": config.heal_steps,
+        "cache_bytes_per_token_bf16": cache_bytes_per_token(converted.config),
+        "params": converted.parameter_counts(),
+        "norm_eps": converted.config.attention.norm_eps,
+        "curves": _log_curves(base / "healed"),
+    }
 
 
 def study_conversion(method: Method, target: Variant) -> ConversionConfig:
@@ -532,7 +654,7 @@ def _fine_tune(config: StudyConfig, start: Path, out: Path, *, seed: int) -> Tra
     return train(
         replace(
             base,
-            out=str(out),
+            out=str(_fresh(out)),
             steps=config.heal_steps,
             lr=config.heal_lr,
             warmup=max(1, config.heal_steps // 10),

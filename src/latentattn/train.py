@@ -14,7 +14,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -23,22 +23,25 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from latentattn import checkpoint as ckpt
+from latentattn import run_dir
 from latentattn.attention import MLA
 from latentattn.config import AttentionKind
 from latentattn.data import Corpus, default_cache_dir, default_corpus_files, prepare_corpus, resolve_files
 from latentattn.model import ATTENTION_KINDS, LanguageModel, Preset, get_preset
+from latentattn.progress import StepProgress
 
 LOG = "log.jsonl"
 DTYPES = ("fp32", "bf16")
-_RESUMABLE_CHANGES = frozenset(
-    {"out", "resume", "compile", "log_every", "checkpoint_every", "cache_dir", "recompute_kv"}
+RUN_MARKERS = (ckpt.LATEST, run_dir.LOCK)
+"""Names that mark a directory as a training run (any other non-empty `--out` is refused)."""
+_FREE_SETTINGS = frozenset({"out", "resume", "compile", "recompute_kv", "cache_dir", "keep"}) | frozenset(
+    {"eval_every", "eval_batches", "checkpoint_every", "log_every"}
 )
-"""Fields a resumed run may change: they do not alter the training trajectory."""
+"""Settings a resumed run may change: they do not alter the training trajectory (`steps` may grow)."""
 SHAPE_OVERRIDES = ("n_heads", "head_dim", "n_kv_heads", "kv_lora_rank", "rope_head_dim", "d_ff")
 """`TrainConfig` fields that replace the preset's field of the same name (see `Preset`)."""
 _T = TypeVar("_T")
@@ -50,43 +53,69 @@ class TrainConfig:
     `batch_size · context · grad_accum · world_size`."""
 
     out: str
+    """Run directory: checkpoints, the `latest` and `best` pointers, log.jsonl."""
     preset: str = "small"
+    """Model preset."""
     attn: AttentionKind = "mla"
+    """Attention kind."""
     data: tuple[str, ...] = ()
-    """Text files or folders; empty: the standard library's source (see `latentattn.data`)."""
+    """Text files or folders (default: the standard library's source, see `latentattn.data`)."""
     steps: int = 350
-    """About 4 minutes for the `small` preset on 2 CPU cores."""
+    """Optimizer steps; the cosine decay ends here. With --resume, a larger value extends the run."""
     batch_size: int = 16
+    """Windows per process and micro-step."""
     context: int | None = None
-    """Tokens per training window; default the preset's max_seq_len."""
+    """Tokens per training window (default: the preset's max_seq_len)."""
     lr: float = 2e-3
+    """Peak learning rate."""
     min_lr_ratio: float = 0.1
+    """Learning rate at the end of the cosine, as a fraction of lr."""
     warmup: int = 50
+    """Steps of linear warmup to lr before the cosine decay."""
     weight_decay: float = 0.1
+    """AdamW weight decay on matrices and embeddings (not norm weights)."""
     grad_accum: int = 1
+    """Micro-steps per optimizer step."""
     grad_clip: float = 1.0
+    """Gradient norm clip."""
     dtype: Literal["fp32", "bf16"] = "fp32"
+    """fp32, or bf16 autocast (fp32 master weights and optimizer state)."""
     compile: bool = False
+    """Wrap the model in torch.compile."""
     seed: int = 0
+    """Initialisation and batch seed."""
     eval_every: int = 100
+    """Steps between validations (and at the last step)."""
     eval_batches: int = 4
+    """Validation batches of batch_size windows."""
     checkpoint_every: int = 100
+    """Steps between checkpoints (and at the last step)."""
+    keep: int = ckpt.DEFAULT_KEEP
+    """Checkpoints kept: the newest N, and `best` (lowest validation loss) besides."""
     log_every: int = 10
+    """Steps between log.jsonl records."""
     cache_dir: str | None = None
+    """Tokenizer and token-id cache (default: $XDG_CACHE_HOME/latentattn or ~/.cache/latentattn)."""
     resume: bool = False
+    """Continue the run in out from its latest checkpoint (the CLI takes its saved settings unless given);
+    without a checkpoint, start it."""
     n_heads: int | None = None
-    """Shape overrides of the preset (None: the preset's value): n_h, head width, GQA kv heads n_g,
-    MLA d_c and d_R, MLP width (e.g. to match parameter counts across attention kinds)."""
+    """Shape override: query heads n_h (default: the preset's)."""
     head_dim: int | None = None
+    """Shape override: width of each head; MLA's qk_nope_head_dim and v_head_dim (default: the preset's)."""
     n_kv_heads: int | None = None
+    """Shape override: K/V heads n_g of gqa (default: the preset's)."""
     kv_lora_rank: int | None = None
+    """Shape override: MLA latent width d_c (default: the preset's)."""
     rope_head_dim: int | None = None
+    """Shape override: MLA decoupled RoPE key width d_R (default: the preset's)."""
     d_ff: int | None = None
+    """Shape override: MLP width, e.g. to match parameter counts across kinds (default: the preset's)."""
     init_from: str | None = None
     """A checkpoint whose model, weights and tokenizer start this run at step 0 with a fresh optimizer
     (fine-tuning, e.g. healing a converted model); excludes the shape overrides."""
     recompute_kv: bool = False
-    """MLA: keep only the latent for backward and recompute per-head K/V (`MLA.recompute_kv`)."""
+    """MLA: keep only the latent for backward and recompute per-head K/V (less memory, same losses)."""
 
     def __post_init__(self) -> None:
         preset = get_preset(self.preset)
@@ -102,7 +131,15 @@ class TrainConfig:
             )
         if self.dtype not in DTYPES:
             raise ValueError(f"TrainConfig.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches", "checkpoint_every"):
+        for name in (
+            "steps",
+            "batch_size",
+            "grad_accum",
+            "eval_every",
+            "eval_batches",
+            "checkpoint_every",
+            "keep",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)!r}")
         for name in ("lr", "grad_clip", "log_every"):
@@ -153,16 +190,17 @@ class _Distributed:
     def on_main(self, work: Callable[[], _T]) -> _T | None:
         """`work()` on rank 0 while the other ranks wait; its result on rank 0, None elsewhere.
 
-        Rank 0 broadcasts its outcome (gloo and NCCL both carry objects), so if `work` raises, rank 0
+        An OSError of `work` (a full disk, a read-only folder) becomes a one-line ValueError naming the
+        file. Rank 0 broadcasts its outcome (gloo and NCCL both carry objects), so if `work` raises, rank 0
         re-raises and every other rank raises a ValueError with the same message: all exit with the
         same one-line error instead of dying in a collective.
         """
         if self.world_size == 1:
-            return work()
+            return _with_io_errors_explained(work)
         result, error = None, None
         if self.is_main:
             try:
-                result = work()
+                result = _with_io_errors_explained(work)
             except Exception as caught:
                 error = caught
         message = [None if error is None else str(error) or type(error).__name__]
@@ -180,6 +218,17 @@ class _Distributed:
         tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(tensor)
         return float(tensor) / self.world_size
+
+
+def _with_io_errors_explained(work: Callable[[], _T]) -> _T:
+    """`work()`, turning an OSError from the system (not one raised on purpose) into a ValueError."""
+    try:
+        return work()
+    except OSError as error:
+        if error.errno is None:
+            raise
+        where = "" if error.filename is None else f": {str(error.filename)!r}"
+        raise ValueError(f"{error.strerror}{where}") from error
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -255,23 +304,69 @@ def _init_distributed() -> _Distributed:
     return _Distributed(rank=dist.get_rank(), world_size=world_size, device=device)
 
 
+def _absolute_paths(record: dict[str, Any]) -> dict[str, Any]:
+    """`record` with its data, cache and init_from paths made absolute, so the run can be continued or
+    evaluated from any directory."""
+    record = dict(record)
+    if "data" in record:
+        record["data"] = [os.path.abspath(path) for path in record["data"] or ()]
+    for name in ("cache_dir", "init_from"):
+        if record.get(name) is not None:
+            record[name] = os.path.abspath(record[name])
+    return record
+
+
 def _run_json(config: TrainConfig, world_size: int) -> dict[str, Any]:
-    """A checkpoint's "train" record: the config and the number of processes."""
-    return {**asdict(config), "data": list(config.data), "world_size": world_size}
+    """A checkpoint's "train" record: the config (absolute paths) and the number of processes."""
+    return _absolute_paths({**asdict(config), "world_size": world_size})
 
 
-def _check_resumable(saved: dict[str, Any], config: TrainConfig, world_size: int) -> None:
-    """Refuse a resume that would change the trajectory: another setting or number of processes (each
-    process draws its own batches, so that changes the tokens per step and the batches themselves)."""
+def _train_record(checkpoint_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """`record`, the "train" record of a checkpoint, if `latentattn train` wrote it."""
+    if "steps" not in record:
+        raise ValueError(
+            f'{checkpoint_dir / ckpt.CONFIG} has no "train" record of latentattn train, so its run '
+            "cannot be continued; start a new run from it with --init-from"
+        )
+    return record
+
+
+def resume_config(out: str, **changes: Any) -> TrainConfig:
+    """The settings of the run in `out` (its latest checkpoint's) with `changes`, to continue it; a new
+    run's `TrainConfig(out=out, resume=True, **changes)` when `out` holds no checkpoint."""
+    existing = ckpt.latest_checkpoint(out)
+    if existing is None:
+        return TrainConfig(**{**changes, "out": out, "resume": True})
+    record = _train_record(existing, ckpt.read_metadata(existing).get("train", {}))
+    names = {field.name for field in fields(TrainConfig)}
+    saved = {name: tuple(v) if isinstance(v, list) else v for name, v in record.items() if name in names}
+    try:
+        return TrainConfig(**{**saved, **changes, "out": out, "resume": True})
+    except TypeError as error:
+        raise ValueError(f'{existing / ckpt.CONFIG}: malformed "train" record ({error})') from None
+
+
+def _check_resumable(start: ckpt.Checkpoint, config: TrainConfig, world_size: int) -> None:
+    """Refuse a continuation that would change the trajectory: fewer steps than taken, a changed
+    setting (other than `_FREE_SETTINGS`), or another number of processes (each process draws its own
+    batches, so that changes the tokens per step and the batches themselves)."""
+    if config.steps < start.step:
+        raise ValueError(
+            f"--steps {config.steps} is below step {start.step} of the run in {config.out!r}: a run can be "
+            "extended, not shortened; choose another --out for a new run"
+        )
+    saved = _absolute_paths({"world_size": world_size, **_train_record(start.directory, start.train)})
     current = _run_json(config, world_size)
-    saved = {"world_size": world_size, **saved}  # not recorded by checkpoints older than the field
     changed = [
-        f"{name} {saved.get(name)!r} -> {value!r}"
+        f"{name} {saved[name]!r} -> {value!r}"
         for name, value in current.items()
-        if name not in _RESUMABLE_CHANGES and saved.get(name) != value
+        if name in saved and name not in _FREE_SETTINGS | {"steps"} and saved[name] != value
     ]
     if changed:
-        raise ValueError(f"--resume needs the checkpoint's settings; changed: {', '.join(changed)}")
+        raise ValueError(
+            f"the run in {config.out!r} was trained with other settings, which shape its trajectory: "
+            f"{', '.join(changed)} (continue it with its own settings, or choose another --out)"
+        )
 
 
 def _load_corpus(config: TrainConfig, env: _Distributed, tokenizer: Any) -> Corpus:
@@ -325,28 +420,75 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 def train(config: TrainConfig, *, quiet: bool = False) -> TrainResult:
-    """Train (or, with `resume`, continue) the run in `config.out`; `quiet` hides progress and messages."""
+    """Train (or, with `resume`, continue) the run in `config.out`, holding its lock throughout (rank 0);
+    `quiet` hides progress and messages."""
     env = _init_distributed()
+    console = Console(stderr=True, quiet=quiet or not env.is_main)
     try:
-        return _train(config, env, quiet=quiet)
+        lock = env.on_main(lambda: _open_run(Path(config.out)))
+        try:
+            if lock is not None and lock.stale_pid is not None:
+                console.print(
+                    f"note: took over the lock of process {lock.stale_pid}, which ended without releasing it",
+                    soft_wrap=True,
+                )
+            return _train(config, env, console)
+        finally:
+            if lock is not None:
+                lock.release()
     finally:
         if env.world_size > 1:
             dist.destroy_process_group()
 
 
-def _train(config: TrainConfig, env: _Distributed, *, quiet: bool) -> TrainResult:
-    console = Console(stderr=True, quiet=quiet or not env.is_main)
-    run_dir = Path(config.out)
-    existing = ckpt.find_checkpoint(run_dir)
-    if existing is not None and not config.resume:
-        raise ValueError(
-            f"{str(run_dir)!r} already holds a checkpoint; pass --resume or choose another --out"
-        )
-    start = ckpt.load_checkpoint(existing) if existing is not None else None
-    if start is not None:
-        _check_resumable(start.train, config, env.world_size)
-        console.print(f"resuming {start.directory} at step {start.step}")
+def _open_run(out: Path) -> run_dir.RunLock:
+    """Check `out` and lock it: a new or empty directory, or a training run no other process holds."""
+    run_dir.check_out(out, markers=RUN_MARKERS, owner="training run")
+    return run_dir.acquire(out, owner="training run")
 
+
+def _resume_point(config: TrainConfig, env: _Distributed, console: Console) -> ckpt.Checkpoint | None:
+    """The checkpoint this run continues from (None: a new run)."""
+    existing = ckpt.latest_checkpoint(config.out)
+    if existing is None:
+        return None
+    if not config.resume:
+        raise ValueError(f"{config.out!r} already holds a checkpoint; pass --resume or choose another --out")
+    start = ckpt.load_checkpoint(existing)
+    _check_resumable(start, config, env.world_size)
+    console.print(f"resuming {start.directory} at step {start.step}", soft_wrap=True)
+    if config.steps > start.train["steps"]:
+        console.print(
+            f"extending the run from {start.train['steps']} to {config.steps} steps: from step "
+            f"{start.step} on, the cosine decays to step {config.steps}",
+            soft_wrap=True,
+        )
+    return start
+
+
+def _warn_if_no_peak(config: TrainConfig, console: Console) -> None:
+    """A one-line warning when the warmup is longer than the run, so lr is never reached."""
+    if config.warmup > config.steps:
+        console.print(
+            f"warning: --warmup {config.warmup} is longer than --steps {config.steps}: the learning rate "
+            f"peaks at {lr_at(config.steps - 1, config):.3g}, not --lr {config.lr:g}; "
+            "lower --warmup to reach it",
+            soft_wrap=True,
+        )
+
+
+def _diverged(run: Path, step: int, problem: str) -> ValueError:
+    latest = ckpt.latest_checkpoint(run)
+    kept = "no checkpoint was written" if latest is None else f"the last good checkpoint, {latest}, is kept"
+    return ValueError(
+        f"training diverged at step {step}: {problem}; stopped without saving ({kept}). "
+        "Lower --lr or lengthen --warmup"
+    )
+
+
+def _train(config: TrainConfig, env: _Distributed, console: Console) -> TrainResult:
+    run = Path(config.out)
+    start = _resume_point(config, env, console)
     init = ckpt.load_checkpoint(config.init_from) if config.init_from and start is None else None
     if init is not None and config.window > init.config.max_seq_len:
         raise ValueError(
@@ -360,32 +502,23 @@ def _train(config: TrainConfig, env: _Distributed, *, quiet: bool) -> TrainResul
     console.print(
         f"{model.config.attention.kind} model, preset {config.preset!r}: "
         + ", ".join(f"{name} {count / 1e6:.2f}M" for name, count in counts.items())
-        + f"; corpus {len(corpus.train):,} train / {len(corpus.val):,} val tokens"
+        + f"; corpus {len(corpus.train):,} train / {len(corpus.val):,} val tokens",
+        soft_wrap=True,
     )
+    _warn_if_no_peak(config, console)
 
     net: nn.Module = torch.compile(model) if config.compile else model
     if env.world_size > 1:
         net = DistributedDataParallel(net)
-    log_path = run_dir / LOG
+    log_path = run / LOG
+    env.on_main(lambda: _truncate_log(log_path, step))
 
-    def start_log() -> None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _truncate_log(log_path, step)
+    def log(record: dict[str, Any]) -> None:
+        env.on_main(lambda: _append_log(log_path, record))
 
-    env.on_main(start_log)
     tokens_per_step = config.batch_size * config.window * config.grad_accum * env.world_size
     train_seconds, first_step, val_loss = 0.0, step, float("nan")
-
-    progress = Progress(
-        TextColumn("[bold]train"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.3f}  {task.fields[tps]:,.0f} tok/s"),
-        TimeRemainingColumn(),
-        console=console,
-    )
-    with progress:
-        task = progress.add_task("train", total=config.steps, completed=step, loss=float("nan"), tps=0.0)
+    with StepProgress(console, "train", config.steps, completed=step) as progress:
         while step < config.steps:
             tick = time.perf_counter()
             loss = _train_step(net, optimizer, corpus.train, config, env, step)
@@ -393,24 +526,30 @@ def _train(config: TrainConfig, env: _Distributed, *, quiet: bool) -> TrainResul
             train_seconds += time.perf_counter() - tick
             tps = (step - first_step) * tokens_per_step / train_seconds
             if step % config.log_every == 0 or step == config.steps:
-                loss = env.mean(loss)
-                if env.is_main:
-                    record = {"step": step, "loss": loss, "lr": lr_at(step - 1, config)}
-                    _append_log(log_path, {**record, "tokens": step * tokens_per_step, "tokens_per_s": tps})
-            progress.update(task, completed=step, loss=loss, tps=tps)
-            if step % config.eval_every == 0 or step == config.steps:
-                val_loss = evaluate(model, corpus.val, config, env)
-                if env.is_main:
-                    _append_log(log_path, {"step": step, "val_loss": val_loss, "val_ppl": math.exp(val_loss)})
-                progress.console.print(
-                    f"step {step}: val loss {val_loss:.3f}, perplexity {math.exp(val_loss):.1f}"
+                lr = lr_at(step - 1, config)
+                log(
+                    {
+                        "step": step,
+                        "loss": loss,
+                        "lr": lr,
+                        "tokens": step * tokens_per_step,
+                        "tokens_per_s": tps,
+                    }
                 )
+            progress.update(step, f"loss {loss:.3f}  {tps:,.0f} tok/s")
+            evaluated = step % config.eval_every == 0 or step == config.steps
+            if evaluated:
+                val_loss = evaluate(model, corpus.val, config, env)
+                if not math.isfinite(val_loss):
+                    raise _diverged(run, step, f"the validation loss is {val_loss}")
+                log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(val_loss)})
+                progress.print(f"step {step}: val loss {val_loss:.3f}, perplexity {math.exp(val_loss):.1f}")
             if step % config.checkpoint_every == 0 or step == config.steps:
-                _save(run_dir, step, model, optimizer, corpus, config, env)
+                _save(run, step, model, optimizer, corpus, config, env, val_loss if evaluated else None)
     if math.isnan(val_loss):  # resumed a finished run
         val_loss = evaluate(model, corpus.val, config, env)
     tps = (step - first_step) * tokens_per_step / train_seconds if train_seconds else 0.0
-    latest = ckpt.find_checkpoint(run_dir)
+    latest = ckpt.latest_checkpoint(run)
     return TrainResult(
         checkpoint=latest, step=step, val_loss=val_loss, tokens_per_s=tps, seconds=train_seconds
     )
@@ -456,7 +595,8 @@ def _train_step(
     env: _Distributed,
     step: int,
 ) -> float:
-    """One optimizer step over `grad_accum` micro-batches; returns this process's mean loss."""
+    """One optimizer step over `grad_accum` micro-batches; returns the mean loss over the processes.
+    A non-finite loss or gradient norm stops the run before the optimizer step."""
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, config)
     total = 0.0
@@ -476,29 +616,40 @@ def _train_step(
                 loss = next_token_loss(net, inputs.to(env.device), targets.to(env.device))
             (loss / config.grad_accum).backward()
         total += float(loss.detach())
-    torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
+    mean_loss = env.mean(total / config.grad_accum)
+    norm = float(torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip))
+    for name, value in (("loss", mean_loss), ("gradient norm", norm)):
+        if not math.isfinite(value):
+            raise _diverged(Path(config.out), step + 1, f"the {name} is {value}")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total / config.grad_accum
+    return mean_loss
 
 
 def _save(
-    run_dir: Path,
+    run: Path,
     step: int,
     model: LanguageModel,
     optimizer: torch.optim.Optimizer,
     corpus: Corpus,
     config: TrainConfig,
     env: _Distributed,
+    val_loss: float | None,
 ) -> None:
-    """Rank 0 writes the checkpoint; every rank waits for it (and fails with it)."""
+    """Rank 0 writes the checkpoint (never one with non-finite weights); every rank waits for it (and
+    fails with it)."""
+    broken = [name for name, weight in model.named_parameters() if not torch.isfinite(weight).all()]
+    if broken:
+        raise _diverged(run, step, f"weight {broken[0]} is not finite")
     env.on_main(
         lambda: ckpt.save_checkpoint(
-            run_dir,
+            run,
             step=step,
             model=model,
             tokenizer=corpus.tokenizer,
             train=_run_json(config, env.world_size),
             trainer_state={"optimizer": optimizer.state_dict(), "step": step},
+            val_loss=val_loss,
+            keep=config.keep,
         )
     )

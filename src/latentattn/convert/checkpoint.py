@@ -1,25 +1,20 @@
 """`latentattn convert`: an MHA/GQA/MQA checkpoint in, an ordinary latentattn checkpoint out.
 
-The output directory holds `config.json` (the source's metadata with the converted model's config and
-a "conversion" record), `model.safetensors` (in the source's stored dtype) and every other file of the
-source checkpoint copied as it is (`tokenizer.json`, `tokenizer_config.json`, …; not
+The output directory holds `config.json` (the source's metadata — special tokens, training record —
+with the converted model's config and a "conversion" record), `model.safetensors` and every other file
+of the source checkpoint copied as it is (`tokenizer.json`, `tokenizer_config.json`, …; not
 `trainer_state.pt`, which belongs to the source's training run), so `generate`, `eval` and `serve`
-read it like any checkpoint. It is written into a temporary sibling and renamed into place: a failure
-leaves nothing behind.
+read it like any checkpoint. It is written completely or not at all (`interop.output_dir`).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from latentattn.checkpoint import (
@@ -27,13 +22,14 @@ from latentattn.checkpoint import (
     TRAINER_STATE,
     WEIGHTS,
     load_checkpoint,
-    model_config_to_dict,
     read_metadata,
+    write_checkpoint_files,
 )
 from latentattn.convert.calibration import calibration_windows
 from latentattn.convert.layer import ConversionConfig
 from latentattn.convert.merge import merge_kv_heads
 from latentattn.convert.model import check_sizes, model_to_mla, require_unconverted
+from latentattn.interop.output_dir import check_output_dir, write_directory
 from latentattn.model import LanguageModel, ModelConfig
 
 DEFAULT_CALIBRATION_TOKENS = 8192
@@ -74,14 +70,11 @@ def convert_model(
     return model_to_mla(model, config, calibration, progress=progress)
 
 
-def _stored_dtype(weights: Path) -> torch.dtype:
-    with safe_open(weights, "pt") as handle:
-        return handle.get_tensor("embed.weight").dtype
-
-
-def _require_free(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"--out {str(out)!r} exists and is not an empty directory; choose another")
+def _copy_extra_files(source: Path, directory: Path) -> None:
+    """Every file of the checkpoint `source` but its config, weights and trainer state, as it is."""
+    for entry in source.iterdir():
+        if entry.name not in (CONFIG, WEIGHTS, TRAINER_STATE):
+            (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, directory / entry.name)
 
 
 def convert_checkpoint(
@@ -91,13 +84,14 @@ def convert_checkpoint(
     *,
     calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS,
     calibration_file: str | Path | None = None,
+    force: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> ConversionResult:
     """Convert the checkpoint `source` (a run or checkpoint directory) into the checkpoint directory
-    `out` (new, or empty). "svd"/"pca" calibrate on up to `calibration_tokens` tokens of
-    `calibration_file` (default: the built-in corpus) in the checkpoint's own tokenizer."""
-    out = Path(out)
-    _require_free(out)
+    `out` (new or empty; `force` replaces a non-empty one). "svd"/"pca" calibrate on up to
+    `calibration_tokens` tokens of `calibration_file` (default: the built-in corpus) in the
+    checkpoint's own tokenizer."""
+    check_output_dir(out, force=force, keep=Path(source))
     loaded = load_checkpoint(source)
     require_unconverted(loaded.model)
     tokens = None
@@ -109,32 +103,19 @@ def convert_checkpoint(
         )
     converted = convert_model(loaded.model, config, tokens, progress=progress)
 
-    metadata = read_metadata(loaded.directory)
-    metadata["model"] = model_config_to_dict(converted.config)
+    metadata = {key: value for key, value in read_metadata(loaded.directory).items() if key != "model"}
     metadata["conversion"] = {
         "source": str(loaded.directory.resolve()),
         **asdict(config),
         "calibration_tokens": 0 if tokens is None else tokens.numel(),
         "calibration_file": None if calibration_file is None else str(calibration_file),
     }
-    dtype = _stored_dtype(loaded.directory / WEIGHTS)
-    tmp = out.with_name(f"tmp-{out.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        (tmp / CONFIG).write_text(json.dumps(metadata, indent=2) + "\n")
-        save_file({k: v.to(dtype).contiguous() for k, v in converted.state_dict().items()}, tmp / WEIGHTS)
-        for entry in loaded.directory.iterdir():
-            if entry.name in (CONFIG, WEIGHTS, TRAINER_STATE):
-                continue
-            copy = shutil.copytree if entry.is_dir() else shutil.copy2
-            copy(entry, tmp / entry.name)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    def write(directory: Path) -> None:
+        write_checkpoint_files(directory, model=converted, tokenizer=loaded.tokenizer, metadata=metadata)
+        _copy_extra_files(loaded.directory, directory)  # the source's tokenizer.json, byte for byte
+
+    out = write_directory(out, write, force=force, keep=loaded.directory)
     return ConversionResult(
         out=out,
         model=converted,

@@ -1,0 +1,1 @@
+"""Interoperability: Hugging Face and GGUF checkpoints in and out."""
