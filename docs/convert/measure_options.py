@@ -25,7 +25,7 @@ from latentattn.checkpoint import load_checkpoint
 from latentattn.convert import ConversionConfig, layer_input_moments, merge_kv_heads, model_to_mla
 from latentattn.convert.calibration import calibration_windows
 from latentattn.convert.checkpoint import CALIBRATION_WINDOW
-from latentattn.evaluate import validation_tokens, window_loss, windows
+from latentattn.evaluate import validation_tokens, window_length, window_loss, windows
 
 OPTIONS = {
     "method": ("svd", "pca"),
@@ -50,6 +50,12 @@ def main() -> None:
         default=[1024, 4096, 32768],
         help="also convert with the defaults at each cache size's best R on this many calibration tokens",
     )
+    parser.add_argument(
+        "--vary",
+        choices=("all", "one"),
+        default="all",
+        help="every option combination, or the defaults and each option changed alone",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     args = parser.parse_args()
     if args.threads:
@@ -57,7 +63,7 @@ def main() -> None:
 
     started = time.perf_counter()
     loaded = load_checkpoint(args.checkpoint)
-    model, context = loaded.model, loaded.config.max_seq_len
+    model, context = loaded.model, window_length(loaded)
     rows = windows(validation_tokens(loaded), context, args.windows)
 
     def loss(candidate: torch.nn.Module) -> float:
@@ -86,8 +92,7 @@ def main() -> None:
     for cache, rope_dim in itertools.product(args.caches, args.rope_dims):
         if cache - rope_dim <= 0:
             continue
-        for values in itertools.product(*OPTIONS.values()):
-            options = dict(zip(OPTIONS, values, strict=True))
+        for options in option_sets(args.vary):
             config = ConversionConfig(kv_lora_rank=cache - rope_dim, rope_dim=rope_dim, **options)
             try:
                 converted = model_to_mla(model, config, moments).eval()
@@ -98,7 +103,7 @@ def main() -> None:
                 {"cache_width": cache, "rope_dim": rope_dim, **options, "val_loss": loss(converted)}
             )
         print(f"cache {cache}, R {rope_dim}: {time.perf_counter() - started:.0f} s", flush=True)
-    chosen = {field.name: field.default for field in fields(ConversionConfig) if field.name in OPTIONS}
+    chosen = option_sets("one")[0]
     results["defaults"] = chosen
     results["calibration_sweep"] = []
     for count in args.calibration_sweep:
@@ -129,6 +134,15 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "options.json").write_text(json.dumps(results, indent=1) + "\n")
     print(summary(results))
+
+
+def option_sets(vary: str) -> list[dict]:
+    """Every combination of `OPTIONS` ("all"), or the defaults and each option changed alone ("one")."""
+    if vary == "all":
+        return [dict(zip(OPTIONS, values, strict=True)) for values in itertools.product(*OPTIONS.values())]
+    defaults = {field.name: field.default for field in fields(ConversionConfig) if field.name in OPTIONS}
+    changed = [{**defaults, name: value} for name, values in OPTIONS.items() for value in values]
+    return [defaults, *(options for options in changed if options != defaults)]
 
 
 def summary(results: dict) -> str:
