@@ -42,6 +42,15 @@ def test_gqa_family_kind_and_cache_width(n_kv_heads, kind):
             r"high_freq_factor \(1\) must exceed low_freq_factor \(4\)",
         ),
         (
+            lambda: RopeConfig(frequencies=(1.0, 0.0)),
+            "RopeConfig.frequencies must be a non-empty list of positive",
+        ),
+        (
+            lambda: RopeConfig(frequencies=(1.0,), yarn=YarnConfig(factor=2)),
+            "RopeConfig takes one scaling scheme, got yarn and frequencies",
+        ),
+        (lambda: MLAConfig(qk_nope_head_dim=-1), "MLAConfig.qk_nope_head_dim must be >= 0"),
+        (
             lambda: YarnConfig(factor=4, beta_fast=1, beta_slow=2),
             r"beta_fast \(1\) must exceed beta_slow \(2\)",
         ),

@@ -21,7 +21,7 @@ import torch
 
 from latentattn import checkpoint as ckpt
 from latentattn.config import MLAConfig, RopeConfig, YarnConfig
-from latentattn.convert import model_to_mla
+from latentattn.convert import ConversionConfig, model_to_mla
 from latentattn.data import train_tokenizer
 from latentattn.generate import SamplingConfig, run_generate
 from latentattn.interop.hf_export import export_checkpoint, export_refusal
@@ -205,13 +205,19 @@ def test_what_hf_cannot_express_is_named():
         dataclasses.replace(config, attention=scaled_softmax)
     )
     assert export_refusal(config) is None
+    mla = get_preset("debug").model("mla")
+    listed = dataclasses.replace(mla.attention, rope=RopeConfig(frequencies=(1.0, 0.5, 0.25, 0.125)))
+    assert "RoPE frequencies are a list" in export_refusal(dataclasses.replace(mla, attention=listed))
+    biased = dataclasses.replace(mla.attention, bias=True)
+    assert "MLA projections have biases" in export_refusal(dataclasses.replace(mla, attention=biased))
 
 
 def test_converted_mla_is_refused_with_what_to_do(tmp_path):
     """`model_to_mla` runs kv_norm in its linear regime (a huge eps): transformers would compute
     something else, so export refuses and says to heal first."""
     source = make_checkpoint(tmp_path / "src", "mha")
-    converted = model_to_mla(source, torch.randint(0, 300, (2, 32)), kv_lora_rank=16, rope_dim=8)
+    config = ConversionConfig(kv_lora_rank=16, rope_dim=8, rope_frequencies="highest")
+    converted = model_to_mla(source, config, torch.randint(0, 300, (2, 32)))
     ckpt.save_checkpoint(
         tmp_path / "run", step=1, model=converted, tokenizer=tokenizer(), train={}, trainer_state={}
     )

@@ -114,3 +114,11 @@ def test_llama3_and_linear_scaling_match_transformers(params, rope):
     expected, amplitude = ROPE_INIT_FUNCTIONS[params["rope_type"]](config, "cpu")
     torch.testing.assert_close(rope_frequencies(128, rope).float(), expected, rtol=1e-6, atol=0)
     assert amplitude == 1.0
+
+
+def test_a_list_of_frequencies_rotates_like_the_theta_it_lists():
+    listed = RotaryEmbedding(8, RopeConfig(frequencies=tuple(rope_inv_freq(8, 500.0).tolist())))
+    x, positions = torch.randn(2, 5, 3, 8, dtype=torch.float64), torch.arange(5).expand(2, 5)
+    assert torch.equal(listed(x, positions), RotaryEmbedding(8, RopeConfig(theta=500.0))(x, positions))
+    with pytest.raises(ValueError, match="RopeConfig.frequencies lists 3 pairs, the rotary width 8 has 4"):
+        RotaryEmbedding(8, RopeConfig(frequencies=(1.0, 0.5, 0.25)))

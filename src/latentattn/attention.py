@@ -325,7 +325,8 @@ def fused_grouped_attention(q: Tensor, rows: KVRows, lengths: Tensor, scale: flo
 class MLA(nn.Module):
     """Multi-head Latent Attention, DeepSeek-V2/V3 numerics.
 
-    Weights, named after the paper (HF names in `latentattn.hf`):
+    Weights, named after the paper (HF names in `latentattn.hf`); `config.bias` adds biases to w_q/w_uq,
+    w_dkv and w_o:
         w_q  [H·(N+R), d]            W_Q, when q_lora_rank is None; else
         w_dq [d'_c, d], q_norm, w_uq [H·(N+R), d'_c]   W_DQ, RMSNorm on c_Q, W_UQ
         w_dkv [C + R, d]             W_DKV stacked with W_KR (the decoupled RoPE key, shared by all heads)
@@ -350,17 +351,18 @@ class MLA(nn.Module):
         self.fused_kernel = fused_kernel
         """Absorbed path over a cache: use the fused CPU kernel where it serves (`fused_kernel_serves`)."""
         factory = {"device": device, "dtype": dtype, "bias": False}
+        biased = {**factory, "bias": c.bias}
         q_width = c.n_heads * c.qk_head_dim
         if c.q_lora_rank is None:
-            self.w_q = nn.Linear(c.d_model, q_width, **factory)
+            self.w_q = nn.Linear(c.d_model, q_width, **biased)
         else:
             self.w_dq = nn.Linear(c.d_model, c.q_lora_rank, **factory)
             self.q_norm = RMSNorm(c.q_lora_rank, c.norm_eps, device=device, dtype=dtype)
-            self.w_uq = nn.Linear(c.q_lora_rank, q_width, **factory)
-        self.w_dkv = nn.Linear(c.d_model, c.cache_width, **factory)
+            self.w_uq = nn.Linear(c.q_lora_rank, q_width, **biased)
+        self.w_dkv = nn.Linear(c.d_model, c.cache_width, **biased)
         self.kv_norm = RMSNorm(c.kv_lora_rank, c.norm_eps, device=device, dtype=dtype)
         self.w_ukv = nn.Linear(c.kv_lora_rank, c.n_heads * (c.qk_nope_head_dim + c.v_head_dim), **factory)
-        self.w_o = nn.Linear(c.n_heads * c.v_head_dim, c.d_model, **factory)
+        self.w_o = nn.Linear(c.n_heads * c.v_head_dim, c.d_model, **biased)
         self.rope = RotaryEmbedding(c.qk_rope_head_dim, c.rope)
 
     def new_cache(

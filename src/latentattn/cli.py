@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_study(verbs)
     _add_import(verbs)
     _add_export(verbs)
+    _add_convert(verbs)
     return parser
 
 
@@ -576,6 +577,94 @@ def _plot_path(path: str | None) -> Path | None:
     from latentattn.plots import image_path
 
     return check_output_file(image_path(path), "--plot")
+
+
+def _add_convert(verbs: argparse._SubParsersAction) -> None:
+    from dataclasses import fields
+
+    from latentattn.convert import METHODS, ConversionConfig
+    from latentattn.convert.checkpoint import DEFAULT_CALIBRATION_TOKENS
+    from latentattn.convert.rope_split import RESIDUALS, SLOT_RULES
+
+    defaults = argparse.Namespace(**{field.name: field.default for field in fields(ConversionConfig)})
+    convert = verbs.add_parser(
+        "convert",
+        help="convert an MHA/GQA/MQA checkpoint to MLA (svd, pca) or merge its kv heads (baseline)",
+        description="Write a converted checkpoint; prints the KV cache per token before and after.",
+    )
+    convert.add_argument("source", metavar="SRC", help="a run or checkpoint directory (MHA/GQA/MQA)")
+    _add_output_dir(convert, "the checkpoint directory to write")
+    convert.add_argument("--to", choices=("mla", "gqa"), help="mla (svd, pca) or gqa (merge); optional")
+    convert.add_argument("--method", choices=METHODS, default=defaults.method, help="default %(default)s")
+    convert.add_argument("--kv-lora-rank", type=int, metavar="C", help="d_c, latent width (svd, pca)")
+    convert.add_argument("--rope-dim", type=int, metavar="R", help="d_R, shared RoPE key width (svd, pca)")
+    convert.add_argument("--kv-heads", type=int, metavar="N", help="kv heads after merging (merge)")
+    convert.add_argument(
+        "--calibration-tokens",
+        type=int,
+        default=DEFAULT_CALIBRATION_TOKENS,
+        metavar="N",
+        help="at most N tokens of calibration text (default %(default)s)",
+    )
+    convert.add_argument(
+        "--calibration-file", metavar="FILE", help="calibration text (default: the built-in corpus)"
+    )
+    convert.add_argument(
+        "--rope-frequencies",
+        choices=SLOT_RULES,
+        default=defaults.rope_frequencies,
+        help="RoPE slots kept: highest frequency first, or by score (default %(default)s)",
+    )
+    convert.add_argument(
+        "--rope-residual",
+        choices=RESIDUALS,
+        default=defaults.rope_residual,
+        help="a kept frequency's other components: drop, or keep as NoPE dims (default %(default)s)",
+    )
+    convert.add_argument(
+        "--balance-kv",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.balance_kv,
+        help="scale NoPE keys to the values' RMS before factorising (default %(default)s)",
+    )
+    convert.set_defaults(run=_run_convert)
+
+
+def _run_convert(args: argparse.Namespace) -> None:
+    from latentattn.convert import ConversionConfig, convert_checkpoint
+
+    produces = "gqa" if args.method == "merge" else "mla"
+    if args.to is not None and args.to != produces:
+        raise ValueError(f"--method {args.method} produces {produces.upper()}, not --to {args.to}")
+    config = ConversionConfig(
+        method=args.method,
+        kv_lora_rank=args.kv_lora_rank,
+        rope_dim=args.rope_dim,
+        kv_heads=args.kv_heads,
+        rope_frequencies=args.rope_frequencies,
+        rope_residual=args.rope_residual,
+        balance_kv=args.balance_kv,
+    )
+    result = convert_checkpoint(
+        args.source,
+        args.out,
+        config,
+        calibration_tokens=args.calibration_tokens,
+        calibration_file=args.calibration_file,
+        force=args.force,
+        progress=lambda message: print(f"  {message}", file=sys.stderr, flush=True),
+    )
+    batch, window = result.calibration_shape
+    if batch:
+        source = args.calibration_file or "the built-in corpus"
+        print(f"calibration: {batch * window:,} tokens ({batch} windows of {window}) from {source}")
+    layers = result.model.config.n_layers
+    print(
+        f"KV cache per token ({layers} layers, bf16): {result.cache_bytes_before:,} -> "
+        f"{result.cache_bytes_after:,} bytes ({result.cache_width_before} -> {result.cache_width_after} "
+        f"values per layer, {result.cache_bytes_before / result.cache_bytes_after:.2f}x smaller)"
+    )
+    print(f"converted checkpoint: {result.out}")
 
 
 def _emit(

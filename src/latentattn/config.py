@@ -150,6 +150,11 @@ class RopeConfig:
     `interleave=True` rotates adjacent pairs (x0, x1), (x2, x3), … as DeepSeek's reference does;
     `False` rotates the two halves (x_i, x_{i+d/2}) as Llama/HF `rotate_half` does. Queries and cached
     keys always share one convention, so scores match either reference on the same weights.
+
+    `frequencies`, when given, lists the inverse frequency of each rotary pair in place of
+    `theta^(-2i/dim)` (theta unused, no other scheme): a model converted to MLA keeps its source's
+    frequencies (`latentattn.convert`), possibly repeated once per source kv head, which no theta can
+    express and DeepSeek-V3's checkpoint format cannot hold.
     """
 
     theta: float = 10000.0
@@ -157,6 +162,7 @@ class RopeConfig:
     yarn: YarnConfig | None = None
     llama3: Llama3RopeConfig | None = None
     linear_factor: float = 1.0
+    frequencies: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         check_positive_numbers("RopeConfig", theta=self.theta, linear_factor=self.linear_factor)
@@ -167,9 +173,15 @@ class RopeConfig:
                 value is None or isinstance(value, kind),
                 f"RopeConfig.{name} must be a {kind.__name__} or None, got {type(value).__name__}",
             )
-        schemes = [name for name in ("yarn", "llama3") if getattr(self, name) is not None]
+        schemes = [name for name in ("yarn", "llama3", "frequencies") if getattr(self, name) is not None]
         schemes += ["linear_factor"] if self.linear_factor != 1.0 else []
         _require(len(schemes) <= 1, f"RopeConfig takes one scaling scheme, got {' and '.join(schemes)}")
+        if self.frequencies is not None:
+            object.__setattr__(self, "frequencies", tuple(float(f) for f in self.frequencies))  # JSON lists
+            _require(
+                len(self.frequencies) > 0 and all(f > 0 for f in self.frequencies),
+                "RopeConfig.frequencies must be a non-empty list of positive inverse frequencies",
+            )
 
 
 def _check_rope(owner: str, rope: object) -> None:
@@ -189,6 +201,9 @@ class MLAConfig:
     v_head_dim: int = 128
     rope: RopeConfig = field(default_factory=RopeConfig)
     norm_eps: float = 1e-6
+    bias: bool = False
+    """Biases on the query projection (w_q, or w_uq with q-LoRA), w_dkv and w_o: how a model converted
+    from a source with q/k/v biases (Qwen2) keeps them (`latentattn.convert`). DeepSeek-V3 has none."""
 
     def __post_init__(self) -> None:
         check_positive_ints(
@@ -196,11 +211,16 @@ class MLAConfig:
             d_model=self.d_model,
             n_heads=self.n_heads,
             kv_lora_rank=self.kv_lora_rank,
-            qk_nope_head_dim=self.qk_nope_head_dim,
             qk_rope_head_dim=self.qk_rope_head_dim,
             v_head_dim=self.v_head_dim,
         )
         check_positive_numbers("MLAConfig", norm_eps=self.norm_eps)
+        _check_bools("MLAConfig", bias=self.bias)
+        check_ints("MLAConfig", qk_nope_head_dim=self.qk_nope_head_dim)
+        _require(
+            self.qk_nope_head_dim >= 0,
+            f"MLAConfig.qk_nope_head_dim must be >= 0 (0: every key dim rotary), got {self.qk_nope_head_dim}",
+        )
         if self.q_lora_rank is not None:
             check_positive_ints("MLAConfig", q_lora_rank=self.q_lora_rank)
         _check_rope("MLAConfig", self.rope)

@@ -158,6 +158,8 @@ def attention_config_from_hf(hf_config: Mapping[str, Any] | Any) -> AttentionCon
 
 def rope_config_to_hf(rope: RopeConfig) -> dict[str, Any]:
     """HF 5.x `rope_parameters` for `rope` (inverse of `rope_config_from_hf`)."""
+    if rope.frequencies is not None:
+        raise ValueError("RoPE with a list of frequencies (a converted model's k_pe) has no HF form")
     if rope.llama3 is not None:
         return {"rope_type": "llama3", "rope_theta": rope.theta, **asdict(rope.llama3)}
     if rope.linear_factor != 1.0:
@@ -180,6 +182,8 @@ def rope_config_to_hf(rope: RopeConfig) -> dict[str, Any]:
 
 def mla_config_to_hf(config: MLAConfig) -> dict[str, Any]:
     """The attention fields of an HF `DeepseekV3Config` for `config` (inverse of `mla_config_from_hf`)."""
+    if config.bias:
+        raise ValueError("MLA with biases (a model converted from q/k/v biases) has no DeepSeek-V3 form")
     return {
         "hidden_size": config.d_model,
         "num_attention_heads": config.n_heads,

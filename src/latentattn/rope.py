@@ -56,7 +56,15 @@ def llama3_inv_freq(inv_freq: Tensor, llama3: Llama3RopeConfig) -> Tensor:
 
 
 def rope_frequencies(dim: int, config: RopeConfig) -> Tensor:
-    """The inverse frequencies `[dim/2]` (fp64) of `config`, with its scaling scheme applied."""
+    """The inverse frequencies `[dim/2]` (fp64) of `config`: its listed `frequencies`, or theta's with
+    its scaling scheme applied."""
+    if config.frequencies is not None:
+        if len(config.frequencies) != dim // 2:
+            raise ValueError(
+                f"RopeConfig.frequencies lists {len(config.frequencies)} pairs, the rotary width {dim} "
+                f"has {dim // 2}"
+            )
+        return torch.tensor(config.frequencies, dtype=torch.float64)
     inv_freq = rope_inv_freq(dim, config.theta, config.yarn)
     if config.llama3 is not None:
         inv_freq = llama3_inv_freq(inv_freq, config.llama3)

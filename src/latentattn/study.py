@@ -37,7 +37,7 @@ from latentattn.bench import machine_info, time_ms
 from latentattn.caches import ModelCache
 from latentattn.checkpoint import load_checkpoint, save_checkpoint, write_text_atomically
 from latentattn.config import AttentionConfig, AttentionKind, MLAConfig
-from latentattn.convert import Method, model_to_mla
+from latentattn.convert import ConversionConfig, Method, model_to_mla
 from latentattn.data import Corpus, default_cache_dir, default_corpus_files, prepare_corpus, resolve_files
 from latentattn.model import LanguageModel, get_preset
 from latentattn.profiling import saved_activation_bytes
@@ -609,9 +609,7 @@ def _convert(config: StudyConfig, corpus: Corpus, run: dict[str, Any], method: M
     target = config.convert_target
     loaded = load_checkpoint(Path(config.out) / run["checkpoint"])
     calibration, _ = _windows(corpus.train, config, config.calibration_windows, seed=10_000 + run["seed"])
-    converted = model_to_mla(
-        loaded.model, calibration, kv_lora_rank=target.kv_lora_rank, rope_dim=target.rope_dim, method=method
-    ).eval()
+    converted = model_to_mla(loaded.model, study_conversion(method, target), calibration).eval()
     converted_loss = evaluate(converted, corpus.val, config.train_config(target, seed=run["seed"]))
     base = _fresh(Path(config.out) / "runs" / f"mha-to-{target.name}-{method}" / f"seed-{run['seed']}")
     start = save_checkpoint(
@@ -637,6 +635,19 @@ def _convert(config: StudyConfig, corpus: Corpus, run: dict[str, Any], method: M
         "norm_eps": converted.config.attention.norm_eps,
         "curves": _log_curves(base / "healed"),
     }
+
+
+def study_conversion(method: Method, target: Variant) -> ConversionConfig:
+    """The study's conversion, as first published: the highest frequencies' main RoRoPE components in
+    k_pe, the rest of those frequencies dropped, K and V factorised unbalanced."""
+    return ConversionConfig(
+        method=method,
+        kv_lora_rank=target.kv_lora_rank,
+        rope_dim=target.rope_dim,
+        rope_frequencies="highest",
+        rope_residual="drop",
+        balance_kv=False,
+    )
 
 
 def _fine_tune(config: StudyConfig, start: Path, out: Path, *, seed: int) -> TrainResult:

@@ -77,6 +77,17 @@ def export_refusal(config: ModelConfig) -> str | None:
             f"kv_a_layernorm too, transformers {HF_MLA_NORM_EPS:g}, so the engines would disagree; "
             f"export needs norm_eps {HF_MLA_NORM_EPS:g} in the model's blocks"
         )
+    if attention.rope.frequencies is not None:
+        return (
+            "its RoPE frequencies are a list (a converted model's k_pe, `latentattn convert`), which no "
+            "rope_theta expresses: convert with --rope-frequencies highest and --rope-dim at most the "
+            "source's head_dim, from a source without RoPE scaling"
+        )
+    if isinstance(attention, MLAConfig) and attention.bias:
+        return (
+            "its MLA projections have biases (converted from q/k/v biases), which DeepSeek-V3's q_proj "
+            "cannot hold: heal it without them first"
+        )
     yarn = attention.rope.yarn
     if isinstance(attention, GQAConfig) and yarn is not None and yarn.mscale_all_dim:
         return (

@@ -1,0 +1,216 @@
+"""Measure `latentattn convert`'s options on a trained model: the evidence behind its defaults.
+
+    latentattn train --preset small --attn gqa --steps 200 --out runs/small-gqa
+    python docs/convert/measure_options.py runs/small-gqa --out docs/convert
+
+Calibrates once (the built-in corpus, as `latentattn convert` does), converts the model at every cache
+size, RoPE width and option combination, and reports the validation loss right after conversion (no
+healing) against the source's, with the kv-head merging baseline where its cache sizes allow. Writes
+`options.json` and prints a Markdown summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from latentattn.checkpoint import load_checkpoint
+from latentattn.convert import ConversionConfig, layer_input_moments, merge_kv_heads, model_to_mla
+from latentattn.convert.calibration import calibration_windows
+from latentattn.convert.checkpoint import CALIBRATION_WINDOW
+from latentattn.evaluate import validation_tokens, window_length, window_loss, windows
+
+OPTIONS = {
+    "method": ("svd", "pca"),
+    "rope_frequencies": ("highest", "score"),
+    "rope_residual": ("drop", "nope"),
+    "balance_kv": (False, True),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--caches", type=int, nargs="+", default=[144, 96, 64, 48], help="C + R per layer")
+    parser.add_argument("--rope-dims", type=int, nargs="+", default=[8, 16, 24, 48])
+    parser.add_argument("--calibration-tokens", type=int, default=8192)
+    parser.add_argument("--windows", type=int, default=32, help="validation windows")
+    parser.add_argument(
+        "--calibration-sweep",
+        type=int,
+        nargs="*",
+        default=[1024, 4096, 32768],
+        help="also convert with the defaults at each cache size's best R on this many calibration tokens",
+    )
+    parser.add_argument(
+        "--vary",
+        choices=("all", "one"),
+        default="all",
+        help="every option combination, or the defaults and each option changed alone",
+    )
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    started = time.perf_counter()
+    loaded = load_checkpoint(args.checkpoint)
+    model, context = loaded.model, window_length(loaded)
+    rows = windows(validation_tokens(loaded), context, args.windows)
+
+    def loss(candidate: torch.nn.Module) -> float:
+        return window_loss(candidate, rows, cache_format="none", chunk=context)[0]
+
+    tokens = calibration_windows(
+        loaded.tokenizer, n_tokens=args.calibration_tokens, window=min(CALIBRATION_WINDOW, context)
+    )
+    moments = layer_input_moments(model, tokens)
+    source = loaded.config.attention
+    results = {
+        "checkpoint": str(loaded.directory),
+        "source": {"kind": source.kind, "cache_width": source.cache_width, "val_loss": loss(model)},
+        "calibration_tokens": tokens.numel(),
+        "validation_tokens": rows[:, 1:].numel(),
+        "conversions": [],
+        "merges": [],
+    }
+    for kv_heads in range(1, source.n_kv_heads):
+        if source.n_kv_heads % kv_heads == 0:
+            merged = merge_kv_heads(model, kv_heads)
+            cache_width = merged.config.attention.cache_width
+            results["merges"].append(
+                {"kv_heads": kv_heads, "cache_width": cache_width, "val_loss": loss(merged)}
+            )
+    for cache, rope_dim in itertools.product(args.caches, args.rope_dims):
+        if cache - rope_dim <= 0:
+            continue
+        for options in option_sets(args.vary):
+            config = ConversionConfig(kv_lora_rank=cache - rope_dim, rope_dim=rope_dim, **options)
+            try:
+                converted = model_to_mla(model, config, moments).eval()
+            except ValueError as error:
+                print(f"skip C {cache - rope_dim} R {rope_dim} {options}: {error}")
+                continue
+            results["conversions"].append(
+                {"cache_width": cache, "rope_dim": rope_dim, **options, "val_loss": loss(converted)}
+            )
+        print(f"cache {cache}, R {rope_dim}: {time.perf_counter() - started:.0f} s", flush=True)
+    chosen = option_sets("one")[0]
+    results["defaults"] = chosen
+    results["calibration_sweep"] = []
+    for count in args.calibration_sweep:
+        swept = layer_input_moments(
+            model,
+            calibration_windows(loaded.tokenizer, n_tokens=count, window=min(CALIBRATION_WINDOW, context)),
+        )
+        for cache in args.caches:
+            rows_at = [
+                r
+                for r in results["conversions"]
+                if r["cache_width"] == cache and all(r[k] == v for k, v in chosen.items())
+            ]
+            if not rows_at:
+                continue
+            rope_dim = min(rows_at, key=lambda r: r["val_loss"])["rope_dim"]
+            config = ConversionConfig(kv_lora_rank=cache - rope_dim, rope_dim=rope_dim)
+            results["calibration_sweep"].append(
+                {
+                    "calibration_tokens": count,
+                    "cache_width": cache,
+                    "rope_dim": rope_dim,
+                    "val_loss": loss(model_to_mla(model, config, swept)),
+                }
+            )
+        print(f"calibration {count}: {time.perf_counter() - started:.0f} s", flush=True)
+    results["seconds"] = time.perf_counter() - started
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "options.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(summary(results))
+
+
+def option_sets(vary: str) -> list[dict]:
+    """Every combination of `OPTIONS` ("all"), or the defaults and each option changed alone ("one")."""
+    if vary == "all":
+        return [dict(zip(OPTIONS, values, strict=True)) for values in itertools.product(*OPTIONS.values())]
+    defaults = {field.name: field.default for field in fields(ConversionConfig) if field.name in OPTIONS}
+    changed = [{**defaults, name: value} for name, values in OPTIONS.items() for value in values]
+    return [defaults, *(options for options in changed if options != defaults)]
+
+
+def summary(results: dict) -> str:
+    """Markdown: the loss added by conversion, averaged per option value; the best per cache size."""
+    base = results["source"]["val_loss"]
+    rows = results["conversions"]
+    lines = [
+        f"source {results['source']['kind']}: {results['source']['cache_width']} values per layer, "
+        f"val loss {base:.3f} ({results['validation_tokens']:,} tokens); "
+        f"calibration {results['calibration_tokens']:,} tokens",
+        "",
+        "| option | value | mean loss added | wins (paired) |",
+        "|---|---|---|---|",
+    ]
+    for name, values in OPTIONS.items():
+        for value in values:
+            others = [v for v in values if v != value]
+            chosen = [r for r in rows if r[name] == value]
+            wins = sum(
+                1
+                for r in chosen
+                for other in others
+                for twin in rows
+                if twin[name] == other
+                and all(twin[k] == r[k] for k in r if k not in (name, "val_loss"))
+                and r["val_loss"] < twin["val_loss"]
+            )
+            mean = statistics.fmean(r["val_loss"] - base for r in chosen)
+            lines.append(f"| {name} | {value} | {mean:+.3f} | {wins}/{len(chosen)} |")
+    lines += [
+        "",
+        "| cache (C + R) | best R | best options | loss added | merge baseline |",
+        "|---|---|---|---|---|",
+    ]
+    merges = {m["cache_width"]: m["val_loss"] - base for m in results["merges"]}
+    for cache in sorted({r["cache_width"] for r in rows}, reverse=True):
+        best = min((r for r in rows if r["cache_width"] == cache), key=lambda r: r["val_loss"])
+        options = ", ".join(f"{k}={best[k]}" for k in OPTIONS)
+        merge = f"{merges[cache]:+.3f}" if cache in merges else "—"
+        lines.append(
+            f"| {cache} | {best['rope_dim']} | {options} | {best['val_loss'] - base:+.3f} | {merge} |"
+        )
+    sweep = results["calibration_sweep"]
+    if sweep:
+        counts = sorted({r["calibration_tokens"] for r in sweep} | {results["calibration_tokens"]})
+        lines += ["", "Defaults at each cache size's best R, by calibration tokens (loss added):", ""]
+        lines += [
+            "| cache (C + R) | R | " + " | ".join(f"{c:,}" for c in counts) + " |",
+            "|---" * (len(counts) + 2) + "|",
+        ]
+        for cache in sorted({r["cache_width"] for r in sweep}, reverse=True):
+            at = {r["calibration_tokens"]: r for r in sweep if r["cache_width"] == cache}
+            rope_dim = next(iter(at.values()))["rope_dim"]
+            main_row = next(
+                r
+                for r in rows
+                if r["cache_width"] == cache
+                and r["rope_dim"] == rope_dim
+                and all(r[k] == v for k, v in results["defaults"].items())
+            )
+            at[results["calibration_tokens"]] = main_row
+            lines.append(
+                f"| {cache} | {rope_dim} | "
+                + " | ".join(f"{at[c]['val_loss'] - base:+.3f}" for c in counts)
+                + " |"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
