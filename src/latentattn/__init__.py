@@ -1,5 +1,7 @@
 """latentattn: DeepSeek's Multi-head Latent Attention (MLA), MHA/GQA/MQA baselines and their caches."""
 
+import importlib.metadata
+
 from latentattn.attention import MLA, GQAAttention, build_attention, choose_mla_path, mla_path_flops
 from latentattn.caches import (
     KVCache,
@@ -14,7 +16,7 @@ from latentattn.layers import RMSNorm
 from latentattn.model import LanguageModel, ModelConfig, get_preset
 from latentattn.rope import RotaryEmbedding
 
-__version__ = "0.1.0"
+__version__ = importlib.metadata.version("latentattn")  # one source: pyproject.toml
 
 __all__ = [
     "MLA",

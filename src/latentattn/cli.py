@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+import latentattn
 from latentattn.calculator import print_table
 
 
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--version",
         action="version",
-        version=f"%(prog)s {importlib.metadata.version('latentattn')}",
+        version=f"%(prog)s {latentattn.__version__}",
         help="print the installed version and exit",
     )
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
