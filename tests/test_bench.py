@@ -35,7 +35,8 @@ def report():
 
 
 def test_report_has_every_row_and_the_roofline(report):
-    assert set(report) == {"machine", "roofline", "config", "results"}
+    assert set(report) == {"machine", "roofline", "config", "results", "skipped"}
+    assert report["skipped"] == []
     assert report["roofline"]["bandwidth_gbs"] > 0
     assert report["roofline"]["peak_gflops"]["float32"] > 0
     rows = report["results"]
@@ -72,6 +73,26 @@ def test_mla_paths_and_hf_agree_on_the_same_weights_and_cache(report):
         else:
             assert row["max_rel_err"] is None
     assert all(row["max_rel_err"] > 0 for row in report["results"] if row["impl"] in bounds)
+
+
+def test_decompressing_rows_that_would_not_fit_in_memory_are_skipped_with_the_reason(monkeypatch):
+    """The naive and HF rows rebuild every head's K/V; where that exceeds half the free memory they are
+    skipped (not killed by the OS mid-run), and the other rows keep their oracle, computed per sequence."""
+    from latentattn import bench
+
+    needed = bench.decompressed_bytes(TINY, 2, 40, torch.float32)
+    assert needed == 3 * 2 * 40 * 4 * (24 + 16) * 4  # copies · B · S · H · (qk + v) · fp32
+    monkeypatch.setattr(bench, "available_bytes", lambda device: needed)  # half of it is too little
+    impls = ("mla-naive", "mla-absorbed", "hf-deepseek-v3")
+    config = BenchConfig(
+        mla=TINY, contexts=(40,), batch_sizes=(2,), dtypes=("float32",), impls=impls, repeats=1
+    )
+    report = run_bench(config)
+    assert [row["impl"] for row in report["results"]] == ["mla-absorbed"]
+    assert report["results"][0]["max_rel_err"] < 1e-5
+    assert [row["impl"] for row in report["skipped"]] == ["mla-naive", "hf-deepseek-v3"]
+    assert "available" in report["skipped"][0]["reason"]
+    assert "skipped mla-naive float32 batch 2 context 40" in str(bench.results_table(report).caption)
 
 
 def test_cli_json_and_plot(tmp_path, capsys):

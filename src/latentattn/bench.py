@@ -365,6 +365,39 @@ def _gqa_case(layer: GQAAttention, x: torch.Tensor, context: int) -> _Case:
     return _Case(step, cache_bytes, _weight_bytes(layer) + cache_bytes, flops, "fused" if fused else "sdpa")
 
 
+DECOMPRESSING = ("mla-naive", "hf-deepseek-v3")
+"""Rows that rebuild every head's keys and values from the whole latent cache each step."""
+
+
+def decompressed_bytes(c: MLAConfig, batch: int, context: int, dtype: torch.dtype) -> int:
+    """Peak working memory of one decompressing decode step: per-head keys and values `[B, S, H, qk + v]`,
+    about three copies alive at once (the up-projection's output, keys with k_pe, SDPA's inputs)."""
+    width = c.n_heads * (c.qk_head_dim + c.v_head_dim)
+    return 3 * batch * context * width * torch.empty((), dtype=dtype).element_size()
+
+
+def available_bytes(device: torch.device | str) -> int | None:
+    """Memory that can still be allocated on `device` (CUDA: free memory; CPU: Linux's MemAvailable),
+    or None where it cannot be read."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu" and os.path.exists("/proc/meminfo"):
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    return None
+
+
+def _naive_reference(mla: MLA, x: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+    """The naive path over the full-precision latent cache, one sequence at a time (its decompressed
+    keys and values are the largest tensors of the benchmark)."""
+    return torch.cat(
+        [_mla_case(mla, x[b : b + 1], latent[b : b + 1], "mla-naive").step() for b in range(len(x))]
+    )
+
+
 def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     actual, expected = actual.double(), expected.double()
     return ((actual - expected).abs().max() / expected.abs().max()).item()
@@ -373,7 +406,8 @@ def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 @torch.no_grad()
 def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every (dtype, batch, context, impl) of `config`; returns `{"machine", "roofline", "config",
-    "results"}` with one result dict per row (see `Result`)."""
+    "results", "skipped"}` with one result dict per row (see `Result`). A decompressing row whose
+    working memory would exceed half of what the device has free is skipped, with the reason."""
     report = progress or (lambda _message: None)
     torch.manual_seed(config.seed)
     roofline = measure_roofline(config.dtypes, config.device)
@@ -381,6 +415,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
     head_dim = c.v_head_dim
     kv_heads = {"mha": c.n_heads, "gqa": config.gqa_kv_heads, "mqa": 1}
     results: list[Result] = []
+    skipped: list[dict[str, Any]] = []
     for dtype_name in config.dtypes:
         dtype = DTYPES[dtype_name]
         mla = MLA(c, device=config.device, dtype=dtype).eval()
@@ -402,11 +437,26 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
                     torch.arange(context, device=config.device).expand(batch, context),
                 )
                 # Oracle for every MLA/HF row: the naive path over the full-precision latent cache.
-                reference = _mla_case(mla, x, latent, "mla-naive").step() if any_latent else None
+                reference = _naive_reference(mla, x, latent) if any_latent else None
                 rows = []
                 for impl in config.impls:
                     if impl == "hf-deepseek-v3" and context > config.hf_max_context:
                         continue
+                    if impl in DECOMPRESSING:
+                        needed, free = decompressed_bytes(c, batch, context, dtype), available_bytes(x.device)
+                        if free is not None and needed > free // 2:
+                            reason = f"needs ~{format_bytes(needed)}, {format_bytes(free)} available"
+                            skipped.append(
+                                {
+                                    "impl": impl,
+                                    "dtype": dtype_name,
+                                    "batch": batch,
+                                    "context": context,
+                                    "reason": reason,
+                                }
+                            )
+                            report(f"skipped {impl} {dtype_name} batch {batch} context {context:,}: {reason}")
+                            continue
                     report(f"{impl} {dtype_name} batch {batch} context {context:,}")
                     if impl in gqa_layers:
                         case = _gqa_case(gqa_layers[impl], x, context)
@@ -451,6 +501,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
         "roofline": asdict(roofline),
         "config": asdict(config),
         "results": [asdict(result) for result in results],
+        "skipped": skipped,
     }
 
 
@@ -481,6 +532,11 @@ def results_table(report: dict[str, Any]) -> Table:
             f"{machine['fused_kernel']}; roofline: "
             f"{roof['bandwidth_gbs']:.1f} GB/s copy, {peaks}. ×roof = measured / max(bytes/BW, FLOPs/peak); "
             "rel err: max |out − mla-naive| / max |mla-naive| on the same full-precision cache"
+            + "".join(
+                f"; skipped {row['impl']} {row['dtype']} batch {row['batch']} context {row['context']:,}: "
+                f"{row['reason']}"
+                for row in report.get("skipped", ())
+            )
         ),
     )
     headers = ["impl", "path", "dtype", "batch", "context", "ms/step", "min–max", "tok/s", "cache", "GB/s"]
