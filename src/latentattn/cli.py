@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_import(verbs)
     _add_export(verbs)
     _add_convert(verbs)
+    _add_serve(verbs)
     return parser
 
 
@@ -665,6 +666,82 @@ def _run_convert(args: argparse.Namespace) -> None:
         f"values per layer, {result.cache_bytes_before / result.cache_bytes_after:.2f}x smaller)"
     )
     print(f"converted checkpoint: {result.out}")
+
+
+def _add_serve(verbs: argparse._SubParsersAction) -> None:
+    from latentattn.serve.server import DTYPES, ServeConfig
+
+    defaults = ServeConfig()
+    serve = verbs.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server: continuous batching over one paged KV-cache budget",
+        description="Serve a checkpoint at /v1/completions, /v1/chat/completions, /v1/models, /health and "
+        "/metrics (see docs/serving.md). SIGTERM finishes running requests, then exits 0.",
+    )
+    serve.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a run directory or one checkpoint")
+    serve.add_argument("--host", default=defaults.host, help="address to listen on (default %(default)s)")
+    serve.add_argument("--port", type=int, default=defaults.port, help="port (default %(default)s)")
+    size = serve.add_mutually_exclusive_group()
+    size.add_argument("--kv-budget", metavar="SIZE", help="KV cache memory, e.g. 512MiB (default 256MiB)")
+    size.add_argument("--num-blocks", type=int, metavar="N", help="KV cache size in blocks instead")
+    serve.add_argument(
+        "--block-size", type=int, default=defaults.block_size, metavar="N", help="tokens per block"
+    )
+    engine = defaults.engine
+    serve.add_argument(
+        "--max-batch-seqs",
+        type=int,
+        default=engine.max_batch_seqs,
+        metavar="N",
+        help="sequences per step (default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=engine.max_batch_tokens,
+        metavar="N",
+        help="tokens per step, prompt chunks and decodes (default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-queue",
+        type=int,
+        default=engine.max_queue,
+        metavar="N",
+        help="waiting requests before answering 429 (default %(default)s)",
+    )
+    serve.add_argument("--latent-format", choices=("int8", "fp8"), help="MLA: 8-bit latents in the cache")
+    serve.add_argument("--dtype", choices=tuple(DTYPES), default=defaults.dtype, help="weights and cache")
+    serve.add_argument("--threads", type=int, metavar="N", help="torch threads (default: torch's choice)")
+    serve.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    serve.set_defaults(run=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> None:
+    import torch
+
+    from latentattn.calculator import parse_size
+    from latentattn.cli_checks import check_device, check_threads
+    from latentattn.serve.engine import EngineConfig
+    from latentattn.serve.server import ServeConfig, run_server
+
+    device = check_device(args.device)
+    if check_threads(args.threads):
+        torch.set_num_threads(args.threads)
+    config = ServeConfig(
+        host=args.host,
+        port=args.port,
+        budget_bytes=None if args.num_blocks else parse_size(args.kv_budget or "256MiB"),
+        num_blocks=args.num_blocks,
+        block_size=args.block_size,
+        latent_format=args.latent_format,
+        dtype=args.dtype,
+        engine=EngineConfig(
+            max_batch_seqs=args.max_batch_seqs,
+            max_batch_tokens=args.max_batch_tokens,
+            max_queue=args.max_queue,
+        ),
+    )
+    run_server(args.checkpoint, config, device=device)
 
 
 def _emit(
