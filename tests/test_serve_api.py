@@ -296,6 +296,33 @@ def test_soak_with_random_disconnects_leaks_nothing(server):
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
 
 
+def test_loadtest_reports_latencies_against_the_server(server):
+    args = ("--prompt-tokens", "2:8", "--output-tokens", "2:6", "--vocab", "300", "--json")
+    closed = cli("loadtest", server.url, "--requests", "12", "--concurrency", "3", *args)
+    assert closed.returncode == 0, closed.stderr
+    report = json.loads(closed.stdout)
+    assert report["completed"] == report["requests"] == 12 and report["errors"] == {}
+    assert report["output_tokens"] >= 12 and report["output_tokens_per_s"] > 0
+    for key in ("ttft_s", "itl_s", "e2e_s"):
+        assert 0 < report[key]["p50"] <= report[key]["p90"] <= report[key]["p99"]
+    poisson = cli("loadtest", server.url, "--rate", "50", "--requests", "1000", "--duration", "1", *args)
+    assert poisson.returncode == 0 and 0 < json.loads(poisson.stdout)["requests"] < 1000
+    table = cli("loadtest", server.url, "--requests", "2", "--output-tokens", "2")
+    assert table.returncode == 0 and "TTFT" in table.stdout and "errors: none" in table.stdout
+    assert_all_blocks_free(server.wait_idle())
+
+
+def test_loadtest_counts_errors_and_checks_its_flags():
+    nobody = cli("loadtest", f"http://127.0.0.1:{free_port()}", "--requests", "3", "--json")
+    assert nobody.returncode == 0 and json.loads(nobody.stdout)["errors"] == {"no response": 3}
+    both = cli("loadtest", "http://127.0.0.1:1", "--rate", "1", "--concurrency", "2")
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
+    bad = cli("loadtest", "http://127.0.0.1:1", "--prompt-tokens", "9:3")
+    assert bad.returncode == 2 and "1 <= LOW <= HIGH, got 9:3" in bad.stderr
+    scheme = cli("loadtest", "127.0.0.1:8000")
+    assert scheme.returncode == 2 and "must start with http://" in scheme.stderr
+
+
 def test_sigterm_finishes_running_requests_refuses_new_ones_and_exits_0(checkpoint):
     server = Server(checkpoint, *FLAGS, "--max-batch-tokens", "1")
     try:

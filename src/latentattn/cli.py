@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(verbs)
     _add_convert(verbs)
     _add_serve(verbs)
+    _add_loadtest(verbs)
     return parser
 
 
@@ -742,6 +743,51 @@ def _run_serve(args: argparse.Namespace) -> None:
         ),
     )
     run_server(args.checkpoint, config, device=device)
+
+
+def _add_loadtest(verbs: argparse._SubParsersAction) -> None:
+    loadtest = verbs.add_parser(
+        "loadtest",
+        help="load an OpenAI-compatible server: requests/s, tokens/s, TTFT, inter-token, end-to-end latency",
+        description="Stream random-token completions at URL (e.g. http://127.0.0.1:8000) and report "
+        "p50/p90/p99 latencies and errors by status.",
+    )
+    loadtest.add_argument("url", metavar="URL", help="the server's base URL")
+    mode = loadtest.add_mutually_exclusive_group()
+    mode.add_argument("--concurrency", type=int, metavar="N", help="clients sending back to back (default 8)")
+    mode.add_argument("--rate", type=float, metavar="R", help="Poisson arrivals, R requests per second")
+    loadtest.add_argument(
+        "--requests", type=int, default=100, metavar="N", help="requests to send (default 100)"
+    )
+    loadtest.add_argument("--duration", type=float, metavar="S", help="stop sending after S seconds")
+    loadtest.add_argument("--prompt-tokens", default="16:64", metavar="LOW:HIGH", help="prompt lengths")
+    loadtest.add_argument(
+        "--output-tokens", default="16:64", metavar="LOW:HIGH", help="max_tokens per request"
+    )
+    loadtest.add_argument("--vocab", type=int, default=256, metavar="N", help="prompt ids lie in [0, N)")
+    loadtest.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0)")
+    loadtest.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
+    loadtest.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    loadtest.set_defaults(run=_run_loadtest)
+
+
+def _run_loadtest(args: argparse.Namespace) -> None:
+    from latentattn.serve.loadtest import LoadConfig, parse_range, report_table, run_loadtest
+
+    config = LoadConfig(
+        url=args.url.rstrip("/"),
+        requests=args.requests,
+        duration=args.duration,
+        concurrency=None if args.rate else (args.concurrency or 8),
+        rate=args.rate,
+        prompt_tokens=parse_range(args.prompt_tokens, "--prompt-tokens"),
+        output_tokens=parse_range(args.output_tokens, "--output-tokens"),
+        vocab=args.vocab,
+        temperature=args.temperature,
+        seed=args.seed,
+    )
+    report = run_loadtest(config)
+    _emit(args, report, lambda: report_table(report))
 
 
 def _emit(

@@ -178,6 +178,17 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="latentattn-engine", daemon=True)
         self._thread.start()
 
+    def warm_up(self) -> None:
+        """Serve one tiny request before the worker thread starts (a first forward loads kernels and
+        allocates workspaces), then forget it: no prefix-cache entry, zeroed counters."""
+        self.submit([0, 0], SamplingParams(max_tokens=2, temperature=0), lambda output: None)
+        while self.busy:
+            self.step()
+        if self.prefix is not None:
+            self.prefix.clear()
+            self.prefix.query_tokens = self.prefix.hit_tokens = 0
+        self.stats = EngineStats()
+
     def shutdown(self, grace_seconds: float) -> None:
         """Admit nothing new; let queued and running requests finish for up to `grace_seconds`, cancel the
         rest, then stop the worker thread."""

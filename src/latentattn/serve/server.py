@@ -103,6 +103,7 @@ def run_server(checkpoint: str | Path, config: ServeConfig, *, device: torch.dev
         engine,
         config.grace_seconds,
     )
+    engine.warm_up()
     engine.start()
     print(f"serving {served.name} on http://{config.host}:{config.port}", flush=True)
     try:
