@@ -174,6 +174,22 @@ def _add_bench(verbs: argparse._SubParsersAction) -> None:
         description="Decode one token at fixed contexts; medians, spread and this machine's roofline.",
     )
     bench.add_argument(
+        "mode",
+        nargs="?",
+        choices=("decode", "serve"),
+        default="decode",
+        help="decode: one step's latency (default); serve: MLA vs MHA/GQA/MQA capacity at one KV budget "
+        "through the serving engine (docs/serving.md)",
+    )
+    serve = bench.add_argument_group("serve mode")
+    serve.add_argument(
+        "--kv-budget", default="16MiB", metavar="SIZE", help="KV cache per model (default 16MiB)"
+    )
+    serve.add_argument("--requests", type=int, default=450, metavar="N", help="requests, all queued at once")
+    serve.add_argument("--prompt-tokens", type=int, default=24, metavar="N", help="tokens per prompt")
+    serve.add_argument("--output-tokens", type=int, default=8, metavar="N", help="tokens per completion")
+    serve.add_argument("--layers", type=int, default=2, metavar="N", help="layers of each model")
+    bench.add_argument(
         "--contexts",
         nargs="+",
         default=["1K", "4K", "16K", "64K"],
@@ -185,8 +201,7 @@ def _add_bench(verbs: argparse._SubParsersAction) -> None:
         "--dtype",
         nargs="+",
         choices=DTYPES,
-        default=["float32", "bfloat16"],
-        help="weight, activation and cache dtypes (default float32 bfloat16)",
+        help="weight, activation and cache dtypes (default float32 bfloat16; serve mode: bfloat16)",
     )
     bench.add_argument("--impl", nargs="+", choices=IMPLS, default=list(IMPLS), help="implementations")
     bench.add_argument("--gqa-kv-heads", type=int, default=4, metavar="N", help="K/V heads of the GQA row")
@@ -225,10 +240,13 @@ def _run_bench(args: argparse.Namespace) -> None:
     plot = _plot_path(args.plot)
     device = check_device(args.device)
     threads = check_threads(args.threads)
+    if args.mode == "serve":
+        _run_bench_serve(args, plot, threads)
+        return
     config = BenchConfig(
         contexts=tuple(parse_context(text) for text in args.contexts),
         batch_sizes=tuple(args.batch),
-        dtypes=tuple(args.dtype),
+        dtypes=tuple(args.dtype or ("float32", "bfloat16")),
         impls=tuple(args.impl),
         gqa_kv_heads=args.gqa_kv_heads,
         hf_max_context=parse_context(args.hf_max_context),
@@ -254,6 +272,29 @@ def _run_bench(args: argparse.Namespace) -> None:
 
         draw = partial(plot_decode_latency, report, plot)
     _emit(args, report, lambda: results_table(report), draw)
+
+
+def _run_bench_serve(args: argparse.Namespace, plot: Path | None, threads: int | None) -> None:
+    import torch
+
+    from latentattn.calculator import parse_size
+    from latentattn.serve.capacity import CapacityConfig, capacity_table, plot_capacity, run_capacity
+
+    if threads:
+        torch.set_num_threads(threads)
+    dtypes = args.dtype or ["bfloat16"]
+    if len(dtypes) != 1:
+        raise ValueError("bench serve runs one --dtype at a time")
+    config = CapacityConfig(
+        budget_mib=parse_size(args.kv_budget) / 2**20,
+        n_layers=args.layers,
+        dtype=dtypes[0],
+        prompt_tokens=args.prompt_tokens,
+        output_tokens=args.output_tokens,
+        requests=args.requests,
+    )
+    report = run_capacity(config, progress=_say)
+    _emit(args, report, lambda: capacity_table(report), plot and partial(plot_capacity, report, plot))
 
 
 def _add_eval(verbs: argparse._SubParsersAction) -> None:

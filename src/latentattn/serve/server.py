@@ -17,12 +17,11 @@ from types import FrameType
 import torch
 import uvicorn
 
+from latentattn.bench import DTYPES
 from latentattn.caches import PagedModelCache
 from latentattn.checkpoint import load_checkpoint
 from latentattn.serve.api import ServedModel, create_app
 from latentattn.serve.engine import Engine, EngineConfig
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 @dataclass(frozen=True)
