@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,24 +22,11 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import torch
 
 from latentattn import checkpoint as ckpt
-from latentattn.data import train_tokenizer
-from latentattn.model import LanguageModel, get_preset
 from latentattn.tokens import encode_prompt
 
 STARTUP_SECONDS = 120
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    tokenizer = train_tokenizer([Path(textwrap.__file__).read_text()], vocab_size=300)
-    model = LanguageModel(get_preset("debug").model("mla", vocab_size=tokenizer.get_vocab_size()))
-    run_dir = tmp_path_factory.mktemp("run")
-    ckpt.save_checkpoint(run_dir, step=1, model=model, tokenizer=tokenizer, train={}, trainer_state={})
-    return run_dir
 
 
 def free_port() -> int:
@@ -61,7 +47,16 @@ class Server:
     def __init__(self, checkpoint: Path, *flags: str) -> None:
         self.url = f"http://127.0.0.1:{free_port()}"
         port = self.url.rsplit(":", 1)[1]
-        command = [sys.executable, "-m", "latentattn", "serve", str(checkpoint), "--port", port, *flags]
+        command = [
+            sys.executable,
+            "-m",
+            "latentattn",
+            "serve",
+            str(checkpoint),
+            "--port",
+            port,
+            *flags,
+        ]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + STARTUP_SECONDS
         while time.monotonic() < deadline and self.process.poll() is None:
@@ -117,9 +112,13 @@ FLAGS = (
 )
 
 
+LONG_GREEDY = {"prompt": "def wrap(", "max_tokens": 50, "temperature": 0, "stream": True}
+"""A streamed request of 50 steps (greedy: this checkpoint's continuation holds no EOS)."""
+
+
 @pytest.fixture(scope="module")
-def server(checkpoint) -> Iterator[Server]:
-    running = Server(checkpoint, *FLAGS)
+def server(served_checkpoint) -> Iterator[Server]:
+    running = Server(served_checkpoint, *FLAGS)
     try:
         yield running
     finally:
@@ -132,17 +131,17 @@ def assert_all_blocks_free(metrics: dict[str, float]) -> None:
     assert metrics["latentattn_blocks_free"] + cached == metrics["latentattn_blocks_total"]
 
 
-def test_openai_client_completions_stream_and_chat(server, checkpoint):
+def test_openai_client_completions_stream_and_chat(server, served_checkpoint):
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
     (model,) = client.models.list().data
     prompt = "def wrap("
     completion = client.completions.create(model=model.id, prompt=prompt, max_tokens=8, temperature=0)
     (choice,) = completion.choices
     assert choice.finish_reason == "length" and completion.usage.completion_tokens == 8
-    loaded = ckpt.load_checkpoint(checkpoint)
+    loaded = ckpt.load_checkpoint(served_checkpoint)
     assert completion.usage.prompt_tokens == len(encode_prompt(loaded.tokenizer, loaded.tokens, prompt))
     generated = cli(
-        "generate", str(checkpoint), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "8"
+        "generate", str(served_checkpoint), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "8"
     )
     assert generated.returncode == 0, generated.stderr
     expected = generated.stdout[
@@ -240,9 +239,10 @@ def test_a_full_queue_answers_429_with_retry_after(server):
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_blocks(server):
-    with httpx.stream(
-        "POST", f"{server.url}/v1/completions", json={"prompt": "def", "max_tokens": 55, "stream": True}
-    ) as response:
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    whole = client.completions.create(model="m", **{**LONG_GREEDY, "stream": False})
+    assert whole.choices[0].finish_reason == "length"  # no EOS: the request below would still be running
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=LONG_GREEDY) as response:
         lines = response.iter_lines()
         assert next(line for line in lines if line.startswith("data:"))
         assert server.metrics()["latentattn_running"] == 1
@@ -323,12 +323,10 @@ def test_loadtest_counts_errors_and_checks_its_flags():
     assert scheme.returncode == 2 and "must start with http://" in scheme.stderr
 
 
-def test_sigterm_finishes_running_requests_refuses_new_ones_and_exits_0(checkpoint):
-    server = Server(checkpoint, *FLAGS, "--max-batch-tokens", "1")
+def test_sigterm_finishes_running_requests_refuses_new_ones_and_exits_0(served_checkpoint):
+    server = Server(served_checkpoint, *FLAGS, "--max-batch-tokens", "1")
     try:
-        with httpx.stream(
-            "POST", f"{server.url}/v1/completions", json={"prompt": "def", "max_tokens": 50, "stream": True}
-        ) as response:
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=LONG_GREEDY) as response:
             lines = response.iter_lines()
             next(line for line in lines if line.startswith("data:"))
             server.process.send_signal(signal.SIGTERM)
@@ -346,11 +344,11 @@ def test_sigterm_finishes_running_requests_refuses_new_ones_and_exits_0(checkpoi
         server.kill()
 
 
-def test_serve_cli_errors_are_one_line(checkpoint, tmp_path):
+def test_serve_cli_errors_are_one_line(served_checkpoint, tmp_path):
     missing = cli("serve", str(tmp_path / "nothing"))
     assert missing.returncode == 2 and missing.stderr.startswith("latentattn serve: error:")
-    bad_budget = cli("serve", str(checkpoint), "--kv-budget", "lots")
+    bad_budget = cli("serve", str(served_checkpoint), "--kv-budget", "lots")
     assert bad_budget.returncode == 2 and "cannot read the size 'lots'" in bad_budget.stderr
-    tiny = cli("serve", str(checkpoint), "--kv-budget", "10B")
+    tiny = cli("serve", str(served_checkpoint), "--kv-budget", "10B")
     assert tiny.returncode == 2 and "holds no block" in tiny.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
