@@ -8,8 +8,9 @@ Every `step`:
    they go back to the front of the queue and are recomputed later); then waiting requests are admitted
    in arrival order while the blocks for their whole current tokens are free and fewer than
    `max_batch_seqs` run, sharing the cached blocks of their longest known prefix;
-3. runs one batched forward over the ragged rows (`n_new[b]` = row b's chunk) and samples a token for
-   every row that reached the end of its tokens.
+3. runs the one-token rows (decodes) in one batched forward and the prompt chunks in another, ragged
+   (`n_new[b]` = row b's chunk; decodes are never padded to a chunk's length), and samples a token
+   for every row that reached the end of its tokens.
 
 A request that could never fit (its prompt plus `max_tokens` beyond the model's context, or more blocks
 than the whole cache) is rejected by `submit` with the reason. The cache never holds more blocks than
@@ -238,6 +239,7 @@ class Engine:
             "kv_bytes_total": cache.nbytes,
             "prefix_query_tokens": prefix.query_tokens if prefix else 0,
             "prefix_hit_tokens": prefix.hit_tokens if prefix else 0,
+            "prefix_hit_rate": prefix.hit_rate if prefix else 0.0,
             "prompt_tokens": stats.prompt_tokens,
             "generated_tokens": stats.generated_tokens,
             "tokens_per_s": stats.tokens_per_s(time.perf_counter()),
@@ -367,7 +369,7 @@ class Engine:
         if self.prefix is not None:
             hashes = extend_hashes(request.block_hashes, request.tokens, block)
             usable = hashes[: (len(request.tokens) - 1) // block]  # keep a token to compute the logits from
-            prefix_blocks = self.prefix.lookup(usable, query_tokens=len(request.tokens))
+            prefix_blocks = self.prefix.lookup(usable)
         seq = self.cache.add_sequence(prefix_blocks)
         need = self.cache.blocks_needed(seq, len(request.tokens) - len(prefix_blocks) * block)
         evictable = self.prefix.evictable if self.prefix is not None else 0
@@ -376,6 +378,8 @@ class Engine:
             return False
         request.seq, request.computed = seq, len(prefix_blocks) * block
         self.running.append(request)
+        if self.prefix is not None:
+            self.prefix.count(len(request.tokens), len(prefix_blocks))
         return True
 
     def _preempt(self, request: Request) -> None:
@@ -385,6 +389,22 @@ class Engine:
         self.running.remove(request)
         self.waiting.appendleft(request)
         self.stats.preemptions += 1
+
+    def _forward(self, rows: list[tuple[Request, int]]) -> torch.Tensor:
+        """One forward over `rows` (right-padded to the longest chunk); the logits `[B, V]` of each row's
+        last real token."""
+        width = max(n for _, n in rows)
+        tokens = torch.zeros(len(rows), width, dtype=torch.long)  # [B, T]
+        for b, (request, n) in enumerate(rows):
+            tokens[b, :n] = torch.tensor(request.tokens[request.computed : request.computed + n])
+        n_new = [n for _, n in rows]
+        self.cache.select([request.seq for request, _ in rows])
+        # Positions past a row's real tokens are padding (never written, masked): only real ends must fit
+        # the context, which `submit` guarantees, so the model's whole-batch check is skipped.
+        with self.cache.stepping(width, n_new) as step:
+            logits = self.model.forward_step(tokens.to(self.device), self.cache, step)  # [B, T, V]
+        last = torch.tensor(n_new, device=self.device) - 1
+        return logits[torch.arange(len(rows), device=self.device), last]
 
     def _finish(
         self, request: Request, reason: str, new_tokens: list[int] | None = None, error: str | None = None
@@ -404,36 +424,31 @@ class Engine:
 
     @torch.inference_mode()
     def _run(self, rows: list[tuple[Request, int]]) -> None:
-        """One forward over `rows` (right-padded to the longest chunk), then sampling."""
-        width = max(n for _, n in rows)
-        tokens = torch.zeros(len(rows), width, dtype=torch.long)  # [B, T]
-        for b, (request, n) in enumerate(rows):
-            tokens[b, :n] = torch.tensor(request.tokens[request.computed : request.computed + n])
-        n_new = [n for _, n in rows]
-        self.cache.select([request.seq for request, _ in rows])
-        # Positions past a row's real tokens are padding (never written, masked): only real ends must fit
-        # the context, which `submit` guarantees, so the model's whole-batch check is skipped.
-        with self.cache.stepping(width, n_new) as step:
-            logits = self.model.forward_step(tokens.to(self.device), self.cache, step)  # [B, T, V]
+        """The step's forwards, then sampling: decodes (one token each) in one batched forward, prompt
+        chunks in another, so that no decode row is padded to a chunk's length."""
+        decodes = [row for row in rows if row[1] == 1]
+        chunks = [row for row in rows if row[1] > 1]
+        groups = [group for group in (decodes, chunks) if group]
+        last = torch.cat([self._forward(group) for group in groups])  # [rows, V]: each row's last logits
+        rows = [row for group in groups for row in group]
         block = self.cache.block_size
         sampled = []
         for b, (request, n) in enumerate(rows):
-            if request.pending > 1:
-                self.stats.prompt_tokens += n  # a prompt chunk (or a recomputed output after a preemption)
+            self.stats.prompt_tokens += min(n, max(0, request.n_prompt - request.computed))
             request.computed += n
             if request.pending == 0:
-                sampled.append((b, n))
+                sampled.append(b)
             if self.prefix is not None:
                 full = self.cache.full_blocks(request.seq)
                 hashes = extend_hashes(request.block_hashes, request.tokens[: len(full) * block], block)
                 self.prefix.insert(hashes[: len(full)], full)
         if not sampled:
             return
-        rows_sampled = torch.tensor([b for b, _ in sampled], device=self.device)
-        last_token = torch.tensor([n - 1 for _, n in sampled], device=self.device)
-        requests = [rows[b][0] for b, _ in sampled]
+        requests = [rows[b][0] for b in sampled]
         new = sample_rows(
-            logits[rows_sampled, last_token], [r.config for r in requests], [r.generator for r in requests]
+            last[torch.tensor(sampled, device=self.device)],
+            [r.config for r in requests],
+            [r.generator for r in requests],
         )
         self.stats.generated_tokens += len(new)
         self.stats.recent.append((time.perf_counter(), len(new)))

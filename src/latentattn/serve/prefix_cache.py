@@ -43,9 +43,8 @@ class PrefixCache:
         self.query_tokens = 0
         self.hit_tokens = 0
 
-    def lookup(self, hashes: Sequence[bytes], *, query_tokens: int) -> list[int]:
-        """The blocks holding the longest cached prefix named by `hashes` (counted in the hit rate as
-        `query_tokens` asked for)."""
+    def lookup(self, hashes: Sequence[bytes]) -> list[int]:
+        """The blocks holding the longest cached prefix named by `hashes`."""
         found = []
         for name in hashes:
             block = self.blocks.get(name)
@@ -53,9 +52,12 @@ class PrefixCache:
                 break
             self.blocks.move_to_end(name)
             found.append(block)
-        self.query_tokens += query_tokens
-        self.hit_tokens += len(found) * self.cache.block_size
         return found
+
+    def count(self, query_tokens: int, hit_blocks: int) -> None:
+        """Count an admitted request in the hit rate: `query_tokens` asked for, `hit_blocks` found."""
+        self.query_tokens += query_tokens
+        self.hit_tokens += hit_blocks * self.cache.block_size
 
     def insert(self, hashes: Sequence[bytes], blocks: Sequence[int]) -> None:
         """Name each full block `blocks[i]` by `hashes[i]`, unless that name is cached already."""
