@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter, ScalarFormatter
 from rich.table import Table
 from torch import nn
 
@@ -261,7 +262,8 @@ def plot_capacity(report: dict, path: str | Path) -> Path:
     FigureCanvasAgg(figure)
     left, right = figure.subplots(1, 2)
     names = [row["name"] for row in rows]
-    left.bar(names, [row["max_concurrent"] for row in rows], color="tab:blue")
+    bars = left.bar(names, [row["max_concurrent"] for row in rows], color="tab:blue")
+    left.bar_label(bars)
     left.set_ylabel("max concurrent sequences")
     left.set_title(f"same KV budget: {report['config']['budget_mib']:g} MiB")
     for row in rows:
@@ -275,6 +277,8 @@ def plot_capacity(report: dict, path: str | Path) -> Path:
     right.set_xlabel("max concurrent sequences")
     right.set_ylabel("output tokens/s")
     right.set_xscale("log")
+    right.xaxis.set_major_formatter(ScalarFormatter())
+    right.xaxis.set_minor_formatter(NullFormatter())
     right.set_title("throughput vs concurrency")
     path = image_path(path)
     figure.savefig(path, dpi=120)
