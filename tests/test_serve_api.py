@@ -24,6 +24,7 @@ import openai
 import pytest
 
 from latentattn import checkpoint as ckpt
+from latentattn.cli import main
 from latentattn.tokens import encode_prompt
 
 STARTUP_SECONDS = 120
@@ -312,15 +313,16 @@ def test_loadtest_reports_latencies_against_the_server(server):
     assert_all_blocks_free(server.wait_idle())
 
 
-def test_loadtest_counts_errors_and_checks_its_flags():
-    nobody = cli("loadtest", f"http://127.0.0.1:{free_port()}", "--requests", "3", "--json")
-    assert nobody.returncode == 0 and json.loads(nobody.stdout)["errors"] == {"no response": 3}
-    both = cli("loadtest", "http://127.0.0.1:1", "--rate", "1", "--concurrency", "2")
-    assert both.returncode == 2 and "not allowed with argument" in both.stderr
-    bad = cli("loadtest", "http://127.0.0.1:1", "--prompt-tokens", "9:3")
-    assert bad.returncode == 2 and "1 <= LOW <= HIGH, got 9:3" in bad.stderr
-    scheme = cli("loadtest", "127.0.0.1:8000")
-    assert scheme.returncode == 2 and "must start with http://" in scheme.stderr
+def test_loadtest_counts_errors_and_checks_its_flags(capsys):
+    assert main(["loadtest", f"http://127.0.0.1:{free_port()}", "--requests", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["errors"] == {"no response": 3}
+    with pytest.raises(SystemExit) as exited:
+        main(["loadtest", "http://127.0.0.1:1", "--rate", "1", "--concurrency", "2"])
+    assert exited.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    assert main(["loadtest", "http://127.0.0.1:1", "--prompt-tokens", "9:3"]) == 2
+    assert "1 <= LOW <= HIGH, got 9:3" in capsys.readouterr().err
+    assert main(["loadtest", "127.0.0.1:8000"]) == 2
+    assert "must start with http://" in capsys.readouterr().err
 
 
 def test_sigterm_finishes_running_requests_refuses_new_ones_and_exits_0(served_checkpoint):
@@ -344,11 +346,11 @@ def test_sigterm_finishes_running_requests_refuses_new_ones_and_exits_0(served_c
         server.kill()
 
 
-def test_serve_cli_errors_are_one_line(served_checkpoint, tmp_path):
+def test_serve_cli_errors_are_one_line(served_checkpoint, tmp_path, capsys):
     missing = cli("serve", str(tmp_path / "nothing"))
     assert missing.returncode == 2 and missing.stderr.startswith("latentattn serve: error:")
-    bad_budget = cli("serve", str(served_checkpoint), "--kv-budget", "lots")
-    assert bad_budget.returncode == 2 and "cannot read the size 'lots'" in bad_budget.stderr
-    tiny = cli("serve", str(served_checkpoint), "--kv-budget", "10B")
-    assert tiny.returncode == 2 and "holds no block" in tiny.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
+    assert main(["serve", str(served_checkpoint), "--kv-budget", "lots"]) == 2
+    assert "cannot read the size 'lots'" in capsys.readouterr().err
+    assert main(["serve", str(served_checkpoint), "--kv-budget", "10B"]) == 2
+    assert "holds no block" in capsys.readouterr().err

@@ -8,6 +8,7 @@ fp32: logits within 1e-4 relative); the paged cache's reference counts (`check_i
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -293,4 +294,30 @@ def test_random_arrivals_cancels_and_finishes_never_leak_nor_exceed_the_budget(
         assert sink.finish_reason in ("length", "cancelled")
         if sink.finish_reason == "length":
             assert len(sink.tokens) == request.params.max_tokens
+    assert_no_leak(engine)
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(monkeypatch):
+    """A scheduler bug in the worker thread ends the requests with finish reason "error" (and the
+    message) instead of hanging them; the next request is served."""
+    engine = new_engine()
+    original = engine._schedule
+    calls = iter([True])
+    monkeypatch.setattr(engine, "_schedule", lambda: original() if not next(calls, False) else 1 / 0)
+    failed, served = Collector(), Collector()
+    engine.submit(PROMPTS[0], GREEDY, failed)
+    engine.start()
+    try:
+        deadline = time.monotonic() + 30
+        while failed.finish_reason is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        engine.submit(PROMPTS[1], GREEDY, served)
+        while served.finish_reason is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        engine.shutdown(grace_seconds=1)
+    assert failed.finish_reason == "error" and "ZeroDivisionError" in failed.outputs[-1].error
+    assert served.finish_reason == "length" and len(served.tokens) == 10
+    metrics = engine.metrics()
+    assert metrics["generated_tokens"] == 10 and metrics["tokens_per_s"] > 0
     assert_no_leak(engine)

@@ -729,28 +729,18 @@ def _add_serve(verbs: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--block-size", type=int, default=defaults.block_size, metavar="N", help="tokens per block"
     )
-    engine = defaults.engine
-    serve.add_argument(
-        "--max-batch-seqs",
-        type=int,
-        default=engine.max_batch_seqs,
-        metavar="N",
-        help="sequences per step (default %(default)s)",
-    )
-    serve.add_argument(
-        "--max-batch-tokens",
-        type=int,
-        default=engine.max_batch_tokens,
-        metavar="N",
-        help="tokens per step, prompt chunks and decodes (default %(default)s)",
-    )
-    serve.add_argument(
-        "--max-queue",
-        type=int,
-        default=engine.max_queue,
-        metavar="N",
-        help="waiting requests before answering 429 (default %(default)s)",
-    )
+    for name, what in (
+        ("max_batch_seqs", "sequences per step"),
+        ("max_batch_tokens", "tokens per step, prompt chunks and decodes"),
+        ("max_queue", "waiting requests before answering 429"),
+    ):
+        serve.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=int,
+            default=getattr(defaults.engine, name),
+            metavar="N",
+            help=f"{what} (default %(default)s)",
+        )
     serve.add_argument("--latent-format", choices=("int8", "fp8"), help="MLA: 8-bit latents in the cache")
     serve.add_argument("--dtype", choices=tuple(DTYPES), default=defaults.dtype, help="weights and cache")
     serve.add_argument("--threads", type=int, metavar="N", help="torch threads (default: torch's choice)")

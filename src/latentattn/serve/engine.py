@@ -93,14 +93,20 @@ class EngineStats:
     rejected: int = 0
     max_running: int = 0
     recent: deque = field(default_factory=deque)
-    """(time, tokens generated) per step of the last `RATE_WINDOW_SECONDS`."""
+    """(time, tokens generated) per step of the last `RATE_WINDOW_SECONDS` (the engine's thread appends
+    and trims; readers copy it first)."""
+
+    def add_tokens(self, now: float, n: int) -> None:
+        self.generated_tokens += n
+        self.recent.append((now, n))
+        while self.recent[0][0] < now - RATE_WINDOW_SECONDS:
+            self.recent.popleft()
 
     def tokens_per_s(self, now: float) -> float:
-        while self.recent and self.recent[0][0] < now - RATE_WINDOW_SECONDS:
-            self.recent.popleft()
-        if not self.recent:
+        recent = [(t, n) for t, n in list(self.recent) if t >= now - RATE_WINDOW_SECONDS]
+        if not recent:
             return 0.0
-        return sum(n for _, n in self.recent) / max(now - self.recent[0][0], RATE_WINDOW_SECONDS / 10)
+        return sum(n for _, n in recent) / max(now - recent[0][0], RATE_WINDOW_SECONDS / 10)
 
 
 class Engine:
@@ -258,7 +264,12 @@ class Engine:
                     self._condition.wait()
                 if self._stopping and not (self._incoming or self._cancelled):
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as error:  # a scheduler bug: fail every request rather than hang them all
+                log.exception("engine step failed")
+                for request in [*self.running, *self.waiting]:
+                    self._finish(request, "error", error=f"{type(error).__name__}: {error}")
 
     def step(self) -> bool:
         """One iteration: cancellations, admissions, one batched forward, sampling. Returns whether a
@@ -450,8 +461,7 @@ class Engine:
             [r.config for r in requests],
             [r.generator for r in requests],
         )
-        self.stats.generated_tokens += len(new)
-        self.stats.recent.append((time.perf_counter(), len(new)))
+        self.stats.add_tokens(time.perf_counter(), len(new))
         for request, token in zip(requests, new, strict=True):
             request.append(token)
             if request.finish_reason is None:
