@@ -100,6 +100,20 @@ def test_greedy_tokens_equal_generate_whatever_the_batch(kind, stagger):
     assert_no_leak(engine)
 
 
+def test_int8_latents_serve_the_tokens_generate_gives_with_int8_latents():
+    """Oracle: `generate` over the contiguous cache with the same 8-bit latents (same stored values)."""
+    model = MODELS["mla"]
+    greedy = SamplingConfig(temperature=0)
+    expected = [
+        generate(model, [p], max_new_tokens=10, sampling=greedy, latent_format="int8").tokens[0]
+        for p in PROMPTS
+    ]
+    cache = model.new_paged_cache(num_blocks=64, block_size=BLOCK, latent_format="int8")
+    engine = Engine(model, cache, EngineConfig(max_batch_tokens=8))
+    assert [s.tokens for s in serve(engine, PROMPTS, stagger=1)] == expected
+    assert_no_leak(engine)
+
+
 def test_fp32_logits_do_not_depend_on_the_batch(monkeypatch):
     """Each sampled row's logits, served alone vs among other requests: within 1e-4 relative (fp32)."""
     torch.manual_seed(0)
