@@ -302,7 +302,7 @@ def test_random_arrivals_cancels_and_finishes_never_leak_nor_exceed_the_budget(
         else:
             engine.step()
         check_invariants(engine.cache)
-        assert engine.cache.num_used_blocks <= num_blocks
+        assert engine.cache.num_used_blocks <= num_blocks and len(engine.running) <= max_batch_seqs
     drain(engine)
     for request, sink in submitted:
         assert sink.finish_reason in ("length", "cancelled")
