@@ -83,3 +83,19 @@ def corpus(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("corpus")
     (folder / "textwrap.py").write_text(Path(textwrap.__file__).read_text())
     return folder
+
+
+@pytest.fixture(scope="module")
+def served_checkpoint(tmp_path_factory) -> Path:
+    """A run directory holding one checkpoint of the `debug` MLA model (random weights, context 64) with a
+    300-token tokenizer trained on textwrap's source: what the serving tests serve."""
+    from latentattn import checkpoint
+    from latentattn.data import train_tokenizer
+    from latentattn.model import LanguageModel, get_preset
+
+    torch.manual_seed(0)
+    tokenizer = train_tokenizer([Path(textwrap.__file__).read_text()], vocab_size=300)
+    model = LanguageModel(get_preset("debug").model("mla", vocab_size=tokenizer.get_vocab_size()))
+    run_dir = tmp_path_factory.mktemp("run")
+    checkpoint.save_checkpoint(run_dir, step=1, model=model, tokenizer=tokenizer, train={}, trainer_state={})
+    return run_dir

@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_import(verbs)
     _add_export(verbs)
     _add_convert(verbs)
+    _add_serve(verbs)
+    _add_loadtest(verbs)
     return parser
 
 
@@ -172,6 +174,22 @@ def _add_bench(verbs: argparse._SubParsersAction) -> None:
         description="Decode one token at fixed contexts; medians, spread and this machine's roofline.",
     )
     bench.add_argument(
+        "mode",
+        nargs="?",
+        choices=("decode", "serve"),
+        default="decode",
+        help="decode: one step's latency (default); serve: MLA vs MHA/GQA/MQA capacity at one KV budget "
+        "through the serving engine (docs/serving.md)",
+    )
+    serve = bench.add_argument_group("serve mode")
+    serve.add_argument(
+        "--kv-budget", default="16MiB", metavar="SIZE", help="KV cache per model (default 16MiB)"
+    )
+    serve.add_argument("--requests", type=int, default=450, metavar="N", help="requests, all queued at once")
+    serve.add_argument("--prompt-tokens", type=int, default=24, metavar="N", help="tokens per prompt")
+    serve.add_argument("--output-tokens", type=int, default=8, metavar="N", help="tokens per completion")
+    serve.add_argument("--layers", type=int, default=2, metavar="N", help="layers of each model")
+    bench.add_argument(
         "--contexts",
         nargs="+",
         default=["1K", "4K", "16K", "64K"],
@@ -183,8 +201,7 @@ def _add_bench(verbs: argparse._SubParsersAction) -> None:
         "--dtype",
         nargs="+",
         choices=DTYPES,
-        default=["float32", "bfloat16"],
-        help="weight, activation and cache dtypes (default float32 bfloat16)",
+        help="weight, activation and cache dtypes (default float32 bfloat16; serve mode: bfloat16)",
     )
     bench.add_argument("--impl", nargs="+", choices=IMPLS, default=list(IMPLS), help="implementations")
     bench.add_argument("--gqa-kv-heads", type=int, default=4, metavar="N", help="K/V heads of the GQA row")
@@ -223,10 +240,13 @@ def _run_bench(args: argparse.Namespace) -> None:
     plot = _plot_path(args.plot)
     device = check_device(args.device)
     threads = check_threads(args.threads)
+    if args.mode == "serve":
+        _run_bench_serve(args, plot, threads)
+        return
     config = BenchConfig(
         contexts=tuple(parse_context(text) for text in args.contexts),
         batch_sizes=tuple(args.batch),
-        dtypes=tuple(args.dtype),
+        dtypes=tuple(args.dtype or ("float32", "bfloat16")),
         impls=tuple(args.impl),
         gqa_kv_heads=args.gqa_kv_heads,
         hf_max_context=parse_context(args.hf_max_context),
@@ -252,6 +272,29 @@ def _run_bench(args: argparse.Namespace) -> None:
 
         draw = partial(plot_decode_latency, report, plot)
     _emit(args, report, lambda: results_table(report), draw)
+
+
+def _run_bench_serve(args: argparse.Namespace, plot: Path | None, threads: int | None) -> None:
+    import torch
+
+    from latentattn.calculator import parse_size
+    from latentattn.serve.capacity import CapacityConfig, capacity_table, plot_capacity, run_capacity
+
+    if threads:
+        torch.set_num_threads(threads)
+    dtypes = args.dtype or ["bfloat16"]
+    if len(dtypes) != 1:
+        raise ValueError("bench serve runs one --dtype at a time")
+    config = CapacityConfig(
+        budget_mib=parse_size(args.kv_budget) / 2**20,
+        n_layers=args.layers,
+        dtype=dtypes[0],
+        prompt_tokens=args.prompt_tokens,
+        output_tokens=args.output_tokens,
+        requests=args.requests,
+    )
+    report = run_capacity(config, progress=_say)
+    _emit(args, report, lambda: capacity_table(report), plot and partial(plot_capacity, report, plot))
 
 
 def _add_eval(verbs: argparse._SubParsersAction) -> None:
@@ -665,6 +708,117 @@ def _run_convert(args: argparse.Namespace) -> None:
         f"values per layer, {result.cache_bytes_before / result.cache_bytes_after:.2f}x smaller)"
     )
     print(f"converted checkpoint: {result.out}")
+
+
+def _add_serve(verbs: argparse._SubParsersAction) -> None:
+    from latentattn.serve.server import DTYPES, ServeConfig
+
+    defaults = ServeConfig()
+    serve = verbs.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server: continuous batching over one paged KV-cache budget",
+        description="Serve a checkpoint at /v1/completions, /v1/chat/completions, /v1/models, /health and "
+        "/metrics (see docs/serving.md). SIGTERM finishes running requests, then exits 0.",
+    )
+    serve.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a run directory or one checkpoint")
+    serve.add_argument("--host", default=defaults.host, help="address to listen on (default %(default)s)")
+    serve.add_argument("--port", type=int, default=defaults.port, help="port (default %(default)s)")
+    size = serve.add_mutually_exclusive_group()
+    size.add_argument("--kv-budget", metavar="SIZE", help="KV cache memory, e.g. 512MiB (default 256MiB)")
+    size.add_argument("--num-blocks", type=int, metavar="N", help="KV cache size in blocks instead")
+    serve.add_argument(
+        "--block-size", type=int, default=defaults.block_size, metavar="N", help="tokens per block"
+    )
+    for name, what in (
+        ("max_batch_seqs", "sequences per step"),
+        ("max_batch_tokens", "tokens per step, prompt chunks and decodes"),
+        ("max_queue", "waiting requests before answering 429"),
+    ):
+        serve.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=int,
+            default=getattr(defaults.engine, name),
+            metavar="N",
+            help=f"{what} (default %(default)s)",
+        )
+    serve.add_argument("--latent-format", choices=("int8", "fp8"), help="MLA: 8-bit latents in the cache")
+    serve.add_argument("--dtype", choices=tuple(DTYPES), default=defaults.dtype, help="weights and cache")
+    serve.add_argument("--threads", type=int, metavar="N", help="torch threads (default: torch's choice)")
+    serve.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    serve.set_defaults(run=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> None:
+    import torch
+
+    from latentattn.calculator import parse_size
+    from latentattn.cli_checks import check_device, check_threads
+    from latentattn.serve.engine import EngineConfig
+    from latentattn.serve.server import ServeConfig, run_server
+
+    device = check_device(args.device)
+    if check_threads(args.threads):
+        torch.set_num_threads(args.threads)
+    config = ServeConfig(
+        host=args.host,
+        port=args.port,
+        budget_bytes=None if args.num_blocks else parse_size(args.kv_budget or "256MiB"),
+        num_blocks=args.num_blocks,
+        block_size=args.block_size,
+        latent_format=args.latent_format,
+        dtype=args.dtype,
+        engine=EngineConfig(
+            max_batch_seqs=args.max_batch_seqs,
+            max_batch_tokens=args.max_batch_tokens,
+            max_queue=args.max_queue,
+        ),
+    )
+    run_server(args.checkpoint, config, device=device)
+
+
+def _add_loadtest(verbs: argparse._SubParsersAction) -> None:
+    loadtest = verbs.add_parser(
+        "loadtest",
+        help="load an OpenAI-compatible server: requests/s, tokens/s, TTFT, inter-token, end-to-end latency",
+        description="Stream random-token completions at URL (e.g. http://127.0.0.1:8000) and report "
+        "p50/p90/p99 latencies and errors by status.",
+    )
+    loadtest.add_argument("url", metavar="URL", help="the server's base URL")
+    mode = loadtest.add_mutually_exclusive_group()
+    mode.add_argument("--concurrency", type=int, metavar="N", help="clients sending back to back (default 8)")
+    mode.add_argument("--rate", type=float, metavar="R", help="Poisson arrivals, R requests per second")
+    loadtest.add_argument(
+        "--requests", type=int, default=100, metavar="N", help="requests to send (default 100)"
+    )
+    loadtest.add_argument("--duration", type=float, metavar="S", help="stop sending after S seconds")
+    loadtest.add_argument("--prompt-tokens", default="16:64", metavar="LOW:HIGH", help="prompt lengths")
+    loadtest.add_argument(
+        "--output-tokens", default="16:64", metavar="LOW:HIGH", help="max_tokens per request"
+    )
+    loadtest.add_argument("--vocab", type=int, default=256, metavar="N", help="prompt ids lie in [0, N)")
+    loadtest.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0)")
+    loadtest.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
+    loadtest.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    loadtest.set_defaults(run=_run_loadtest)
+
+
+def _run_loadtest(args: argparse.Namespace) -> None:
+    from latentattn.serve.loadtest import LoadConfig, parse_range, report_table, run_loadtest
+
+    config = LoadConfig(
+        url=args.url.rstrip("/"),
+        requests=args.requests,
+        duration=args.duration,
+        concurrency=None if args.rate else (args.concurrency or 8),
+        rate=args.rate,
+        prompt_tokens=parse_range(args.prompt_tokens, "--prompt-tokens"),
+        output_tokens=parse_range(args.output_tokens, "--output-tokens"),
+        vocab=args.vocab,
+        temperature=args.temperature,
+        seed=args.seed,
+    )
+    report = run_loadtest(config)
+    _emit(args, report, lambda: report_table(report))
 
 
 def _emit(

@@ -187,7 +187,7 @@ def mha_cache_width(config: AttentionConfig) -> int:
     return 2 * config.n_heads * config.head_dim
 
 
-class _Detokenizer:
+class Detokenizer:
     """One sequence's text, token by token: `add` returns the new text, holding back an incomplete UTF-8
     character; special tokens (BOS, EOS) add nothing."""
 
@@ -208,7 +208,7 @@ class _Streamer:
     """Writes the prompt, then its completion as the tokens arrive, to `out`."""
 
     def __init__(self, tokenizer: Tokenizer, prompt: str, out: TextIO) -> None:
-        self.text, self.out = _Detokenizer(tokenizer), out
+        self.text, self.out = Detokenizer(tokenizer), out
         out.write(prompt)
 
     def __call__(self, tokens: list[int | None]) -> None:
@@ -228,7 +228,7 @@ class _LineStreamer:
     def __init__(
         self, tokenizer: Tokenizer, prompts: Sequence[str], out: TextIO, eos_ids: Sequence[int]
     ) -> None:
-        self.texts = [_Detokenizer(tokenizer) for _ in prompts]
+        self.texts = [Detokenizer(tokenizer) for _ in prompts]
         self.pending = list(prompts)  # per sequence: the unfinished line, not written yet
         self.out, self.eos_ids = out, set(eos_ids)
 
