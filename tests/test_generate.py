@@ -21,7 +21,8 @@ from latentattn.generate import (
     run_generate,
     sample_next,
 )
-from latentattn.model import ATTENTION_KINDS, LanguageModel, ModelCache, get_preset
+from latentattn.model import LanguageModel, ModelCache, get_preset
+from latentattn.registry import ATTENTION_KINDS
 
 GREEDY = SamplingConfig(temperature=0.0)
 

@@ -216,7 +216,7 @@ def test_converted_mla_is_refused_with_what_to_do(tmp_path):
     """`model_to_mla` runs kv_norm in its linear regime (a huge eps): transformers would compute
     something else, so export refuses and says to heal first."""
     source = make_checkpoint(tmp_path / "src", "mha")
-    config = ConversionConfig(kv_lora_rank=16, rope_dim=8, rope_frequencies="highest")
+    config = ConversionConfig(kv_lora_rank=16, qk_rope_head_dim=8, rope_frequencies="highest")
     converted = model_to_mla(source, config, torch.randint(0, 300, (2, 32)))
     ckpt.save_checkpoint(
         tmp_path / "run", step=1, model=converted, tokenizer=tokenizer(), train={}, trainer_state={}

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from latentattn import GQAConfig, MLAConfig
-from latentattn.model import ATTENTION_KINDS, PRESETS, LanguageModel, ModelConfig, get_preset
+from latentattn.model import PRESETS, LanguageModel, ModelConfig, get_preset
+from latentattn.registry import ATTENTION_KINDS
 
 
 def test_unknown_preset_lists_the_names():

@@ -28,22 +28,24 @@ from latentattn.calculator import format_bytes
 from latentattn.config import GQAConfig, MLAConfig
 from latentattn.hf import attention_state_dict_to_hf, mla_config_to_hf
 from latentattn.kernels import kernel_status
+from latentattn.registry import ATTENTION_KINDS, LATENT_FORMATS, canonical_dtype, kv_heads, torch_dtype
 
+KV_IMPLS = tuple(kind for kind, spec in ATTENTION_KINDS.items() if spec.family == "kv")
+"""The K/V attention kinds (mha, gqa, mqa), one row each."""
 IMPLS = (
-    "mha",
-    "gqa",
-    "mqa",
+    *KV_IMPLS,
     "mla-naive",
     "mla-absorbed",
     "mla-absorbed-torch",
     "mla-paged",
-    "mla-int8",
-    "mla-fp8",
+    *(f"mla-{name}" for name in LATENT_FORMATS),
     "hf-deepseek-v3",
 )
-"""mla-paged, mla-int8 and mla-fp8 decode on the absorbed path from a paged or an 8-bit latent cache;
-the absorbed rows run the fused CPU kernel where it serves, mla-absorbed-torch always the torch path."""
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+"""mla-paged and mla-<format> decode on the absorbed path from a paged or an 8-bit latent cache
+(`registry.LATENT_FORMATS`); the absorbed rows run the fused CPU kernel where it serves,
+mla-absorbed-torch always the torch path."""
+DTYPES = ("float32", "bfloat16", "float64")
+"""Benchmarked dtypes (canonical names; `registry.DTYPES` lists their short spellings)."""
 GEMM_MIN_MS = 50.0
 """The roofline's GEMM grows until one product takes this long: long enough to reach the peak."""
 
@@ -71,9 +73,8 @@ class BenchConfig:
         for impl in self.impls:
             if impl not in IMPLS:
                 raise ValueError(f"unknown implementation {impl!r}; choose from {', '.join(IMPLS)}")
-        for dtype in self.dtypes:
-            if dtype not in DTYPES:
-                raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+        canonical = tuple(canonical_dtype(dtype, DTYPES, "BenchConfig.dtypes") for dtype in self.dtypes)
+        object.__setattr__(self, "dtypes", canonical)
         for name in ("contexts", "batch_sizes"):
             if not getattr(self, name) or min(getattr(self, name)) <= 0:
                 raise ValueError(f"BenchConfig.{name} must be positive integers, got {getattr(self, name)}")
@@ -182,7 +183,7 @@ def measure_roofline(dtypes: tuple[str, ...], device: str, repeats: int = 5) -> 
     measured: dict[torch.dtype, float] = {}
     peaks = {}
     for name in dtypes:
-        candidates = {DTYPES[name], absorbed_gemm_dtype(DTYPES[name], torch.device(device))}
+        candidates = {torch_dtype(name), absorbed_gemm_dtype(torch_dtype(name), torch.device(device))}
         for dtype in candidates - measured.keys():
             measured[dtype] = gemm_peak_gflops(dtype, device, repeats)
         peaks[name] = max(measured[dtype] for dtype in candidates)
@@ -290,7 +291,7 @@ def _mla_case(mla: MLA, x: torch.Tensor, latent: torch.Tensor, impl: str) -> _Ca
     if storage == "paged":
         cache = _fragmented_pages(mla, latent)
     else:
-        if storage in ("int8", "fp8"):
+        if storage in LATENT_FORMATS:
             cache = QuantizedLatentCache(mla.config, batch, context + 1, format=storage, **factory)
         else:
             cache = mla.new_cache(batch, context + 1)
@@ -379,18 +380,22 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
     roofline = measure_roofline(config.dtypes, config.device)
     c = config.mla
     head_dim = c.v_head_dim
-    kv_heads = {"mha": c.n_heads, "gqa": config.gqa_kv_heads, "mqa": 1}
     results: list[Result] = []
     for dtype_name in config.dtypes:
-        dtype = DTYPES[dtype_name]
+        dtype = torch_dtype(dtype_name)
         mla = MLA(c, device=config.device, dtype=dtype).eval()
         gqa_layers = {
             impl: GQAAttention(
-                GQAConfig(d_model=c.d_model, n_heads=c.n_heads, n_kv_heads=kv_heads[impl], head_dim=head_dim),
+                GQAConfig(
+                    d_model=c.d_model,
+                    n_heads=c.n_heads,
+                    n_kv_heads=kv_heads(impl, c.n_heads, config.gqa_kv_heads),
+                    head_dim=head_dim,
+                ),
                 device=config.device,
                 dtype=dtype,
             ).eval()
-            for impl in kv_heads
+            for impl in KV_IMPLS
             if impl in config.impls
         }
         any_latent = any(impl.startswith(("mla", "hf")) for impl in config.impls)

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
 
-AttentionKind = Literal["mha", "gqa", "mqa", "mla"]
+from latentattn.registry import AttentionKind, kv_kind
 
 
 def _require(condition: bool, message: str) -> None:
@@ -280,9 +279,7 @@ class GQAConfig:
 
     @property
     def kind(self) -> AttentionKind:
-        if self.n_kv_heads == self.n_heads:
-            return "mha"
-        return "mqa" if self.n_kv_heads == 1 else "gqa"
+        return kv_kind(self.n_heads, self.n_kv_heads)
 
     @property
     def cache_width(self) -> int:

@@ -24,11 +24,12 @@ from latentattn.checkpoint import Checkpoint, load_checkpoint
 from latentattn.config import MLAConfig
 from latentattn.data import load_corpus
 from latentattn.model import LanguageModel
+from latentattn.registry import LATENT_FORMATS
 
-FORMATS = ("none", "full", "int8", "fp8")
-"""`none`: plain forward, no cache; `full`: the model-dtype cache; `int8`, `fp8`: MLA's 8-bit latents."""
-LATENT_ONLY = ("int8", "fp8")
-"""Formats only MLA models have."""
+LATENT_ONLY = tuple(LATENT_FORMATS)
+"""Formats only MLA models have: the 8-bit latents."""
+FORMATS = ("none", "full", *LATENT_ONLY)
+"""`none`: plain forward, no cache; `full`: the model-dtype cache; then MLA's 8-bit latents."""
 
 
 @dataclass(frozen=True)

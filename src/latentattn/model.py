@@ -27,16 +27,15 @@ from latentattn.attention import MODES, Mode, build_attention, check_mode
 from latentattn.caches import AttentionCache, ModelCache, PagedModelCache, Step, Workspace
 from latentattn.config import (
     AttentionConfig,
-    AttentionKind,
     GQAConfig,
     MLAConfig,
     check_positive_ints,
     check_positive_numbers,
 )
 from latentattn.layers import RMSNorm
+from latentattn.registry import AttentionKind, kv_heads, lookup
 
 Device = torch.device | str | None
-ATTENTION_KINDS: tuple[AttentionKind, ...] = ("mha", "gqa", "mqa", "mla")
 
 
 @dataclass(frozen=True)
@@ -74,7 +73,7 @@ class Preset:
 
     All kinds share d_model, n_heads and the per-head width `head_dim`. GQA uses `n_kv_heads` groups
     (MQA one, MHA `n_heads`). MLA uses `qk_nope_head_dim = v_head_dim = head_dim`, a decoupled RoPE key
-    of `rope_head_dim` and a latent of `kv_lora_rank` (DeepSeek-V2 ratios: 128 / 64 / 512).
+    of `qk_rope_head_dim` and a latent of `kv_lora_rank` (DeepSeek-V2 ratios: 128 / 64 / 512).
     """
 
     vocab_size: int
@@ -85,7 +84,7 @@ class Preset:
     head_dim: int
     n_kv_heads: int
     kv_lora_rank: int
-    rope_head_dim: int
+    qk_rope_head_dim: int
     max_seq_len: int
     q_lora_rank: int | None = None
 
@@ -98,14 +97,14 @@ class Preset:
                 kv_lora_rank=self.kv_lora_rank,
                 q_lora_rank=self.q_lora_rank,
                 qk_nope_head_dim=self.head_dim,
-                qk_rope_head_dim=self.rope_head_dim,
+                qk_rope_head_dim=self.qk_rope_head_dim,
                 v_head_dim=self.head_dim,
             )
-        kv_heads = {"mha": self.n_heads, "gqa": self.n_kv_heads, "mqa": 1}
-        if kind not in kv_heads:
-            raise ValueError(f"unknown attention kind {kind!r}; choose one of {', '.join(ATTENTION_KINDS)}")
         return GQAConfig(
-            d_model=self.d_model, n_heads=self.n_heads, n_kv_heads=kv_heads[kind], head_dim=self.head_dim
+            d_model=self.d_model,
+            n_heads=self.n_heads,
+            n_kv_heads=kv_heads(kind, self.n_heads, self.n_kv_heads),
+            head_dim=self.head_dim,
         )
 
     def model(
@@ -135,7 +134,7 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             head_dim=16,
             n_kv_heads=2,
             kv_lora_rank=32,
-            rope_head_dim=8,
+            qk_rope_head_dim=8,
             max_seq_len=64,
         ),
         # Learns Python-looking text from the standard library in ~4 minutes on 2 CPU cores (~2.6M
@@ -149,7 +148,7 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             head_dim=48,
             n_kv_heads=2,
             kv_lora_rank=96,
-            rope_head_dim=24,
+            qk_rope_head_dim=24,
             max_seq_len=256,
         ),
     }
@@ -158,9 +157,7 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
 
 def get_preset(name: str) -> Preset:
     """The preset called exactly `name`."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return PRESETS[name]
+    return lookup(PRESETS, name, "preset")
 
 
 class SwiGLU(nn.Module):

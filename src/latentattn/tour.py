@@ -107,7 +107,7 @@ def run_tour(console: Console | None = None) -> None:
     console = console or Console()
     console.rule("[bold]KV cache of published models at 128K context, bf16 (`latentattn cache`)")
     comparison = calculator.compare(
-        [calculator.preset(name) for name in TOUR_MODELS], budget_bytes=calculator.parse_size("80GiB")
+        [calculator.resolve_model(name) for name in TOUR_MODELS], budget_bytes=calculator.parse_size("80GiB")
     )
     calculator.print_table(calculator.comparison_table(comparison))
     config = MLAConfig()  # DeepSeek-V2-Lite's attention: d 2048, 16 heads, d_c 512, d_R 64

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -29,20 +29,23 @@ from torch.nn.parallel import DistributedDataParallel
 from latentattn import checkpoint as ckpt
 from latentattn import run_dir
 from latentattn.attention import MLA
-from latentattn.config import AttentionKind
 from latentattn.data import Corpus, default_cache_dir, default_corpus_files, prepare_corpus, resolve_files
-from latentattn.model import ATTENTION_KINDS, LanguageModel, Preset, get_preset
+from latentattn.model import LanguageModel, Preset, get_preset
 from latentattn.progress import StepProgress
+from latentattn.registry import ATTENTION_KINDS, AttentionKind, canonical_dtype
 
 LOG = "log.jsonl"
-DTYPES = ("fp32", "bf16")
+DTYPES = ("float32", "bfloat16")
+"""Training dtypes (canonical names; `registry.DTYPES` lists their short spellings, fp32 and bf16)."""
+_RENAMED_SETTINGS = {"rope_head_dim": "qk_rope_head_dim"}
+"""Older names of `TrainConfig` fields, as runs saved them."""
 RUN_MARKERS = (ckpt.LATEST, run_dir.LOCK)
 """Names that mark a directory as a training run (any other non-empty `--out` is refused)."""
 _FREE_SETTINGS = frozenset({"out", "resume", "compile", "recompute_kv", "cache_dir", "keep"}) | frozenset(
     {"eval_every", "eval_batches", "checkpoint_every", "log_every"}
 )
 """Settings a resumed run may change: they do not alter the training trajectory (`steps` may grow)."""
-SHAPE_OVERRIDES = ("n_heads", "head_dim", "n_kv_heads", "kv_lora_rank", "rope_head_dim", "d_ff")
+SHAPE_OVERRIDES = ("n_heads", "head_dim", "n_kv_heads", "kv_lora_rank", "qk_rope_head_dim", "d_ff")
 """`TrainConfig` fields that replace the preset's field of the same name (see `Preset`)."""
 _T = TypeVar("_T")
 
@@ -78,8 +81,8 @@ class TrainConfig:
     """Micro-steps per optimizer step."""
     grad_clip: float = 1.0
     """Gradient norm clip."""
-    dtype: Literal["fp32", "bf16"] = "fp32"
-    """fp32, or bf16 autocast (fp32 master weights and optimizer state)."""
+    dtype: str = "float32"
+    """float32, or bfloat16 autocast (fp32 master weights and optimizer state); fp32, bf16 also accepted."""
     compile: bool = False
     """Wrap the model in torch.compile."""
     seed: int = 0
@@ -107,7 +110,7 @@ class TrainConfig:
     """Shape override: K/V heads n_g of gqa (default: the preset's)."""
     kv_lora_rank: int | None = None
     """Shape override: MLA latent width d_c (default: the preset's)."""
-    rope_head_dim: int | None = None
+    qk_rope_head_dim: int | None = None
     """Shape override: MLA decoupled RoPE key width d_R (default: the preset's)."""
     d_ff: int | None = None
     """Shape override: MLP width, e.g. to match parameter counts across kinds (default: the preset's)."""
@@ -129,8 +132,7 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.attn must be one of {', '.join(ATTENTION_KINDS)}, got {self.attn!r}"
             )
-        if self.dtype not in DTYPES:
-            raise ValueError(f"TrainConfig.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        object.__setattr__(self, "dtype", canonical_dtype(self.dtype, DTYPES, "TrainConfig.dtype"))
         for name in (
             "steps",
             "batch_size",
@@ -276,7 +278,7 @@ def evaluate(
 
 
 def _autocast(config: TrainConfig, env: _Distributed) -> torch.autocast:
-    return torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=config.dtype == "bf16")
+    return torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=config.dtype == "bfloat16")
 
 
 def _optimizer(model: LanguageModel, config: TrainConfig) -> torch.optim.AdamW:
@@ -322,12 +324,16 @@ def _run_json(config: TrainConfig, world_size: int) -> dict[str, Any]:
 
 
 def _train_record(checkpoint_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
-    """`record`, the "train" record of a checkpoint, if `latentattn train` wrote it."""
+    """`record`, the "train" record of a checkpoint, if `latentattn train` wrote it, in today's field
+    names and canonical dtype name."""
     if "steps" not in record:
         raise ValueError(
             f'{checkpoint_dir / ckpt.CONFIG} has no "train" record of latentattn train, so its run '
             "cannot be continued; start a new run from it with --init-from"
         )
+    record = {_RENAMED_SETTINGS.get(name, name): value for name, value in record.items()}
+    if isinstance(record.get("dtype"), str):
+        record["dtype"] = canonical_dtype(record["dtype"], DTYPES, f"{checkpoint_dir / ckpt.CONFIG}: dtype")
     return record
 
 

@@ -54,12 +54,12 @@ METHODS: tuple[Method, ...] = ("svd", "pca", "merge")
 @dataclass(frozen=True)
 class ConversionConfig:
     """What `latentattn convert` builds. "svd" and "pca" give MLA with a latent of `kv_lora_rank` and a
-    shared RoPE key of `rope_dim`; "merge" (the baseline) gives GQA with `kv_heads` kv heads, each the
+    shared RoPE key of `qk_rope_head_dim`; "merge" (the baseline) gives GQA with `kv_heads` kv heads, each the
     average of the source's heads it replaces. The defaults lost least in docs/convert/options.md."""
 
     method: Method = "pca"
     kv_lora_rank: int | None = None
-    rope_dim: int | None = None
+    qk_rope_head_dim: int | None = None
     kv_heads: int | None = None
     rope_frequencies: SlotRule = "score"
     """Which rotated key slots keep RoPE: "highest" frequency first, or by "score" (see rope_split)."""
@@ -84,26 +84,26 @@ class ConversionConfig:
         if self.norm_linearity <= 0:
             raise ValueError(f"norm_linearity must be positive, got {self.norm_linearity}")
         if self.method == "merge":
-            if self.kv_heads is None or self.kv_lora_rank is not None or self.rope_dim is not None:
-                raise ValueError("method 'merge' takes kv_heads only (not kv_lora_rank or rope_dim)")
+            if self.kv_heads is None or self.kv_lora_rank is not None or self.qk_rope_head_dim is not None:
+                raise ValueError("method 'merge' takes kv_heads only (not kv_lora_rank or qk_rope_head_dim)")
             if self.kv_heads <= 0:
                 raise ValueError(f"kv_heads must be positive, got {self.kv_heads}")
             return
-        if self.kv_lora_rank is None or self.rope_dim is None or self.kv_heads is not None:
-            raise ValueError(f"method {self.method!r} takes kv_lora_rank and rope_dim (not kv_heads)")
+        if self.kv_lora_rank is None or self.qk_rope_head_dim is None or self.kv_heads is not None:
+            raise ValueError(f"method {self.method!r} takes kv_lora_rank and qk_rope_head_dim (not kv_heads)")
         if self.kv_lora_rank <= 0:
             raise ValueError(f"kv_lora_rank must be positive, got {self.kv_lora_rank}")
-        if self.rope_dim <= 0 or self.rope_dim % 2:
-            raise ValueError(f"rope_dim must be even and positive, got {self.rope_dim}")
+        if self.qk_rope_head_dim <= 0 or self.qk_rope_head_dim % 2:
+            raise ValueError(f"qk_rope_head_dim must be even and positive, got {self.qk_rope_head_dim}")
 
 
 def check_widths(config: ConversionConfig, source: GQAConfig, nope: int) -> None:
     """Raise ValueError unless the source allows R, and C with N NoPE dims."""
     groups, head_dim, d_model = source.n_kv_heads, source.head_dim, source.d_model
-    if config.rope_dim > groups * head_dim:
+    if config.qk_rope_head_dim > groups * head_dim:
         raise ValueError(
-            f"rope_dim must be at most n_kv_heads·head_dim = {groups}·{head_dim} = {groups * head_dim} "
-            f"(every key dim of the source), got {config.rope_dim}"
+            f"qk_rope_head_dim must be at most n_kv_heads·head_dim = {groups}·{head_dim} = "
+            f"{groups * head_dim} (every key dim of the source), got {config.qk_rope_head_dim}"
         )
     bound = min(groups * (nope + head_dim), d_model)
     if config.kv_lora_rank > bound:
@@ -140,12 +140,14 @@ def factorise_kv(
     return w_up, w_down
 
 
-def _rope_config(pairs: list[int], source_inv_freq: Tensor, source: GQAConfig, rope_dim: int) -> RopeConfig:
+def _rope_config(
+    pairs: list[int], source_inv_freq: Tensor, source: GQAConfig, qk_rope_head_dim: int
+) -> RopeConfig:
     """MLA's RoPE over the kept pairs: a theta when one reproduces their frequencies (the R/2 highest of
     a plain-theta source: theta^(R/D)), else the frequencies themselves."""
     frequencies = source_inv_freq[pairs]
-    theta = source.rope.theta ** (rope_dim / source.head_dim)
-    if torch.allclose(frequencies, rope_inv_freq(rope_dim, theta), rtol=1e-12, atol=0):
+    theta = source.rope.theta ** (qk_rope_head_dim / source.head_dim)
+    if torch.allclose(frequencies, rope_inv_freq(qk_rope_head_dim, theta), rtol=1e-12, atol=0):
         return RopeConfig(theta=theta, interleave=source.rope.interleave)
     return RopeConfig(interleave=source.rope.interleave, frequencies=tuple(frequencies.tolist()))
 
@@ -185,7 +187,9 @@ def gqa_to_mla(
         # 1. RoPE slots.
         keys = RotaryKeys.analyse(w_q, w_k, sigma, source.rope.interleave)
         if slots is None:
-            slots = choose_slots(config.rope_frequencies, config.rope_dim, head_dim // 2, groups, keys.scores)
+            slots = choose_slots(
+                config.rope_frequencies, config.qk_rope_head_dim, head_dim // 2, groups, keys.scores
+            )
         nope = len(nope_dims(slots, head_dim, groups, config.rope_residual, source.rope.interleave))
         check_widths(config, source, nope)
         split = split_rope(keys, w_q, w_k, slots, config.rope_residual, source.rope.interleave)
@@ -206,9 +210,9 @@ def gqa_to_mla(
             kv_lora_rank=config.kv_lora_rank,
             q_lora_rank=None,
             qk_nope_head_dim=nope,
-            qk_rope_head_dim=config.rope_dim,
+            qk_rope_head_dim=config.qk_rope_head_dim,
             v_head_dim=head_dim,
-            rope=_rope_config(split.pairs, layer.rope.inv_freq, source, config.rope_dim),
+            rope=_rope_config(split.pairs, layer.rope.inv_freq, source, config.qk_rope_head_dim),
             norm_eps=eps,
             bias=biased,
         )
