@@ -14,7 +14,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from conftest import SMALL_MLA, attention_configs, mla_configs, relative_error, relative_l2
+from conftest import SMALL_MLA, attention_configs, mla_configs
 from latentattn import (
     MLA,
     GQAAttention,
@@ -27,6 +27,7 @@ from latentattn import (
     choose_mla_path,
 )
 from latentattn.attention import causal_mask, latent_attention
+from latentattn.metrics import relative_error, relative_l2
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 SMALL = {

@@ -17,7 +17,6 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import relative_error, relative_l2
 from latentattn import GQAAttention, GQAConfig, RopeConfig, YarnConfig
 from latentattn.checkpoint import model_config_from_dict, model_config_to_dict
 from latentattn.config import Llama3RopeConfig
@@ -25,6 +24,7 @@ from latentattn.convert import ConversionConfig, Moments, gqa_to_mla, layer_inpu
 from latentattn.convert.layer import factorise_kv
 from latentattn.convert.rope_split import RotaryKeys, choose_slots, largest_nope_width, nope_dims
 from latentattn.hf import mla_config_to_hf
+from latentattn.metrics import relative_error, relative_l2
 from latentattn.model import LanguageModel, ModelConfig, get_preset
 from latentattn.rope import rope_inv_freq
 

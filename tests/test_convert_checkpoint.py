@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import relative_error
 from latentattn import checkpoint as ckpt
 from latentattn.cli import main
 from latentattn.convert import ConversionConfig, convert_checkpoint, merge_kv_heads
 from latentattn.convert.calibration import calibration_windows
 from latentattn.data import train_tokenizer
+from latentattn.metrics import relative_error
 from latentattn.model import LanguageModel, get_preset
 
 TEXT = Path(textwrap.__file__).read_text()

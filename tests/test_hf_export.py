@@ -26,6 +26,7 @@ from latentattn.data import train_tokenizer
 from latentattn.generate import SamplingConfig, run_generate
 from latentattn.interop.hf_export import export_checkpoint, export_refusal
 from latentattn.interop.hf_import import import_model
+from latentattn.metrics import relative_error
 from latentattn.model import LanguageModel, get_preset
 
 transformers = pytest.importorskip("transformers")
@@ -64,10 +65,6 @@ def make_checkpoint(
                 param.normal_(0, 0.3)
     ckpt.save_checkpoint(run_dir, step=1, model=model, tokenizer=tok, train={}, trainer_state={})
     return model
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
 def load_hf(directory: Path):

@@ -651,12 +651,14 @@ def decode_in_blocks(q: Tensor, rows: KVRows, mask: Tensor | None, scale: float)
 def build_attention(
     config: AttentionConfig,
     *,
+    recompute_kv: bool = False,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> MLA | GQAAttention:
-    """The layer for `config`: `MLA` for an `MLAConfig`, `GQAAttention` for a `GQAConfig`."""
+    """The layer for `config`: `MLA` for an `MLAConfig`, `GQAAttention` for a `GQAConfig`.
+    `recompute_kv` applies to MLA (the K/V family caches its K/V as computed, nothing to recompute)."""
     if isinstance(config, MLAConfig):
-        return MLA(config, device=device, dtype=dtype)
+        return MLA(config, recompute_kv=recompute_kv, device=device, dtype=dtype)
     if isinstance(config, GQAConfig):
         return GQAAttention(config, device=device, dtype=dtype)
     raise TypeError(f"build_attention takes an MLAConfig or a GQAConfig, got {type(config).__name__}")

@@ -28,6 +28,7 @@ from latentattn.calculator import format_bytes
 from latentattn.config import GQAConfig, MLAConfig
 from latentattn.hf import attention_state_dict_to_hf, mla_config_to_hf
 from latentattn.kernels import kernel_status
+from latentattn.metrics import relative_error
 from latentattn.registry import ATTENTION_KINDS, LATENT_FORMATS, canonical_dtype, kv_heads, torch_dtype
 
 KV_IMPLS = tuple(kind for kind, spec in ATTENTION_KINDS.items() if spec.family == "kv")
@@ -366,11 +367,6 @@ def _gqa_case(layer: GQAAttention, x: torch.Tensor, context: int) -> _Case:
     return _Case(step, cache_bytes, _weight_bytes(layer) + cache_bytes, flops, "fused" if fused else "sdpa")
 
 
-def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
-
-
 @torch.no_grad()
 def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every (dtype, batch, context, impl) of `config`; returns `{"machine", "roofline", "config",
@@ -422,7 +418,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
                     output = case.step()
                     error = None
                     if impl.startswith(("mla", "hf")):
-                        error = _relative_error(output, reference)
+                        error = relative_error(output, reference)
                     times = time_ms(
                         case.step, config.warmup, config.repeats, config.max_seconds, config.device
                     )

@@ -293,3 +293,18 @@ class GQAConfig:
 
 
 AttentionConfig = MLAConfig | GQAConfig
+
+
+def mha_counterpart(config: AttentionConfig) -> GQAConfig:
+    """MHA of the same shape: the yardstick of every "N× smaller cache" figure here (DeepSeek-V2 §2.1.1,
+    2·n_h·d_h per token and layer). The same d_model and n_h query heads, each with its own K and V of
+    the per-head width d_h: `head_dim` for the GQA family, `v_head_dim` for MLA (DeepSeek-V2's d_h = 128,
+    as the calculator's `mha-deepseek-v2-heads`)."""
+    head_dim = config.v_head_dim if isinstance(config, MLAConfig) else config.head_dim
+    return GQAConfig(
+        d_model=config.d_model,
+        n_heads=config.n_heads,
+        n_kv_heads=config.n_heads,
+        head_dim=head_dim,
+        rope=config.rope if isinstance(config, GQAConfig) else RopeConfig(interleave=False),
+    )

@@ -5,7 +5,7 @@ attends to keys and values read back from the cache (written, then read, even wi
 a full-precision cache reproduces the plain forward pass, an 8-bit one (MLA: int8 or fp8 latents in
 FlashMLA's 656-byte layout) shows what its rounding costs in loss and perplexity.
 
-Notation: B windows per batch, T window length, V vocabulary.
+Notation: B windows per batch, T window length, vocab the vocabulary size.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def window_loss(
         batch = rows[first : first + batch_size].to(device)
         inputs, targets = batch[:, :-1], batch[:, 1:]  # [B, T]
         if cache_format == "none":
-            logits = model(inputs)  # [B, T, V]
+            logits = model(inputs)  # [B, T, vocab]
         else:
             latent_format = None if cache_format == "full" else cache_format
             cache = model.new_cache(len(batch), inputs.shape[1], latent_format=latent_format)

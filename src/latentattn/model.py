@@ -6,7 +6,8 @@ Architecture only (no training code). Blocks are pre-norm, Llama / DeepSeek-V3 (
 
 with a SwiGLU MLP and no biases, so a block maps onto an HF Llama or DeepSeek-V3 dense layer.
 
-Notation: B batch, T new tokens, V vocabulary size, d d_model, F d_ff.
+Notation: B batch, T new tokens, vocab vocabulary size, d d_model, F d_ff (V is the value width
+d_v, as in attention.py).
 
 With a cache (`new_cache`: contiguous; `new_paged_cache`: paged, every attention kind), each forward
 step is planned once by the cache (positions, mask, write slots: `latentattn.caches.Step`) and every
@@ -181,11 +182,16 @@ class Block(nn.Module):
     """Pre-norm residual block: attention then SwiGLU MLP."""
 
     def __init__(
-        self, config: ModelConfig, *, device: Device = None, dtype: torch.dtype | None = None
+        self,
+        config: ModelConfig,
+        *,
+        recompute_kv: bool = False,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(config.d_model, config.norm_eps, device=device, dtype=dtype)
-        self.attn = build_attention(config.attention, device=device, dtype=dtype)
+        self.attn = build_attention(config.attention, recompute_kv=recompute_kv, device=device, dtype=dtype)
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps, device=device, dtype=dtype)
         self.mlp = SwiGLU(config.d_model, config.d_ff, device=device, dtype=dtype)
 
@@ -196,20 +202,30 @@ class Block(nn.Module):
 
 
 class LanguageModel(nn.Module):
-    """Token ids `[B, T]` → next-token logits `[B, T, V]`.
+    """Token ids `[B, T]` → next-token logits `[B, T, vocab]`.
 
     Weights (HF Llama / DeepSeek-V3 names in parentheses): embed (embed_tokens), blocks[i].attn_norm
     (input_layernorm), blocks[i].attn (self_attn), blocks[i].mlp_norm (post_attention_layernorm),
     blocks[i].mlp (mlp), norm (norm), lm_head (lm_head; absent when tied to embed).
+
+    `recompute_kv` (training, MLA): keep only the latent for backward and recompute per-head K/V.
     """
 
     def __init__(
-        self, config: ModelConfig, *, device: Device = None, dtype: torch.dtype | None = None
+        self,
+        config: ModelConfig,
+        *,
+        recompute_kv: bool = False,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model, device=device, dtype=dtype)
-        self.blocks = nn.ModuleList(Block(config, device=device, dtype=dtype) for _ in range(config.n_layers))
+        self.blocks = nn.ModuleList(
+            Block(config, recompute_kv=recompute_kv, device=device, dtype=dtype)
+            for _ in range(config.n_layers)
+        )
         self.norm = RMSNorm(config.d_model, config.norm_eps, device=device, dtype=dtype)
         self.lm_head = (
             None
@@ -284,7 +300,7 @@ class LanguageModel(nn.Module):
         n_new: Tensor | None = None,
         mode: Mode = "auto",
     ) -> Tensor:
-        """tokens: [B, T] → logits [B, T, V]. With a cache: one step over its batch (token t of sequence
+        """tokens: [B, T] → logits [B, T, vocab]. With a cache: one step over its batch (token t of sequence
         b at position `lengths[b] + t`, `n_new[b]` of the T real), planned once for all layers."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, tokens], got shape {tuple(tokens.shape)}")
@@ -320,7 +336,7 @@ class LanguageModel(nn.Module):
             x = block(x, None if cache is None else cache.layers[i], step, mode)
         x = self.norm(x)
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, weight)  # [B, T, V]
+        return F.linear(x, weight)  # [B, T, vocab]
 
     def _check_cache(self, cache: ModelCache | PagedModelCache, tokens: Tensor) -> None:
         """What a layer would refuse, checked before the step is planned: one cache layer per block, of

@@ -32,7 +32,7 @@ import torch
 
 from latentattn import calculator as calc
 from latentattn import run_dir
-from latentattn.attention import MLA, build_attention
+from latentattn.attention import build_attention
 from latentattn.bench import machine_info, time_ms
 from latentattn.caches import ModelCache
 from latentattn.checkpoint import load_checkpoint, save_checkpoint, write_text_atomically
@@ -683,10 +683,10 @@ def _training_memory(config: StudyConfig, corpus: Corpus, d_ff: dict[str, int]) 
     ):
         preset = config.train_config(variant, seed=0, d_ff=d_ff[variant.name]).model_preset()
         torch.manual_seed(0)
-        model = LanguageModel(preset.model(variant.kind, vocab_size=vocab_size, max_seq_len=config.context))
-        for block in model.blocks:
-            if isinstance(block.attn, MLA):
-                block.attn.recompute_kv = recompute
+        model = LanguageModel(
+            preset.model(variant.kind, vocab_size=vocab_size, max_seq_len=config.context),
+            recompute_kv=recompute,
+        )
         rows[name] = {
             "variant": variant.name,
             "batch": config.memory_batch,

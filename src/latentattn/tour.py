@@ -12,7 +12,8 @@ from rich.table import Table
 
 from latentattn import calculator
 from latentattn.attention import MLA, GQAAttention
-from latentattn.config import GQAConfig, MLAConfig
+from latentattn.config import MLAConfig, mha_counterpart
+from latentattn.metrics import relative_error
 
 TOUR_MODELS = ("deepseek-v2", "deepseek-v3", "deepseek-v2-lite", "llama-3-8b", "llama-3-70b", "deepseek-67b")
 
@@ -55,14 +56,13 @@ def _decode_run(
     prefill, decode = (statistics.median(times[warmup:]) for times in (prefill_times, decode_times))
     decoded = torch.cat(outs, dim=1)
     reference = layer(torch.cat([prompt, steps], dim=1))[:, n_prompt:]
-    error = ((decoded - reference).abs().max() / reference.abs().max()).item()
     run = DecodeRun(
         name=name,
         cache_bytes_per_token=cache.bytes_per_token,
         cache_used_bytes=cache.used_bytes,
         prefill_ms=prefill * 1e3,
         decode_ms_per_token=decode * 1e3 / steps.shape[1],
-        max_rel_error=error,
+        max_rel_error=relative_error(decoded, reference),
     )
     return run, decoded
 
@@ -79,19 +79,14 @@ def compare_decode(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> list[DecodeRun]:
-    """MLA (absorbed and naive decode) next to MHA with the same heads (n_h × d_h with d_h = v_head_dim).
+    """MLA (absorbed and naive decode) next to MHA of the same shape (`config.mha_counterpart`).
 
     Each run prefills the same prompt, decodes the same tokens through its cache, and checks the
     decoded outputs against one full forward without a cache.
     """
     torch.manual_seed(seed)
     mla = MLA(mla_config, device=device, dtype=dtype).eval()
-    mha_config = GQAConfig(
-        d_model=mla_config.d_model,
-        n_heads=mla_config.n_heads,
-        n_kv_heads=mla_config.n_heads,
-        head_dim=mla_config.v_head_dim,
-    )
+    mha_config = mha_counterpart(mla_config)
     mha = GQAAttention(mha_config, device=device, dtype=dtype).eval()
     prompt = torch.randn(batch_size, prompt_len, mla_config.d_model, device=device, dtype=dtype)
     steps = torch.randn(batch_size, new_tokens, mla_config.d_model, device=device, dtype=dtype)

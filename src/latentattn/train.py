@@ -28,7 +28,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from latentattn import checkpoint as ckpt
 from latentattn import run_dir
-from latentattn.attention import MLA
 from latentattn.data import Corpus, default_cache_dir, default_corpus_files, prepare_corpus, resolve_files
 from latentattn.model import LanguageModel, Preset, get_preset
 from latentattn.progress import StepProgress
@@ -253,7 +252,7 @@ def batch_at(
 
 
 def next_token_loss(model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
-    """Mean cross-entropy of the logits `[B, T, V]` (computed in fp32) against `targets: [B, T]`."""
+    """Mean cross-entropy of the logits `[B, T, vocab]` (computed in fp32) against `targets: [B, T]`."""
     logits = model(inputs)
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
@@ -581,10 +580,7 @@ def _build(
         model_config = config.model_preset().model(
             config.attn, vocab_size=vocab_size, max_seq_len=config.window
         )
-    model = LanguageModel(model_config, device=env.device)
-    for block in model.blocks:
-        if isinstance(block.attn, MLA):
-            block.attn.recompute_kv = config.recompute_kv
+    model = LanguageModel(model_config, recompute_kv=config.recompute_kv, device=env.device)
     optimizer = _optimizer(model, config)
     if start is None:
         if init is not None:
