@@ -22,7 +22,7 @@ from rich.table import Table
 
 from latentattn.checkpoint import Checkpoint, load_checkpoint
 from latentattn.config import MLAConfig
-from latentattn.data import load_corpus
+from latentattn.data import gather_windows, load_corpus, window_starts
 from latentattn.model import LanguageModel
 from latentattn.registry import LATENT_FORMATS
 
@@ -56,8 +56,7 @@ def windows(tokens: np.ndarray, window: int, count: int) -> torch.Tensor:
             f"--windows must lie in [1, {most}]: the validation split holds {len(tokens):,} tokens, "
             f"{most} windows of {window + 1}; got {count}"
         )
-    starts = np.linspace(0, len(tokens) - window - 1, count).astype(np.int64)
-    return torch.from_numpy(np.stack([tokens[s : s + window + 1] for s in starts]).astype(np.int64))
+    return gather_windows(tokens, window_starts(len(tokens), window, count), window)
 
 
 @torch.inference_mode()

@@ -38,7 +38,7 @@ from latentattn.caches import ModelCache
 from latentattn.checkpoint import load_checkpoint, save_checkpoint, write_text_atomically
 from latentattn.config import AttentionConfig, AttentionKind, MLAConfig
 from latentattn.convert import ConversionConfig, Method, model_to_mla
-from latentattn.data import Corpus, default_cache_dir, default_corpus_files, prepare_corpus, resolve_files
+from latentattn.data import Corpus, load_corpus
 from latentattn.model import LanguageModel, get_preset
 from latentattn.profiling import saved_activation_bytes
 from latentattn.registry import ATTENTION_KINDS, lookup
@@ -379,9 +379,8 @@ def training_step_cost(
 
 
 def _load_study_corpus(config: StudyConfig) -> Corpus:
-    files = resolve_files(config.data) if config.data else default_corpus_files()
-    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-    return prepare_corpus(files, vocab_size=get_preset(config.model_preset).vocab_size, cache_dir=cache_dir)
+    vocab_size = get_preset(config.model_preset).vocab_size
+    return load_corpus(config.data, vocab_size=vocab_size, cache_dir=config.cache_dir)
 
 
 def _windows(tokens: np.ndarray, config: StudyConfig, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from latentattn import checkpoint as ckpt
 from latentattn import run_dir
-from latentattn.data import Corpus, default_cache_dir, default_corpus_files, prepare_corpus, resolve_files
+from latentattn.data import Corpus, gather_windows, load_corpus, window_starts
 from latentattn.model import LanguageModel, Preset, get_preset
 from latentattn.progress import StepProgress
 from latentattn.registry import ATTENTION_KINDS, AttentionKind, canonical_dtype
@@ -265,12 +265,10 @@ def evaluate(
     (one process on the model's device without `env`)."""
     env = env or _Distributed(rank=0, world_size=1, device=model.embed.weight.device)
     n_windows = config.eval_batches * config.batch_size
-    starts = np.linspace(0, len(tokens) - config.window - 1, n_windows).astype(np.int64)
-    mine = starts[env.rank :: env.world_size]
+    mine = window_starts(len(tokens), config.window, n_windows)[env.rank :: env.world_size]
     total = 0.0
     for i in range(0, len(mine), config.batch_size):
-        rows = np.stack([tokens[s : s + config.window + 1] for s in mine[i : i + config.batch_size]])
-        rows = torch.from_numpy(rows.astype(np.int64)).to(env.device)
+        rows = gather_windows(tokens, mine[i : i + config.batch_size], config.window).to(env.device)
         with _autocast(config, env):
             total += float(next_token_loss(model, rows[:, :-1], rows[:, 1:])) * len(rows)
     return env.mean(total / max(1, len(mine)))
@@ -377,12 +375,12 @@ def _check_resumable(start: ckpt.Checkpoint, config: TrainConfig, world_size: in
 def _load_corpus(config: TrainConfig, env: _Distributed, tokenizer: Any) -> Corpus:
     """Rank 0 trains the tokenizer and encodes (or finds them cached); then the others read the cache.
     Rank 0's errors (e.g. an empty corpus) reach every rank."""
-    files = resolve_files(config.data) if config.data else default_corpus_files()
-    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     vocab_size = get_preset(config.preset).vocab_size
 
     def prepare() -> Corpus:
-        return prepare_corpus(files, vocab_size=vocab_size, cache_dir=cache_dir, tokenizer=tokenizer)
+        return load_corpus(
+            config.data, vocab_size=vocab_size, cache_dir=config.cache_dir, tokenizer=tokenizer
+        )
 
     corpus = env.on_main(prepare)
     if corpus is None:  # the other ranks read what rank 0 cached
