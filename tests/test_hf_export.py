@@ -256,7 +256,7 @@ def test_cli_export_errors_leave_nothing_half_written(tmp_path):
     cases = [
         (["export", str(tmp_path / "empty"), "--out", str(tmp_path / "o")], "no checkpoint in"),
         (["export", str(tmp_path / "run"), "--out", str(tmp_path / "busy")], "is not empty; pass --force"),
-        (["export", str(tmp_path / "run"), "--out", str(tmp_path / "file" / "sub")], "is a file, not a folder"),
+        (["export", str(tmp_path / "run"), "--out", str(tmp_path / "file" / "sub")], "not a folder"),
         (["export", str(tmp_path / "run"), "--out", str(tmp_path)], "holds the input"),
         (["export", str(tmp_path / "run"), "--out", str(tmp_path / "o"), "--max-shard-size", "lots"], "size"),
     ]
