@@ -159,8 +159,8 @@ def time_ms(
 
 def gemm_peak_gflops(dtype: torch.dtype, device: str, repeats: int = 5) -> float:
     """The fastest of square GEMMs of side 256, 512, ... 2048, growing while one GEMM takes under
-    `GEMM_MIN_MS` (a CPU without native bf16 runs bf16 GEMMs ~100x slower than fp32, and a 2048³ one
-    would take a minute)."""
+    `GEMM_MIN_MS` (a CPU without native bf16 runs bf16 GEMMs far slower than fp32, where the largest
+    one would take too long; measured figures: README)."""
     peak, n = 0.0, 256
     while n <= 2048:
         a = torch.randn(n, n, device=device).to(dtype)

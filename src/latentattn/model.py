@@ -138,8 +138,8 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             qk_rope_head_dim=8,
             max_seq_len=64,
         ),
-        # Learns Python-looking text from the standard library in ~4 minutes on 2 CPU cores (~2.6M
-        # parameters, ~5k tokens/s); the `latentattn demo` model (see docs/training.md).
+        # The `latentattn demo` model (~2.6M parameters): learns Python-looking text from the standard
+        # library on a CPU (measured times and losses: README, docs/training.md).
         "small": Preset(
             vocab_size=4096,
             n_layers=4,

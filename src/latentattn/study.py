@@ -246,7 +246,7 @@ STUDY_PRESETS: MappingProxyType[str, Callable[[str], StudyConfig]] = MappingProx
             timing_repeats=2,
             memory_batch=2,
         ),
-        # ≤ 15 minutes on 2 CPU cores (11.4 measured, shared, --threads 1): the `small` model, 6 heads of 32.
+        # Sized to finish within 15 minutes on 2 CPU cores (README): the `small` model, 6 heads of 32.
         "quick": lambda out: _preset(
             "quick",
             out,
@@ -263,7 +263,7 @@ STUDY_PRESETS: MappingProxyType[str, Callable[[str], StudyConfig]] = MappingProx
             decode_contexts=(256, 2048, 8192),
             timing_repeats=3,
         ),
-        # The committed report (docs/study/), 43-54 minutes measured: quick with 2x the steps and batch.
+        # The committed report (docs/study/, its run time there): quick with 2x the steps and batch.
         "full": lambda out: _preset(
             "full",
             out,

@@ -39,7 +39,7 @@ def _decode_run(
     *,
     repeats: int,
     warmup: int = 1,
-) -> tuple[DecodeRun, torch.Tensor]:
+) -> DecodeRun:
     """Prefill `prompt: [B, P, d]`, decode `steps: [B, N, d]` one token at a time, `warmup + repeats`
     times into the reset cache; median times of the repeats; the output compared with no cache."""
     batch, n_prompt = prompt.shape[:2]
@@ -56,7 +56,7 @@ def _decode_run(
     prefill, decode = (statistics.median(times[warmup:]) for times in (prefill_times, decode_times))
     decoded = torch.cat(outs, dim=1)
     reference = layer(torch.cat([prompt, steps], dim=1))[:, n_prompt:]
-    run = DecodeRun(
+    return DecodeRun(
         name=name,
         cache_bytes_per_token=cache.bytes_per_token,
         cache_used_bytes=cache.used_bytes,
@@ -64,7 +64,6 @@ def _decode_run(
         decode_ms_per_token=decode * 1e3 / steps.shape[1],
         max_rel_error=relative_error(decoded, reference),
     )
-    return run, decoded
 
 
 @torch.no_grad()
@@ -91,9 +90,9 @@ def compare_decode(
     prompt = torch.randn(batch_size, prompt_len, mla_config.d_model, device=device, dtype=dtype)
     steps = torch.randn(batch_size, new_tokens, mla_config.d_model, device=device, dtype=dtype)
     mha_name = f"MHA {mha_config.n_heads}×{mha_config.head_dim}"
-    absorbed, _ = _decode_run("MLA, absorbed decode", mla, prompt, steps, "absorbed", repeats=repeats)
-    naive, _ = _decode_run("MLA, naive decode", mla, prompt, steps, "naive", repeats=repeats)
-    baseline, _ = _decode_run(mha_name, mha, prompt, steps, "auto", repeats=repeats)
+    absorbed = _decode_run("MLA, absorbed decode", mla, prompt, steps, "absorbed", repeats=repeats)
+    naive = _decode_run("MLA, naive decode", mla, prompt, steps, "naive", repeats=repeats)
+    baseline = _decode_run(mha_name, mha, prompt, steps, "auto", repeats=repeats)
     return [absorbed, naive, baseline]
 
 
