@@ -6,7 +6,9 @@ from __future__ import annotations
 from latentattn.config import MLAConfig, mha_counterpart
 from latentattn.tour import compare_decode
 
-TINY = MLAConfig(d_model=64, n_heads=2, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
+TINY = MLAConfig(
+    d_model=64, n_heads=2, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16
+)
 
 
 def test_compare_decode_matches_the_uncached_forward_and_counts_mha_of_the_same_shape():
