@@ -374,78 +374,12 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
     report = progress or (lambda _message: None)
     torch.manual_seed(config.seed)
     roofline = measure_roofline(config.dtypes, config.device)
-    c = config.mla
-    head_dim = c.v_head_dim
     results: list[Result] = []
     for dtype_name in config.dtypes:
-        dtype = torch_dtype(dtype_name)
-        mla = MLA(c, device=config.device, dtype=dtype).eval()
-        gqa_layers = {
-            impl: GQAAttention(
-                GQAConfig(
-                    d_model=c.d_model,
-                    n_heads=c.n_heads,
-                    n_kv_heads=kv_heads(impl, c.n_heads, config.gqa_kv_heads),
-                    head_dim=head_dim,
-                ),
-                device=config.device,
-                dtype=dtype,
-            ).eval()
-            for impl in KV_IMPLS
-            if impl in config.impls
-        }
-        any_latent = any(impl.startswith(("mla", "hf")) for impl in config.impls)
+        layers = _layers(config, torch_dtype(dtype_name))
         for batch in config.batch_sizes:
             for context in config.contexts:
-                x = torch.randn(batch, 1, c.d_model, device=config.device, dtype=dtype)
-                latent = mla.latent(
-                    torch.randn(batch, context, c.d_model, device=config.device, dtype=dtype),
-                    torch.arange(context, device=config.device).expand(batch, context),
-                )
-                # Oracle for every MLA/HF row: the naive path over the full-precision latent cache.
-                reference = _mla_case(mla, x, latent, "mla-naive").step() if any_latent else None
-                rows = []
-                for impl in config.impls:
-                    if impl == "hf-deepseek-v3" and context > config.hf_max_context:
-                        continue
-                    report(f"{impl} {dtype_name} batch {batch} context {context:,}")
-                    if impl in gqa_layers:
-                        case = _gqa_case(gqa_layers[impl], x, context)
-                    elif impl == "hf-deepseek-v3":
-                        case = _hf_case(mla, x, latent)
-                    else:
-                        case = _mla_case(mla, x, latent, impl)
-                    output = case.step()
-                    error = None
-                    if impl.startswith(("mla", "hf")):
-                        error = relative_error(output, reference)
-                    times = time_ms(
-                        case.step, config.warmup, config.repeats, config.max_seconds, config.device
-                    )
-                    median = statistics.median(times)
-                    bound = roofline.bound_ms(case.bytes_moved, case.flops, dtype_name)
-                    rows.append(
-                        Result(
-                            impl=impl,
-                            dtype=dtype_name,
-                            context=context,
-                            batch=batch,
-                            ms_per_step=median,
-                            ms_min=min(times),
-                            ms_max=max(times),
-                            tokens_per_s=batch / (median * 1e-3),
-                            cache_bytes=case.cache_bytes,
-                            bytes_moved=case.bytes_moved,
-                            flops=case.flops,
-                            achieved_gbs=case.bytes_moved / (median * 1e-3) / 1e9,
-                            achieved_gflops=case.flops / (median * 1e-3) / 1e9,
-                            roofline_ms=bound,
-                            x_roofline=median / bound,
-                            max_rel_err=error,
-                            path=case.path,
-                        )
-                    )
-                    del case
+                rows = _bench_group(config, layers, dtype_name, batch, context, roofline, report)
                 results += _with_ratios(rows)
     return {
         "machine": machine_info(config.device),
@@ -453,6 +387,94 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
         "config": asdict(config),
         "results": [asdict(result) for result in results],
     }
+
+
+def _layers(config: BenchConfig, dtype: torch.dtype) -> dict[str, MLA | GQAAttention]:
+    """The layers of one dtype: "mla" (every MLA and HF row) and one per K/V row of `config.impls`, of
+    the same heads (`gqa_kv_heads` for gqa)."""
+    c = config.mla
+    layers: dict[str, MLA | GQAAttention] = {"mla": MLA(c, device=config.device, dtype=dtype).eval()}
+    for impl in KV_IMPLS:
+        if impl in config.impls:
+            n_kv_heads = kv_heads(impl, c.n_heads, config.gqa_kv_heads)
+            shape = GQAConfig(
+                d_model=c.d_model, n_heads=c.n_heads, n_kv_heads=n_kv_heads, head_dim=c.v_head_dim
+            )
+            layers[impl] = GQAAttention(shape, device=config.device, dtype=dtype).eval()
+    return layers
+
+
+def _bench_group(
+    config: BenchConfig,
+    layers: dict[str, MLA | GQAAttention],
+    dtype_name: str,
+    batch: int,
+    context: int,
+    roofline: Roofline,
+    report: Callable[[str], None],
+) -> list[Result]:
+    """Every implementation at one (dtype, batch, context), over one random cached context; the MLA
+    and HF rows checked against the naive path over the full-precision latent cache."""
+    mla, device, dtype = layers["mla"], config.device, torch_dtype(dtype_name)
+    d_model = config.mla.d_model
+    x = torch.randn(batch, 1, d_model, device=device, dtype=dtype)
+    latent = mla.latent(
+        torch.randn(batch, context, d_model, device=device, dtype=dtype),
+        torch.arange(context, device=device).expand(batch, context),
+    )
+    any_latent = any(impl.startswith(("mla", "hf")) for impl in config.impls)
+    reference = _mla_case(mla, x, latent, "mla-naive").step() if any_latent else None
+    rows = []
+    for impl in config.impls:
+        if impl == "hf-deepseek-v3" and context > config.hf_max_context:
+            continue
+        report(f"{impl} {dtype_name} batch {batch} context {context:,}")
+        if impl in KV_IMPLS:
+            case = _gqa_case(layers[impl], x, context)
+        elif impl == "hf-deepseek-v3":
+            case = _hf_case(mla, x, latent)
+        else:
+            case = _mla_case(mla, x, latent, impl)
+        output = case.step()
+        error = relative_error(output, reference) if impl.startswith(("mla", "hf")) else None
+        times = time_ms(case.step, config.warmup, config.repeats, config.max_seconds, device)
+        rows.append(_result(impl, dtype_name, batch, context, case, times, roofline, error))
+        del case
+    return rows
+
+
+def _result(
+    impl: str,
+    dtype_name: str,
+    batch: int,
+    context: int,
+    case: _Case,
+    times: list[float],
+    roofline: Roofline,
+    error: float | None,
+) -> Result:
+    """One row: the median step time `times` (ms) and the units derived from it."""
+    median = statistics.median(times)
+    bound = roofline.bound_ms(case.bytes_moved, case.flops, dtype_name)
+    return Result(
+        impl=impl,
+        dtype=dtype_name,
+        context=context,
+        batch=batch,
+        ms_per_step=median,
+        ms_min=min(times),
+        ms_max=max(times),
+        tokens_per_s=batch / (median * 1e-3),
+        cache_bytes=case.cache_bytes,
+        bytes_moved=case.bytes_moved,
+        flops=case.flops,
+        achieved_gbs=case.bytes_moved / (median * 1e-3) / 1e9,
+        achieved_gflops=case.flops / (median * 1e-3) / 1e9,
+        roofline_ms=bound,
+        x_roofline=median / bound,
+        max_rel_err=error,
+        path=case.path,
+    )
 
 
 def _with_ratios(rows: list[Result]) -> list[Result]:
