@@ -38,6 +38,7 @@ from latentattn.convert.rope_split import (
     RESIDUALS,
     SLOT_RULES,
     Residual,
+    RopeSplit,
     RotaryKeys,
     Slot,
     SlotRule,
@@ -168,16 +169,7 @@ def gqa_to_mla(
     """
     source = layer.config
     heads, groups, head_dim, d_model = source.n_heads, source.n_kv_heads, source.head_dim, source.d_model
-    if config.method not in ("svd", "pca"):
-        raise ValueError(f"gqa_to_mla converts with svd or pca, not {config.method!r}")
-    if config.method == "pca" and calibration is None:
-        raise ValueError("method 'pca' needs calibration inputs [n, d_model]")
-    if isinstance(calibration, Tensor):
-        calibration = Moments.of(calibration)
-    moments = Moments.isotropic(d_model) if calibration is None else calibration
-    if moments.d_model != d_model:
-        raise ValueError(f"calibration inputs must have width d_model={d_model}, got {moments.d_model}")
-
+    moments = _input_moments(config, calibration, d_model)
     with torch.no_grad():
         sigma = moments.second_moment.to(layer.w_q.weight.device)  # E[x̃ x̃ᵀ], [d+1, d+1]
         w_q = augmented(layer.w_q).view(heads, head_dim, d_model + 1)
@@ -218,21 +210,44 @@ def gqa_to_mla(
         )
         weight = layer.w_q.weight
         mla = MLA(mla_config, device=weight.device, dtype=weight.dtype)
-
-        # 4. Queries carry the source's score scale; 5. biases as described above.
-        score_scale = source.softmax_scale * layer.rope.amplitude**2 / mla_config.softmax_scale
-        w_q_mla = torch.cat([split.q_nope, split.q_pe], dim=1).reshape(-1, d_model + 1) * score_scale
-        group_of = torch.arange(heads) // (heads // groups)
-        w_o = layer.w_o.weight.double()
-        mla.w_q.weight.copy_(w_q_mla[:, :-1])
-        mla.w_dkv.weight.copy_(torch.cat([w_down, split.k_pe[:, :-1]]))
-        mla.kv_norm.weight.fill_(math.sqrt(eps))
-        mla.w_ukv.weight.copy_(w_up[group_of].reshape(-1, config.kv_lora_rank))
-        mla.w_o.weight.copy_(w_o)
-        if biased:
-            mla.w_q.bias.copy_(w_q_mla[:, -1])
-            mla.w_dkv.bias.copy_(torch.cat([split.k_pe.new_zeros(config.kv_lora_rank), split.k_pe[:, -1]]))
-            value_bias = w_v[group_of, :, -1].reshape(-1)  # [H·D]
-            output_bias = 0.0 if layer.w_o.bias is None else layer.w_o.bias.double()
-            mla.w_o.bias.copy_(w_o @ value_bias + output_bias)
+        _set_weights(mla, layer, split, w_up, w_down, w_v)
     return mla
+
+
+def _input_moments(config: ConversionConfig, calibration: Tensor | Moments | None, d_model: int) -> Moments:
+    """The moments of the layer's inputs: of `calibration` (required by "pca"), else unit variance."""
+    if config.method not in ("svd", "pca"):
+        raise ValueError(f"gqa_to_mla converts with svd or pca, not {config.method!r}")
+    if config.method == "pca" and calibration is None:
+        raise ValueError("method 'pca' needs calibration inputs [n, d_model]")
+    if isinstance(calibration, Tensor):
+        calibration = Moments.of(calibration)
+    moments = Moments.isotropic(d_model) if calibration is None else calibration
+    if moments.d_model != d_model:
+        raise ValueError(f"calibration inputs must have width d_model={d_model}, got {moments.d_model}")
+    return moments
+
+
+def _set_weights(
+    mla: MLA, layer: GQAAttention, split: RopeSplit, w_up: Tensor, w_down: Tensor, w_v: Tensor
+) -> None:
+    """Steps 4-5 of `gqa_to_mla`: queries carrying the source's score scale, the factorised K/V, kv_norm
+    at its linear regime's scale, the output projection; biases as the module docstring describes.
+    `w_v`: the source's augmented `[G, D, d + 1]`."""
+    source, c = layer.config, mla.config
+    heads, groups = source.n_heads, source.n_kv_heads
+    score_scale = source.softmax_scale * layer.rope.amplitude**2 / c.softmax_scale
+    w_q_mla = torch.cat([split.q_nope, split.q_pe], dim=1).reshape(-1, c.d_model + 1) * score_scale
+    group_of = torch.arange(heads) // (heads // groups)
+    w_o = layer.w_o.weight.double()
+    mla.w_q.weight.copy_(w_q_mla[:, :-1])
+    mla.w_dkv.weight.copy_(torch.cat([w_down, split.k_pe[:, :-1]]))
+    mla.kv_norm.weight.fill_(math.sqrt(c.norm_eps))
+    mla.w_ukv.weight.copy_(w_up[group_of].reshape(-1, c.kv_lora_rank))
+    mla.w_o.weight.copy_(w_o)
+    if c.bias:
+        mla.w_q.bias.copy_(w_q_mla[:, -1])
+        mla.w_dkv.bias.copy_(torch.cat([split.k_pe.new_zeros(c.kv_lora_rank), split.k_pe[:, -1]]))
+        value_bias = w_v[group_of, :, -1].reshape(-1)  # [H·D]
+        output_bias = 0.0 if layer.w_o.bias is None else layer.w_o.bias.double()
+        mla.w_o.bias.copy_(w_o @ value_bias + output_bias)
