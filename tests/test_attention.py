@@ -293,7 +293,7 @@ def test_bad_inputs_raise_clear_errors():
         layer.to_empty(device="cpu")
         with pytest.raises(ValueError, match="the cache is on meta but the layer's weights are on cpu"):
             layer(torch.randn(2, 3, 32, dtype=torch.float64), on_meta)
-    with pytest.raises(TypeError, match="MLAConfig or a GQAConfig"):
+    with pytest.raises(TypeError, match=r"takes an attention config \(MLAConfig, GQAConfig ...\), got dict"):
         build_attention({"kind": "mla"})
     assert isinstance(build_attention(SMALL["mqa"]), GQAAttention)
 

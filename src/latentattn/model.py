@@ -34,7 +34,7 @@ from latentattn.config import (
     check_positive_numbers,
 )
 from latentattn.layers import RMSNorm
-from latentattn.registry import AttentionKind, kv_heads, lookup
+from latentattn.registry import ATTENTION_KINDS, AttentionKind, kv_heads, lookup
 
 Device = torch.device | str | None
 
@@ -56,10 +56,10 @@ class ModelConfig:
         names = ("vocab_size", "n_layers", "d_model", "d_ff", "max_seq_len")
         check_positive_ints("ModelConfig", **{name: getattr(self, name) for name in names})
         check_positive_numbers("ModelConfig", norm_eps=self.norm_eps)
-        if not isinstance(self.attention, MLAConfig | GQAConfig):
+        if getattr(self.attention, "kind", None) not in ATTENTION_KINDS:
             raise ValueError(
-                "ModelConfig.attention must be an MLAConfig or a GQAConfig, "
-                f"got {type(self.attention).__name__}"
+                "ModelConfig.attention must be the config of an attention kind (MLAConfig, GQAConfig, "
+                f"... see registry.ATTENTION_KINDS), got {type(self.attention).__name__}"
             )
         if self.attention.d_model != self.d_model:
             raise ValueError(
@@ -253,10 +253,7 @@ class LanguageModel(nn.Module):
             raise ValueError(
                 f"cache max_len {max_len} exceeds the model's max_seq_len {self.config.max_seq_len}"
             )
-        if latent_format is not None and not isinstance(self.config.attention, MLAConfig):
-            raise ValueError(
-                f"8-bit latent caches need an MLA model, this one is {self.config.attention.kind}"
-            )
+        self._check_latent_format(latent_format)
         weight = self.embed.weight
         cache = ModelCache(batch_size, max_len, device=weight.device, static=static)
         shared = {"workspace": Workspace(), "latent_format": latent_format} if latent_format else {}
@@ -277,10 +274,7 @@ class LanguageModel(nn.Module):
         """An empty paged cache for every layer: one block allocator and block table per sequence, one
         pool per layer, sized by `budget_bytes` (the most blocks that fit, over all layers) or
         `num_blocks`. MLA models may store the latents in 8 bits (`latent_format` "int8", "fp8")."""
-        if latent_format is not None and not isinstance(self.config.attention, MLAConfig):
-            raise ValueError(
-                f"8-bit latent caches need an MLA model, this one is {self.config.attention.kind}"
-            )
+        self._check_latent_format(latent_format)
         weight = self.embed.weight
         return PagedModelCache(
             [block.attn.config for block in self.blocks],
@@ -291,6 +285,17 @@ class LanguageModel(nn.Module):
             device=weight.device,
             dtype=weight.dtype,
         )
+
+    @property
+    def cache_family(self) -> str:
+        """The cache its attention kind writes: "latent" or "kv" (`registry.ATTENTION_KINDS`)."""
+        return ATTENTION_KINDS[self.config.attention.kind].family
+
+    def _check_latent_format(self, latent_format: str | None) -> None:
+        if latent_format is not None and self.cache_family != "latent":
+            raise ValueError(
+                f"8-bit latent caches need an MLA model, this one is {self.config.attention.kind}"
+            )
 
     def forward(
         self,
@@ -305,7 +310,7 @@ class LanguageModel(nn.Module):
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, tokens], got shape {tuple(tokens.shape)}")
         attention = self.config.attention
-        modes = MODES if isinstance(attention, MLAConfig) else ("auto", "naive")
+        modes = MODES if self.cache_family == "latent" else ("auto", "naive")
         check_mode(mode, modes, f"{attention.kind.upper()} model")
         if cache is not None:
             self._check_cache(cache, tokens)
@@ -346,7 +351,7 @@ class LanguageModel(nn.Module):
                 f"cache must be the model cache of {len(self.blocks)} layers "
                 "from new_cache() or new_paged_cache()"
             )
-        family = "latent" if isinstance(self.config.attention, MLAConfig) else "kv"
+        family = self.cache_family
         for i, layer in enumerate(cache.layers):
             if layer.family != family or layer.device != tokens.device:
                 raise ValueError(

@@ -6,10 +6,11 @@ no torch (the calculator imports it).
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 _T = TypeVar("_T")
 
@@ -17,16 +18,21 @@ AttentionKind = Literal["mha", "gqa", "mqa", "mla"]
 CacheFamily = Literal["kv", "latent"]
 
 
+_GQA, _MLA = "latentattn.attention:GQAAttention", "latentattn.attention:MLA"
+
+
 @dataclass(frozen=True)
 class KindSpec:
     """One attention kind: what it caches per token and layer.
 
-    `family` names the cache it writes ("kv": K and V rows, "latent": `[c_KV | k_pe]`); `kv_heads`, for
-    the kv family, gives the K/V heads cached from (n_h query heads, n_g groups); `cache_fields` are the
-    shape fields (`calculator.ModelSpec`) that size its cache.
+    `layer` is the attention module (`"module:Class"`, built by `attention.build_attention` from a
+    config whose `kind` is this one); `family` names the cache it writes ("kv": K and V rows, "latent":
+    `[c_KV | k_pe]`); `cache_fields` are the shape fields (`calculator.ModelSpec`) that size its cache;
+    `kv_heads`, for the kv family, gives the K/V heads cached from (n_h query heads, n_g groups).
     """
 
     summary: str
+    layer: str
     family: CacheFamily
     cache_fields: tuple[str, ...]
     kv_heads: Callable[[int, int], int] | None = None
@@ -34,10 +40,14 @@ class KindSpec:
 
 ATTENTION_KINDS: Mapping[AttentionKind, KindSpec] = MappingProxyType(
     {
-        "mha": KindSpec("K and V for every query head", "kv", ("n_heads", "head_dim"), lambda h, g: h),
-        "gqa": KindSpec("K and V for each group of heads", "kv", ("n_kv_heads", "head_dim"), lambda h, g: g),
-        "mqa": KindSpec("one K and one V shared by all heads", "kv", ("head_dim",), lambda h, g: 1),
-        "mla": KindSpec("the latent c_KV and one RoPE key", "latent", ("kv_lora_rank", "qk_rope_head_dim")),
+        "mha": KindSpec("K and V for every query head", _GQA, "kv", ("n_heads", "head_dim"), lambda h, g: h),
+        "gqa": KindSpec(
+            "K and V for each group of heads", _GQA, "kv", ("n_kv_heads", "head_dim"), lambda h, g: g
+        ),
+        "mqa": KindSpec("one K and one V shared by all heads", _GQA, "kv", ("head_dim",), lambda h, g: 1),
+        "mla": KindSpec(
+            "the latent c_KV and one RoPE key", _MLA, "latent", ("kv_lora_rank", "qk_rope_head_dim")
+        ),
     }
 )
 """Keyed in the order of `AttentionKind`."""
@@ -61,11 +71,14 @@ def kv_kind(n_heads: int, n_kv_heads: int) -> AttentionKind:
 
 @dataclass(frozen=True)
 class LatentFormat:
-    """An 8-bit MLA latent layout (FlashMLA's): c_KV in `storage` (a torch dtype's name) with one fp32
-    scale per group of values, k_pe in bf16."""
+    """A stored MLA latent layout: its `encoding` (`"module:Class"`, a `caches.base.LatentEncoding`
+    taking `(config, format_name)`) and the `storage` dtype it keeps c_KV in (a torch dtype's name).
+    FlashMLA's 8-bit layout (`EightBitLatent`): c_KV in one byte with one fp32 scale per group of
+    values, k_pe in bf16."""
 
     storage: str
     summary: str
+    encoding: str = "latentattn.caches.quantized:EightBitLatent"
 
 
 LATENT_FORMATS: Mapping[str, LatentFormat] = MappingProxyType(
@@ -108,6 +121,12 @@ def torch_dtype(text: str):  # -> torch.dtype; torch is imported only here
     import torch
 
     return getattr(torch, canonical_dtype(text))
+
+
+def resolve(path: str) -> Any:
+    """The object a registry entry names as `"module:attribute"`, imported on first use."""
+    module, _, attribute = path.partition(":")
+    return getattr(importlib.import_module(module), attribute)
 
 
 def lookup(table: Mapping[str, _T], name: str, what: str) -> _T:

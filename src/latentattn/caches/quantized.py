@@ -18,7 +18,7 @@ from latentattn.caches.base import FullPrecision, LatentEncoding, Workspace
 from latentattn.caches.contiguous import LatentCache
 from latentattn.calculator import latent_group_size
 from latentattn.config import MLAConfig
-from latentattn.registry import LATENT_FORMATS, lookup
+from latentattn.registry import LATENT_FORMATS, lookup, resolve
 
 
 class EightBitLatent(LatentEncoding):
@@ -68,10 +68,10 @@ class EightBitLatent(LatentEncoding):
 def latent_encoding(config: MLAConfig, dtype: torch.dtype, latent_format: str | None) -> LatentEncoding:
     """How an MLA layer's cache stores its latents: as computed (`latent_format` None) or in 8 bits
     (one of `registry.LATENT_FORMATS`)."""
-    return (
-        FullPrecision(config.cache_width, dtype)
-        if latent_format is None
-        else EightBitLatent(config, latent_format)
+    if latent_format is None:
+        return FullPrecision(config.cache_width, dtype)
+    return resolve(lookup(LATENT_FORMATS, latent_format, "latent cache format").encoding)(
+        config, latent_format
     )
 
 
