@@ -88,7 +88,10 @@ def _add_cache(verbs: argparse._SubParsersAction) -> None:
     custom.add_argument("--heads", type=int, metavar="N", help="n_h, query heads (sets the cache for mha)")
     custom.add_argument("--kv-heads", type=int, metavar="N", help="n_g, K/V heads (gqa)")
     custom.add_argument(
-        "--head-dim", type=int, metavar="N", help="d_h, width of each K/V head (mha, gqa, mqa)"
+        "--head-dim",
+        type=int,
+        metavar="N",
+        help=f"d_h, width of each K/V head ({', '.join(_kinds_of('kv'))})",
     )
     custom.add_argument("--kv-lora-rank", type=int, metavar="N", help="d_c, latent width (mla)")
     custom.add_argument(
@@ -325,7 +328,7 @@ def _add_train(verbs: argparse._SubParsersAction) -> None:
 
     train = verbs.add_parser(
         "train",
-        help="train a small LM with mha, gqa, mqa or mla attention (torchrun-compatible)",
+        help=f"train a small LM with {', '.join(ATTENTION_KINDS)} attention (torchrun-compatible)",
         description="Train a decoder-only LM (latentattn.train.TrainConfig). With --resume, options not "
         "given take the run's saved settings.",
     )
@@ -575,6 +578,10 @@ def _run_export(args: argparse.Namespace) -> None:
         config_format=args.transformers,
     )
     print(f"Hugging Face model written to {out}")
+
+
+def _kinds_of(family: str) -> list[str]:
+    return [kind for kind, spec in ATTENTION_KINDS.items() if spec.family == family]
 
 
 def _say(message: str) -> None:
