@@ -260,3 +260,12 @@ def test_shape_overrides_init_from_and_recompute_kv(tmp_path, corpus):
     plain = train(replace(recomputed, out=str(tmp_path / "d")), quiet=True)
     again = train(replace(recomputed, recompute_kv=True), quiet=True)
     assert _log(tmp_path / "c") == _log(tmp_path / "d") and again.val_loss == plain.val_loss
+
+
+def test_runs_saved_under_older_names_read_as_today_s():
+    """A run saved with `rope_head_dim` and `fp32` (before registry.DTYPES and qk_rope_head_dim) resumes
+    with the same settings: the record is read in today's names, so nothing counts as changed."""
+    from latentattn.train import _train_record
+
+    record = _train_record(Path("run"), {"steps": 5, "rope_head_dim": 8, "dtype": "fp32"})
+    assert record == {"steps": 5, "qk_rope_head_dim": 8, "dtype": "float32"}
