@@ -23,18 +23,6 @@ SMALL_MLA = MLAConfig(
 """A small MLA layer with every part present (q-LoRA included) for exact fp64 comparisons."""
 
 
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual − expected| / max |expected| (computed in fp64)."""
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
-
-
-def relative_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """‖actual − expected‖₂ / ‖expected‖₂ (computed in fp64)."""
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).norm() / expected.norm()).item()
-
-
 yarn_configs = st.one_of(
     st.none(),
     st.builds(

@@ -28,7 +28,6 @@ from latentattn.calculator import (
     load_hf_config,
     parse_context,
     parse_size,
-    preset,
     resolve_model,
     spec_from_flags,
 )
@@ -86,8 +85,8 @@ def test_mqa_caches_2_dh_per_layer():
 
 
 def test_mla_caches_dc_plus_dr_per_layer_whatever_the_heads():
-    few = ModelSpec("a", "mla", n_layers=3, n_heads=2, kv_lora_rank=32, rope_dim=8)
-    many = ModelSpec("b", "mla", n_layers=3, n_heads=128, kv_lora_rank=32, rope_dim=8)
+    few = ModelSpec("a", "mla", n_layers=3, n_heads=2, kv_lora_rank=32, qk_rope_head_dim=8)
+    many = ModelSpec("b", "mla", n_layers=3, n_heads=128, kv_lora_rank=32, qk_rope_head_dim=8)
     assert few.elements_per_token == many.elements_per_token == (32 + 8) * 3
 
 
@@ -103,33 +102,33 @@ def test_bytes_follow_bits_and_may_be_fractional():
 
 
 def test_deepseek_v2_34560_elements_69120_bytes_bf16():
-    estimate = CacheEstimate(preset("deepseek-v2"), bits=16)
+    estimate = CacheEstimate(resolve_model("deepseek-v2"), bits=16)
     assert estimate.elements_per_token == 34_560
     assert estimate.bytes_per_token == 69_120
     assert estimate.bytes_per_token_per_layer == 1_152
 
 
 def test_deepseek_v2_lite_27_layers_of_576():
-    estimate = CacheEstimate(preset("deepseek-v2-lite"), bits=16)
+    estimate = CacheEstimate(resolve_model("deepseek-v2-lite"), bits=16)
     assert estimate.elements_per_token == 27 * 576
     assert estimate.bytes_per_token == 31_104
 
 
 def test_deepseek_v3_61_layers():
-    assert preset("deepseek-v3").elements_per_token == 61 * 576
+    assert resolve_model("deepseek-v3").elements_per_token == 61 * 576
 
 
 def test_llama_3_8b_65536_elements():
-    assert preset("llama-3-8b").elements_per_token == 2 * 8 * 128 * 32 == 65_536
+    assert resolve_model("llama-3-8b").elements_per_token == 2 * 8 * 128 * 32 == 65_536
 
 
 def test_32768_vs_576_numbers_per_token_per_layer():
-    assert preset("mha-deepseek-v2-heads").elements_per_token_per_layer == 32_768
-    assert preset("deepseek-v2").elements_per_token_per_layer == 576
+    assert resolve_model("mha-deepseek-v2-heads").elements_per_token_per_layer == 32_768
+    assert resolve_model("deepseek-v2").elements_per_token_per_layer == 576
 
 
 def test_93_3_percent_vs_deepseek_67b_at_6_bits():
-    comparison = compare([preset("deepseek-v2")], baseline=preset("deepseek-67b"), bits=6)
+    comparison = compare([resolve_model("deepseek-v2")], baseline=resolve_model("deepseek-67b"), bits=6)
     (row,) = comparison.rows
     assert comparison.baseline.bytes_per_token == 389_120
     assert row.bytes_per_token == 25_920
@@ -138,7 +137,7 @@ def test_93_3_percent_vs_deepseek_67b_at_6_bits():
 
 
 def test_default_baseline_is_the_mha_counterfactual():
-    comparison = compare([preset("deepseek-v2")])
+    comparison = compare([resolve_model("deepseek-v2")])
     assert comparison.baseline.model is PRESETS[DEFAULT_BASELINE]
     assert comparison.factor(comparison.rows[0]) == 32_768 / 576
 
@@ -146,7 +145,7 @@ def test_default_baseline_is_the_mha_counterfactual():
 def test_presets_cite_sources_and_unknown_names_list_the_known_ones():
     assert all(spec.source for spec in PRESETS.values())
     with pytest.raises(ValueError, match="deepseek-v2-lite") as error:
-        preset("DeepSeek-V2")
+        resolve_model("DeepSeek-V2")
     assert "llama-3-70b" in str(error.value)
 
 
@@ -186,11 +185,11 @@ def test_parse_context():
 
 def test_max_context_fills_the_budget_and_one_more_token_overflows():
     budget = parse_size("80GiB")
-    estimate = CacheEstimate(preset("deepseek-v2"), bits=16, batch=4, budget_bytes=budget)
+    estimate = CacheEstimate(resolve_model("deepseek-v2"), bits=16, batch=4, budget_bytes=budget)
     tokens = estimate.max_context
     assert tokens == 80 * 2**30 // (4 * 69_120)
     assert 4 * tokens * 69_120 <= budget < 4 * (tokens + 1) * 69_120
-    assert CacheEstimate(preset("deepseek-v2")).max_context is None
+    assert CacheEstimate(resolve_model("deepseek-v2")).max_context is None
 
 
 @pytest.mark.parametrize(
@@ -198,7 +197,7 @@ def test_max_context_fills_the_budget_and_one_more_token_overflows():
 )
 def test_estimate_rejects_non_positive_settings(field, value):
     with pytest.raises(ValueError, match=field):
-        CacheEstimate(preset("deepseek-v2"), **{field: value})
+        CacheEstimate(resolve_model("deepseek-v2"), **{field: value})
 
 
 # Custom shapes and HF config.json files.
@@ -208,7 +207,7 @@ def test_spec_validation_names_the_field():
     with pytest.raises(ValueError, match=r"gqa needs n_kv_heads \(n_g, --kv-heads\)"):
         ModelSpec("x", "gqa", n_layers=2, n_heads=8, head_dim=4)
     with pytest.raises(ValueError, match="no use for head_dim"):
-        ModelSpec("x", "mla", n_layers=2, kv_lora_rank=8, rope_dim=4, head_dim=4)
+        ModelSpec("x", "mla", n_layers=2, kv_lora_rank=8, qk_rope_head_dim=4, head_dim=4)
     with pytest.raises(ValueError, match="multiple of n_kv_heads"):
         ModelSpec("x", "gqa", n_layers=2, n_heads=6, n_kv_heads=4, head_dim=4)
     with pytest.raises(ValueError, match="n_layers"):
@@ -216,8 +215,8 @@ def test_spec_validation_names_the_field():
 
 
 def test_spec_from_flags():
-    spec = spec_from_flags("mla", layers=60, heads=128, kv_lora_rank=512, rope_dim=64)
-    assert spec.elements_per_token == preset("deepseek-v2").elements_per_token
+    spec = spec_from_flags("mla", layers=60, heads=128, kv_lora_rank=512, qk_rope_head_dim=64)
+    assert spec.elements_per_token == resolve_model("deepseek-v2").elements_per_token
     assert spec_from_flags("mha", layers=2, heads=4, head_dim=8).kv_heads == 4
     assert spec_from_flags(None) is None
     with pytest.raises(ValueError, match="--layers: custom-model flags need --attn"):
@@ -228,7 +227,7 @@ def test_hf_config_mla(tmp_path):
     path = write_config(tmp_path / "DeepSeek-V2-Lite", DEEPSEEK_V2_LITE_JSON)
     spec = load_hf_config(path)
     assert (spec.name, spec.kind, spec.n_layers, spec.n_heads) == ("DeepSeek-V2-Lite", "mla", 27, 16)
-    assert spec.elements_per_token == preset("deepseek-v2-lite").elements_per_token
+    assert spec.elements_per_token == resolve_model("deepseek-v2-lite").elements_per_token
     assert load_hf_config(tmp_path / "DeepSeek-V2-Lite") == spec  # the folder works too
 
 
@@ -342,7 +341,7 @@ def test_plot_gives_every_model_its_own_line_style_and_marker():
     from latentattn.plots import cache_vs_context_figure
 
     names = ["deepseek-v2", "deepseek-v3", "deepseek-v2-lite", "llama-3-8b", "mistral-7b"]
-    figure = cache_vs_context_figure(compare([preset(name) for name in names]))
+    figure = cache_vs_context_figure(compare([resolve_model(name) for name in names]))
     lines = {line.get_label().split()[0]: line for line in figure.axes[0].get_lines()}
     models = [lines[name] for name in names]
     assert all(line.get_marker() not in (None, "None", "") for line in models)
@@ -393,7 +392,7 @@ def test_latent_format_bytes_match_the_quantized_cache_and_flashmla():
     """FlashMLA's 8-bit layout: 512 + 4·4 + 64·2 = 656 B per token per layer, as the cache object stores."""
     from latentattn.caches import QuantizedLatentCache
 
-    v2 = calc.preset("deepseek-v2")
+    v2 = calc.resolve_model("deepseek-v2")
     for latent_format in calc.LATENT_FORMATS:
         estimate = calc.CacheEstimate(v2, latent_format=latent_format, context=1000)
         assert estimate.bytes_per_token_per_layer == 656
@@ -405,14 +404,16 @@ def test_latent_format_bytes_match_the_quantized_cache_and_flashmla():
 
 def test_latent_format_in_comparisons_and_cli(capsys):
     comparison = calc.compare(
-        [calc.preset("deepseek-v2"), calc.preset("llama-3-8b")], latent_format="fp8", context=1024
+        [calc.resolve_model("deepseek-v2"), calc.resolve_model("llama-3-8b")],
+        latent_format="fp8",
+        context=1024,
     )
     v2, llama = comparison.rows
     assert v2.latent_format == "fp8"
     assert llama.latent_format is None  # GQA rows keep --bits
     assert v2.as_dict()["bytes_per_token"] == 39_360
     with pytest.raises(ValueError, match="applies to MLA, not llama-3-8b"):
-        calc.CacheEstimate(calc.preset("llama-3-8b"), latent_format="int8")
+        calc.CacheEstimate(calc.resolve_model("llama-3-8b"), latent_format="int8")
     assert main(["cache", "deepseek-v2", "--latent-format", "int8", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["models"][0]["bytes_per_token_per_layer"] == 656
 

@@ -14,7 +14,8 @@ import torch
 from latentattn import checkpoint as ckpt
 from latentattn.cli import main
 from latentattn.data import train_tokenizer
-from latentattn.model import ATTENTION_KINDS, LanguageModel, get_preset
+from latentattn.model import LanguageModel, get_preset
+from latentattn.registry import ATTENTION_KINDS
 
 
 def _save(run_dir: Path, kind: str = "mla", step: int = 3, **options) -> LanguageModel:

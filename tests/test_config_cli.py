@@ -32,7 +32,7 @@ TRAIN_SURFACE = [
     "--weight-decay float",
     "--grad-accum int",
     "--grad-clip float",
-    "--dtype {fp32,bf16}",
+    "--dtype {float32,fp32,bfloat16,bf16}",
     "--compile/--no-compile bool",
     "--seed int",
     "--eval-every int",
@@ -46,7 +46,7 @@ TRAIN_SURFACE = [
     "--head-dim int",
     "--n-kv-heads int",
     "--kv-lora-rank int",
-    "--rope-head-dim int",
+    "--qk-rope-head-dim/--rope-head-dim int",
     "--d-ff int",
     "--init-from str",
     "--recompute-kv/--no-recompute-kv bool",
@@ -150,3 +150,11 @@ def test_progress_prints_a_line_per_tenth_without_a_terminal():
     assert counts == ["8/25", "10/25", "13/25", "15/25", "18/25", "20/25", "23/25", "25/25"]
     assert "step 15: val loss 1.000" in lines
     assert lines[-1] == "train 25/25  loss 0.040"  # no time left to show once done; never wrapped
+
+
+def test_older_spellings_still_parse_to_the_canonical_settings():
+    """`--rope-head-dim` (the option's older name) and `--dtype bf16` (registry.DTYPES' short spelling)
+    keep working; the config holds the canonical names."""
+    args = _verb("train").parse_args(["--out", "x", "--rope-head-dim", "8", "--dtype", "bf16"])
+    config = TrainConfig(**config_options(args, TrainConfig))
+    assert (config.qk_rope_head_dim, config.dtype) == (8, "bfloat16")

@@ -17,7 +17,6 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import relative_error, relative_l2
 from latentattn import GQAAttention, GQAConfig, RopeConfig, YarnConfig
 from latentattn.checkpoint import model_config_from_dict, model_config_to_dict
 from latentattn.config import Llama3RopeConfig
@@ -25,6 +24,7 @@ from latentattn.convert import ConversionConfig, Moments, gqa_to_mla, layer_inpu
 from latentattn.convert.layer import factorise_kv
 from latentattn.convert.rope_split import RotaryKeys, choose_slots, largest_nope_width, nope_dims
 from latentattn.hf import mla_config_to_hf
+from latentattn.metrics import relative_error, relative_l2
 from latentattn.model import LanguageModel, ModelConfig, get_preset
 from latentattn.rope import rope_inv_freq
 
@@ -62,7 +62,7 @@ def source_layer(n_kv_heads: int, interleave: bool = False, seed: int = 0) -> GQ
 def full(n_kv_heads: int, **options) -> ConversionConfig:
     """R = C = G·D: room for every kv head's keys and values."""
     width = n_kv_heads * HEAD_DIM
-    return ConversionConfig(kv_lora_rank=width, rope_dim=width, **options)
+    return ConversionConfig(kv_lora_rank=width, qk_rope_head_dim=width, **options)
 
 
 @pytest.mark.parametrize("method", ["svd", "pca"])
@@ -114,7 +114,7 @@ def test_k_pe_frequencies_repeat_per_kv_head_or_reduce_to_a_theta():
     assert gqa.frequencies == tuple(source.repeat_interleave(2).tolist())
     mqa = model_to_mla(
         source_model(1),
-        ConversionConfig(method="svd", kv_lora_rank=8, rope_dim=4, rope_frequencies="highest"),
+        ConversionConfig(method="svd", kv_lora_rank=8, qk_rope_head_dim=4, rope_frequencies="highest"),
     )
     mqa = mqa.config.attention.rope
     assert mqa.frequencies is None and mqa.theta == pytest.approx(10000.0**0.5)
@@ -144,7 +144,9 @@ def test_error_grows_as_the_rank_shrinks(method):
         errors = [
             relative_l2(
                 model_to_mla(
-                    model, ConversionConfig(method=method, kv_lora_rank=rank, rope_dim=16), calibration
+                    model,
+                    ConversionConfig(method=method, kv_lora_rank=rank, qk_rope_head_dim=16),
+                    calibration,
                 )(tokens),
                 expected,
             )
@@ -169,7 +171,9 @@ def test_biases_are_carried_exactly(output_bias):
         layer.w_o.weight.data.copy_(linear.weight)
     x = torch.randn(2, 24, 48, dtype=torch.float64)
     calibration = torch.randn(256, 48, dtype=torch.float64)
-    mla = gqa_to_mla(layer, ConversionConfig(kv_lora_rank=32, rope_dim=32, norm_linearity=1e14), calibration)
+    mla = gqa_to_mla(
+        layer, ConversionConfig(kv_lora_rank=32, qk_rope_head_dim=32, norm_linearity=1e14), calibration
+    )
     assert mla.config.bias and mla.w_dkv.bias is not None
     with torch.no_grad():
         assert relative_error(mla(x), layer(x)) <= 1e-9
@@ -188,7 +192,7 @@ def test_residual_nope_keeps_what_a_slow_rotation_leaves(residual):
     rank = 48 if residual == "nope" else 32  # the full rank of the stacked NoPE keys and values
     config = ConversionConfig(
         kv_lora_rank=rank,
-        rope_dim=16,
+        qk_rope_head_dim=16,
         rope_frequencies="highest",
         rope_residual=residual,
         norm_linearity=1e14,
@@ -203,28 +207,32 @@ def test_residual_nope_keeps_what_a_slow_rotation_leaves(residual):
 
 @pytest.mark.parametrize("method", ["svd", "pca"])
 @pytest.mark.parametrize("interleave", [False, True])
-@pytest.mark.parametrize("rope_dim", [2, 8])
-def test_mqa_converts_exactly_where_no_rope_is_dropped(method, interleave, rope_dim):
+@pytest.mark.parametrize("qk_rope_head_dim", [2, 8])
+def test_mqa_converts_exactly_where_no_rope_is_dropped(method, interleave, qk_rope_head_dim):
     """The study's conversion of an MQA source at full latent rank is exact (a) for single tokens at
     position 0, where RoPE is the identity (checks the factorisation, layouts and kv_norm); (b) at any
     positions when the queries ignore the NoPE dims, whose rotation conversion drops (checks RoRoPE and
     the frequency mapping)."""
     layer = source_layer(n_kv_heads=1, interleave=interleave)
     calibration = torch.randn(256, 48, dtype=torch.float64)
-    full_rank = min(2 * 16 - rope_dim, 48)
+    full_rank = min(2 * 16 - qk_rope_head_dim, 48)
     config = ConversionConfig(
-        method=method, kv_lora_rank=full_rank, rope_dim=rope_dim, norm_linearity=1e14, **LEGACY
+        method=method,
+        kv_lora_rank=full_rank,
+        qk_rope_head_dim=qk_rope_head_dim,
+        norm_linearity=1e14,
+        **LEGACY,
     )
     tokens = torch.randn(20, 1, 48, dtype=torch.float64)
     sequence = torch.randn(2, 20, 48, dtype=torch.float64)
     with torch.no_grad():
         mla = gqa_to_mla(layer, config, calibration)
-        assert mla.config.cache_width == full_rank + rope_dim
+        assert mla.config.cache_width == full_rank + qk_rope_head_dim
         for mode in ("naive", "absorbed"):
             assert relative_error(mla(tokens, mode=mode), layer(tokens)) <= 1e-9
         kept = [
             dim
-            for pair in range(rope_dim // 2)
+            for pair in range(qk_rope_head_dim // 2)
             for dim in ((2 * pair, 2 * pair + 1) if interleave else (pair, pair + 8))
         ]
         nope = torch.ones(16, dtype=torch.bool)
@@ -242,7 +250,7 @@ def test_pca_reconstructs_calibration_kv_better_than_svd():
     calibration = torch.randn(1024, 48, dtype=torch.float64) * torch.logspace(-1, 1, 48, dtype=torch.float64)
 
     def latent_reconstruction_error(method: str) -> float:
-        config = ConversionConfig(method=method, kv_lora_rank=12, rope_dim=4, **LEGACY)
+        config = ConversionConfig(method=method, kv_lora_rank=12, qk_rope_head_dim=4, **LEGACY)
         mla = gqa_to_mla(layer, config, calibration)
         c = mla.config
         rows = mla.w_ukv.weight.view(c.n_heads, -1, c.kv_lora_rank)[::2].reshape(-1, c.kv_lora_rank)
@@ -265,7 +273,7 @@ def test_balancing_keeps_loud_keys_from_crowding_out_the_values(method):
     sigma = torch.eye(64, dtype=torch.float64)
 
     def errors(balance: bool, rank: int) -> tuple[float, float]:
-        config = ConversionConfig(method=method, kv_lora_rank=rank, rope_dim=2, balance_kv=balance)
+        config = ConversionConfig(method=method, kv_lora_rank=rank, qk_rope_head_dim=2, balance_kv=balance)
         w_up, w_down = factorise_kv(w_k, w_v, sigma, config)
         reconstructed = torch.einsum("grc,cd->grd", w_up, w_down)
         return relative_l2(reconstructed[:, :8], w_k), relative_l2(reconstructed[:, 8:], w_v)
@@ -325,7 +333,7 @@ def test_calibration_block_by_block_equals_one_forward_pass():
 
 def test_model_conversion_shares_one_config_and_the_largest_eps():
     model = source_model(2)
-    config = ConversionConfig(kv_lora_rank=8, rope_dim=4, rope_frequencies="score")
+    config = ConversionConfig(kv_lora_rank=8, qk_rope_head_dim=4, rope_frequencies="score")
     converted = model_to_mla(model, config, torch.randint(0, 64, (4, 32)))
     eps = converted.config.attention.norm_eps
     assert all(block.attn.kv_norm.weight[0].item() ** 2 == pytest.approx(eps) for block in converted.blocks)
@@ -336,27 +344,27 @@ def test_bad_requests_are_named():
     layer = source_layer(n_kv_heads=2)
     model = source_model(2)
     with pytest.raises(ValueError, match="method 'pca' needs calibration"):
-        gqa_to_mla(layer, ConversionConfig(kv_lora_rank=8, rope_dim=4))
-    with pytest.raises(ValueError, match="rope_dim must be even and positive, got 3"):
-        ConversionConfig(kv_lora_rank=8, rope_dim=3)
-    with pytest.raises(ValueError, match=r"rope_dim must be at most n_kv_heads·head_dim = 2·16 = 32"):
-        gqa_to_mla(layer, ConversionConfig(method="svd", kv_lora_rank=8, rope_dim=34))
+        gqa_to_mla(layer, ConversionConfig(kv_lora_rank=8, qk_rope_head_dim=4))
+    with pytest.raises(ValueError, match="qk_rope_head_dim must be even and positive, got 3"):
+        ConversionConfig(kv_lora_rank=8, qk_rope_head_dim=3)
+    with pytest.raises(ValueError, match=r"qk_rope_head_dim must be at most n_kv_heads·head_dim = 2·16 = 32"):
+        gqa_to_mla(layer, ConversionConfig(method="svd", kv_lora_rank=8, qk_rope_head_dim=34))
     with pytest.raises(ValueError, match=r"kv_lora_rank must be at most 48"):
-        gqa_to_mla(layer, ConversionConfig(method="svd", kv_lora_rank=49, rope_dim=4))
-    highest = ConversionConfig(method="svd", kv_lora_rank=41, rope_dim=12, rope_frequencies="highest")
+        gqa_to_mla(layer, ConversionConfig(method="svd", kv_lora_rank=49, qk_rope_head_dim=4))
+    highest = ConversionConfig(method="svd", kv_lora_rank=41, qk_rope_head_dim=12, rope_frequencies="highest")
     with pytest.raises(ValueError, match=r"kv_lora_rank must be at most 40, .* \(2 kv heads x \(4 \+ 16\)"):
         gqa_to_mla(layer, highest)
     with pytest.raises(ValueError, match=r"calibration inputs must have width d_model=48, got 47"):
-        gqa_to_mla(layer, ConversionConfig(kv_lora_rank=8, rope_dim=4), torch.zeros(4, 47))
+        gqa_to_mla(layer, ConversionConfig(kv_lora_rank=8, qk_rope_head_dim=4), torch.zeros(4, 47))
     with pytest.raises(ValueError, match="unknown conversion method 'lora'; choose one of svd, pca, merge"):
-        ConversionConfig(method="lora", kv_lora_rank=8, rope_dim=4)
+        ConversionConfig(method="lora", kv_lora_rank=8, qk_rope_head_dim=4)
     with pytest.raises(ValueError, match="method 'merge' takes kv_heads only"):
-        ConversionConfig(method="merge", kv_lora_rank=8, rope_dim=4)
-    with pytest.raises(ValueError, match="method 'svd' takes kv_lora_rank and rope_dim"):
+        ConversionConfig(method="merge", kv_lora_rank=8, qk_rope_head_dim=4)
+    with pytest.raises(ValueError, match="method 'svd' takes kv_lora_rank and qk_rope_head_dim"):
         ConversionConfig(method="svd", kv_heads=1)
     unknown_tokens = torch.full((1, 8), 10**6)  # calibrating on them would raise an IndexError
     with pytest.raises(ValueError, match="kv_lora_rank must be at most 16"):
-        model_to_mla(model, ConversionConfig(kv_lora_rank=17, rope_dim=16), unknown_tokens)
+        model_to_mla(model, ConversionConfig(kv_lora_rank=17, qk_rope_head_dim=16), unknown_tokens)
     mla = LanguageModel(get_preset("debug").model("mla"))
     with pytest.raises(ValueError, match="already uses MLA"):
-        model_to_mla(mla, ConversionConfig(method="svd", kv_lora_rank=4, rope_dim=4))
+        model_to_mla(mla, ConversionConfig(method="svd", kv_lora_rank=4, qk_rope_head_dim=4))

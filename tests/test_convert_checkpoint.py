@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import relative_error
 from latentattn import checkpoint as ckpt
 from latentattn.cli import main
 from latentattn.convert import ConversionConfig, convert_checkpoint, merge_kv_heads
 from latentattn.convert.calibration import calibration_windows
 from latentattn.data import train_tokenizer
+from latentattn.metrics import relative_error
 from latentattn.model import LanguageModel, get_preset
 
 TEXT = Path(textwrap.__file__).read_text()
@@ -97,7 +97,7 @@ def test_merging_averages_the_kv_heads():
 
 def test_convert_checkpoint_writes_an_ordinary_checkpoint(tmp_path, tokenizer, corpus_file):
     source = save_run(tmp_path / "run", tokenizer)
-    config = ConversionConfig(kv_lora_rank=16, rope_dim=8)
+    config = ConversionConfig(kv_lora_rank=16, qk_rope_head_dim=8)
     result = convert_checkpoint(
         source, tmp_path / "mla", config, calibration_tokens=200, calibration_file=corpus_file
     )
@@ -186,10 +186,10 @@ def test_cli_errors_are_one_line_and_write_nothing(tmp_path, tokenizer, capsys):
     )
     for args, message in [
         (["--kv-lora-rank", "80", "--rope-dim", "4"], "kv_lora_rank must be at most 60, the rank of"),
-        (["--kv-lora-rank", "8", "--rope-dim", "5"], "rope_dim must be even and positive, got 5"),
+        (["--kv-lora-rank", "8", "--rope-dim", "5"], "qk_rope_head_dim must be even and positive, got 5"),
         (
             ["--kv-lora-rank", "8", "--rope-dim", "34"],
-            "rope_dim must be at most n_kv_heads·head_dim = 2·16 = 32",
+            "qk_rope_head_dim must be at most n_kv_heads·head_dim = 2·16 = 32",
         ),
         (
             ["--method", "merge", "--kv-heads", "1", "--to", "mla"],

@@ -11,17 +11,19 @@ import torch
 
 from latentattn import checkpoint as ckpt
 from latentattn import generate as generate_module
+from latentattn.calculator import PRESETS, ModelSpec
 from latentattn.cli import main
+from latentattn.config import MLAConfig, mha_counterpart
 from latentattn.data import EOS, train_tokenizer
 from latentattn.generate import (
     Generation,
     SamplingConfig,
     generate,
-    mha_cache_width,
     run_generate,
     sample_next,
 )
-from latentattn.model import ATTENTION_KINDS, LanguageModel, ModelCache, get_preset
+from latentattn.model import LanguageModel, ModelCache, get_preset
+from latentattn.registry import ATTENTION_KINDS
 
 GREEDY = SamplingConfig(temperature=0.0)
 
@@ -122,10 +124,17 @@ def test_sampling_rules():
         SamplingConfig(temperature=-1)
 
 
-def test_mha_equivalent_width():
+def test_mha_of_the_same_shape_is_one_definition():
+    """Oracle: DeepSeek-V2 §2.1.1's 2·n_h·d_h per layer, d_h the per-head width (v_head_dim for MLA); the
+    calculator's `mha-deepseek-v2-heads` is the counterpart of DeepSeek-V2's MLA layer."""
     preset = get_preset("small")
-    assert mha_cache_width(preset.attention("mla")) == 4 * (48 + 24 + 48)
-    assert mha_cache_width(preset.attention("gqa")) == preset.attention("mha").cache_width
+    assert mha_counterpart(preset.attention("mla")).cache_width == 2 * 4 * 48
+    assert mha_counterpart(preset.attention("gqa")) == preset.attention("mha")
+    v2 = mha_counterpart(MLAConfig(d_model=5120, n_heads=128))
+    assert (
+        ModelSpec.from_attention(v2, 60).elements_per_token
+        == PRESETS["mha-deepseek-v2-heads"].elements_per_token
+    )
 
 
 @pytest.fixture
@@ -143,7 +152,7 @@ def test_run_generate_streams_and_reports_the_cache(run_dir):
     text = out.getvalue()
     assert text.startswith("def wrap(") and result.new_tokens == 12
     assert "tokens/s decode" in text and "with MLA; MHA of the same shape" in text
-    assert "(4.0x)" in text  # debug MLA: 32 + 8 cached vs 4 heads x (16 + 8 + 16)
+    assert "(3.2x)" in text  # debug MLA: 32 + 8 cached vs MHA 2 x 4 heads x 16
 
 
 def test_8_bit_latent_cache_via_cli(run_dir, capsys):

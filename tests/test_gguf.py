@@ -24,12 +24,12 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from conftest import relative_error, relative_l2
 from latentattn.checkpoint import load_checkpoint
 from latentattn.interop import gguf as gguf_import
 from latentattn.interop.gguf import SUPPORTED_TENSOR_TYPES, read_gguf, resolve_model_name, write_hf_directory
 from latentattn.interop.hf_import import ModelParts
 from latentattn.interop.hf_model import model_from_hf
+from latentattn.metrics import relative_error, relative_l2
 
 transformers = pytest.importorskip("transformers")
 

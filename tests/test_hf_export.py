@@ -26,6 +26,7 @@ from latentattn.data import train_tokenizer
 from latentattn.generate import SamplingConfig, run_generate
 from latentattn.interop.hf_export import export_checkpoint, export_refusal
 from latentattn.interop.hf_import import import_model
+from latentattn.metrics import relative_error
 from latentattn.model import LanguageModel, get_preset
 
 transformers = pytest.importorskip("transformers")
@@ -64,10 +65,6 @@ def make_checkpoint(
                 param.normal_(0, 0.3)
     ckpt.save_checkpoint(run_dir, step=1, model=model, tokenizer=tok, train={}, trainer_state={})
     return model
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
 def load_hf(directory: Path):
@@ -216,7 +213,7 @@ def test_converted_mla_is_refused_with_what_to_do(tmp_path):
     """`model_to_mla` runs kv_norm in its linear regime (a huge eps): transformers would compute
     something else, so export refuses and says to heal first."""
     source = make_checkpoint(tmp_path / "src", "mha")
-    config = ConversionConfig(kv_lora_rank=16, rope_dim=8, rope_frequencies="highest")
+    config = ConversionConfig(kv_lora_rank=16, qk_rope_head_dim=8, rope_frequencies="highest")
     converted = model_to_mla(source, config, torch.randint(0, 300, (2, 32)))
     ckpt.save_checkpoint(
         tmp_path / "run", step=1, model=converted, tokenizer=tokenizer(), train={}, trainer_state={}
@@ -259,7 +256,7 @@ def test_cli_export_errors_leave_nothing_half_written(tmp_path):
     cases = [
         (["export", str(tmp_path / "empty"), "--out", str(tmp_path / "o")], "no checkpoint in"),
         (["export", str(tmp_path / "run"), "--out", str(tmp_path / "busy")], "is not empty; pass --force"),
-        (["export", str(tmp_path / "run"), "--out", str(tmp_path / "file" / "sub")], "cannot write --out"),
+        (["export", str(tmp_path / "run"), "--out", str(tmp_path / "file" / "sub")], "not a folder"),
         (["export", str(tmp_path / "run"), "--out", str(tmp_path)], "holds the input"),
         (["export", str(tmp_path / "run"), "--out", str(tmp_path / "o"), "--max-shard-size", "lots"], "size"),
     ]

@@ -26,6 +26,7 @@ from latentattn.generate import SamplingConfig, run_generate
 from latentattn.interop.hf_export import export_checkpoint
 from latentattn.interop.hf_import import import_model, import_parts, read_hf_directory
 from latentattn.interop.hf_model import model_config_from_hf
+from latentattn.metrics import relative_error
 
 transformers = pytest.importorskip("transformers")
 
@@ -55,10 +56,6 @@ CONFIGS = {
     "mistral": transformers.MistralConfig,
     "qwen2": transformers.Qwen2Config,
 }
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
 def llama_tokenizer() -> Tokenizer:

@@ -17,13 +17,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import SMALL_MLA, relative_error
+from conftest import SMALL_MLA
 from latentattn import MLA, GQAAttention, GQAConfig, LatentCache, MLAConfig
 from latentattn import attention as attention_module
 from latentattn.attention import FUSED_MAX_ROWS, fused_kernel_serves, latent_attention
 from latentattn.caches import PagedLatentCache, QuantizedLatentCache
 from latentattn.kernels import fused_latent_decode, kernel_status
 from latentattn.kernels import latent_decode as kernel_module
+from latentattn.metrics import relative_error
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 EIGHT_BIT = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from latentattn import GQAConfig, MLAConfig
-from latentattn.model import ATTENTION_KINDS, PRESETS, LanguageModel, ModelConfig, get_preset
+from latentattn.model import PRESETS, LanguageModel, ModelConfig, get_preset
+from latentattn.registry import ATTENTION_KINDS
 
 
 def test_unknown_preset_lists_the_names():
@@ -135,3 +136,10 @@ def test_bad_mode_or_batch_changes_no_cache():
     with pytest.raises(ValueError, match="n_new must be an integer tensor"):
         model(torch.zeros(2, 1, dtype=torch.long), cache, n_new=torch.tensor([True, True]))
     assert cache.lengths.tolist() == [3, 3]
+
+
+@pytest.mark.parametrize("kind", ATTENTION_KINDS)
+def test_recompute_kv_is_a_constructor_argument(kind):
+    """MLA layers take it (keep only the latent for backward); the K/V family has nothing to recompute."""
+    model = LanguageModel(get_preset("debug").model(kind), recompute_kv=True)
+    assert all(getattr(block.attn, "recompute_kv", kind != "mla") for block in model.blocks)

@@ -12,9 +12,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import SMALL_MLA, relative_error
+from conftest import SMALL_MLA
 from latentattn import MLA, MLAConfig
 from latentattn.caches import PagedLatentCache, PagedSequences
+from latentattn.metrics import relative_error
 
 CONFIG = SMALL_MLA
 

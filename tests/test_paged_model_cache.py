@@ -14,9 +14,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import relative_error
 from latentattn import attention
 from latentattn.caches import ContiguousSequences, PagedModelCache, PagedSequences
+from latentattn.metrics import relative_error
 from latentattn.model import LanguageModel, get_preset
 from latentattn.rope import RotaryEmbedding
 from test_paged_cache import check_invariants

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import relative_l2
 from latentattn import MLA, MLAConfig
 from latentattn.caches import QuantizedLatentCache
+from latentattn.metrics import relative_l2
 
 V2 = MLAConfig(d_model=5120, n_heads=128, kv_lora_rank=512, q_lora_rank=1536)
 SMALL = MLAConfig(

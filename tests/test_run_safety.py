@@ -302,3 +302,26 @@ def test_short_runs_warn_about_the_warmup_and_progress_prints_lines(tmp_path, co
         "lower --warmup to reach it"
     ]
     assert [line.split()[1] for line in lines if line.startswith("train ")] == ["1/4", "2/4", "3/4", "4/4"]
+
+
+def test_publish_directory_is_all_or_nothing(tmp_path):
+    """The one atomic directory write (caches, checkpoints, --out of import/export/convert): a failed
+    write leaves the old target and no temporary; a finished one replaces it; `keep_existing` keeps it."""
+    from latentattn.run_dir import publish_directory
+
+    target = tmp_path / "entry"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+
+    def fail(directory):
+        (directory / "half.txt").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        publish_directory(target, fail)
+    assert [p.name for p in tmp_path.iterdir()] == ["entry"] and (target / "old.txt").exists()
+    assert not publish_directory(target, lambda d: (d / "new.txt").write_text("new"), keep_existing=True)
+    assert [p.name for p in target.iterdir()] == ["old.txt"]
+    assert publish_directory(target, lambda d: (d / "new.txt").write_text("new"))
+    assert [p.name for p in target.iterdir()] == ["new.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["entry"]

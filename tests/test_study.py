@@ -70,7 +70,7 @@ def test_smoke_study_numbers_are_sane(smoke):
     mha_total = results["variants"]["mha"]["params"]["total"]
     for name, v in results["variants"].items():
         variant = v["variant"]
-        width = expected_width.get(name, (variant["kv_lora_rank"] or 0) + (variant["rope_dim"] or 0))
+        width = expected_width.get(name, (variant["kv_lora_rank"] or 0) + (variant["qk_rope_head_dim"] or 0))
         assert v["cache_elements_per_token_per_layer"] == width
         assert v["cache_bytes_per_token_bf16"] == 2 * width * layers
         assert v["cache_bytes_per_token_fp32"] == 4 * width * layers
@@ -131,7 +131,10 @@ def test_pareto_front():
     [
         ({"seeds": ()}, "StudyConfig.seeds must be distinct and non-empty"),
         ({"steps": 0}, "StudyConfig.steps must be positive, got 0"),
-        ({"convert_target": Variant("mla", kv_lora_rank=7, rope_dim=8)}, "need mha and convert_target"),
+        (
+            {"convert_target": Variant("mla", kv_lora_rank=7, qk_rope_head_dim=8)},
+            "need mha and convert_target",
+        ),
         ({"n_heads": 5}, r"n_heads \(5\) must be a multiple of n_kv_heads"),
     ],
 )

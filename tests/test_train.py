@@ -62,7 +62,7 @@ def test_batches_are_a_function_of_seed_step_and_rank():
         ({"attn": "mlp"}, "TrainConfig.attn must be one of mha, gqa, mqa, mla, got 'mlp'"),
         ({"steps": 0}, "TrainConfig.steps must be positive, got 0"),
         ({"context": 65, "preset": "debug"}, r"TrainConfig.context must lie in \[1, 64\]"),
-        ({"dtype": "fp8"}, "TrainConfig.dtype must be one of fp32, bf16"),
+        ({"dtype": "fp8"}, "TrainConfig.dtype must be one of float32, fp32, bfloat16, bf16, got .fp8."),
     ],
 )
 def test_config_errors(options, message):
@@ -213,7 +213,7 @@ def test_python_dash_m_entry_point():
         ({"d_ff": 0}, "TrainConfig.d_ff must be positive, got 0"),
         ({"init_from": "run", "kv_lora_rank": 8}, "init_from takes the checkpoint's shape"),
         ({"attn": "gqa", "n_heads": 3}, r"n_heads \(3\) must be a multiple of n_kv_heads \(2\)"),
-        ({"attn": "mla", "rope_head_dim": 5}, "qk_rope_head_dim must be even"),
+        ({"attn": "mla", "qk_rope_head_dim": 5}, "qk_rope_head_dim must be even"),
     ],
 )
 def test_shape_override_errors(options, message):
@@ -236,7 +236,7 @@ def test_shape_overrides_init_from_and_recompute_kv(tmp_path, corpus):
     """Overrides reach the model; `init_from` starts from the checkpoint's weights and tokenizer (with a
     negligible lr the weights stay put); `recompute_kv` changes memory, not the trajectory."""
     shaped = _debug_run(
-        tmp_path, corpus, "a", attn="mla", n_heads=2, kv_lora_rank=12, rope_head_dim=4, d_ff=96
+        tmp_path, corpus, "a", attn="mla", n_heads=2, kv_lora_rank=12, qk_rope_head_dim=4, d_ff=96
     )
     first = train(shaped, quiet=True)
     source = ckpt.load_checkpoint(first.checkpoint)
@@ -256,7 +256,16 @@ def test_shape_overrides_init_from_and_recompute_kv(tmp_path, corpus):
     with pytest.raises(ValueError, match=r"--context 64 exceeds the context of .* \(16 tokens\)"):
         train(_debug_run(tmp_path, corpus, "long", init_from=str(short.checkpoint)), quiet=True)
 
-    recomputed = _debug_run(tmp_path, corpus, "c", attn="mla", n_heads=2, kv_lora_rank=12, rope_head_dim=4)
+    recomputed = _debug_run(tmp_path, corpus, "c", attn="mla", n_heads=2, kv_lora_rank=12, qk_rope_head_dim=4)
     plain = train(replace(recomputed, out=str(tmp_path / "d")), quiet=True)
     again = train(replace(recomputed, recompute_kv=True), quiet=True)
     assert _log(tmp_path / "c") == _log(tmp_path / "d") and again.val_loss == plain.val_loss
+
+
+def test_runs_saved_under_older_names_read_as_today_s():
+    """A run saved with `rope_head_dim` and `fp32` (before registry.DTYPES and qk_rope_head_dim) resumes
+    with the same settings: the record is read in today's names, so nothing counts as changed."""
+    from latentattn.train import _train_record
+
+    record = _train_record(Path("run"), {"steps": 5, "rope_head_dim": 8, "dtype": "fp32"})
+    assert record == {"steps": 5, "qk_rope_head_dim": 8, "dtype": "float32"}

@@ -167,7 +167,7 @@ def test_a_model_cache_layer_runs_no_step_alone(model):
 def test_one_8_bit_layout_rule_for_the_calculator_and_the_cache(kv_lora_rank):
     """d_c <= 128 or a multiple of 128 (one fp32 scale per 128 values); the same bytes either way."""
     config = MLAConfig(d_model=32, n_heads=2, kv_lora_rank=kv_lora_rank, qk_rope_head_dim=8)
-    spec = ModelSpec("custom", "mla", 1, kv_lora_rank=kv_lora_rank, rope_dim=8)
+    spec = ModelSpec("custom", "mla", 1, kv_lora_rank=kv_lora_rank, qk_rope_head_dim=8)
     valid = kv_lora_rank <= 128 or kv_lora_rank % 128 == 0
     if not valid:
         message = f"must be at most 128 or a multiple of it, got {kv_lora_rank}"

@@ -89,20 +89,27 @@ def main() -> None:
             results["merges"].append(
                 {"kv_heads": kv_heads, "cache_width": cache_width, "val_loss": loss(merged)}
             )
-    for cache, rope_dim in itertools.product(args.caches, args.rope_dims):
-        if cache - rope_dim <= 0:
+    for cache, qk_rope_head_dim in itertools.product(args.caches, args.rope_dims):
+        if cache - qk_rope_head_dim <= 0:
             continue
         for options in option_sets(args.vary):
-            config = ConversionConfig(kv_lora_rank=cache - rope_dim, rope_dim=rope_dim, **options)
+            config = ConversionConfig(
+                kv_lora_rank=cache - qk_rope_head_dim, qk_rope_head_dim=qk_rope_head_dim, **options
+            )
             try:
                 converted = model_to_mla(model, config, moments).eval()
             except ValueError as error:
-                print(f"skip C {cache - rope_dim} R {rope_dim} {options}: {error}")
+                print(f"skip C {cache - qk_rope_head_dim} R {qk_rope_head_dim} {options}: {error}")
                 continue
             results["conversions"].append(
-                {"cache_width": cache, "rope_dim": rope_dim, **options, "val_loss": loss(converted)}
+                {
+                    "cache_width": cache,
+                    "qk_rope_head_dim": qk_rope_head_dim,
+                    **options,
+                    "val_loss": loss(converted),
+                }
             )
-        print(f"cache {cache}, R {rope_dim}: {time.perf_counter() - started:.0f} s", flush=True)
+        print(f"cache {cache}, R {qk_rope_head_dim}: {time.perf_counter() - started:.0f} s", flush=True)
     chosen = option_sets("one")[0]
     results["defaults"] = chosen
     results["calibration_sweep"] = []
@@ -119,13 +126,15 @@ def main() -> None:
             ]
             if not rows_at:
                 continue
-            rope_dim = min(rows_at, key=lambda r: r["val_loss"])["rope_dim"]
-            config = ConversionConfig(kv_lora_rank=cache - rope_dim, rope_dim=rope_dim)
+            qk_rope_head_dim = min(rows_at, key=lambda r: r["val_loss"])["qk_rope_head_dim"]
+            config = ConversionConfig(
+                kv_lora_rank=cache - qk_rope_head_dim, qk_rope_head_dim=qk_rope_head_dim
+            )
             results["calibration_sweep"].append(
                 {
                     "calibration_tokens": count,
                     "cache_width": cache,
-                    "rope_dim": rope_dim,
+                    "qk_rope_head_dim": qk_rope_head_dim,
                     "val_loss": loss(model_to_mla(model, config, swept)),
                 }
             )
@@ -183,7 +192,7 @@ def summary(results: dict) -> str:
         options = ", ".join(f"{k}={best[k]}" for k in OPTIONS)
         merge = f"{merges[cache]:+.3f}" if cache in merges else "—"
         lines.append(
-            f"| {cache} | {best['rope_dim']} | {options} | {best['val_loss'] - base:+.3f} | {merge} |"
+            f"| {cache} | {best['qk_rope_head_dim']} | {options} | {best['val_loss'] - base:+.3f} | {merge} |"
         )
     sweep = results["calibration_sweep"]
     if sweep:
@@ -195,17 +204,17 @@ def summary(results: dict) -> str:
         ]
         for cache in sorted({r["cache_width"] for r in sweep}, reverse=True):
             at = {r["calibration_tokens"]: r for r in sweep if r["cache_width"] == cache}
-            rope_dim = next(iter(at.values()))["rope_dim"]
+            qk_rope_head_dim = next(iter(at.values()))["qk_rope_head_dim"]
             main_row = next(
                 r
                 for r in rows
                 if r["cache_width"] == cache
-                and r["rope_dim"] == rope_dim
+                and r["qk_rope_head_dim"] == qk_rope_head_dim
                 and all(r[k] == v for k, v in results["defaults"].items())
             )
             at[results["calibration_tokens"]] = main_row
             lines.append(
-                f"| {cache} | {rope_dim} | "
+                f"| {cache} | {qk_rope_head_dim} | "
                 + " | ".join(f"{at[c]['val_loss'] - base:+.3f}" for c in counts)
                 + " |"
             )

@@ -31,14 +31,15 @@ from latentattn.caches import (
     KVRows,
     LatentCache,
     LatentKeys,
-    QuantizedLatentCache,
     Step,
     Storage,
     Workspace,
 )
+from latentattn.caches.quantized import latent_encoding
 from latentattn.config import AttentionConfig, GQAConfig, MLAConfig
 from latentattn.kernels import fused_latent_decode, kernel_status
 from latentattn.layers import RMSNorm, fp32_or_wider
+from latentattn.registry import ATTENTION_KINDS, resolve
 from latentattn.rope import RotaryEmbedding
 
 Mode = Literal["auto", "naive", "absorbed"]
@@ -375,15 +376,21 @@ class MLA(nn.Module):
         workspace: Workspace | None = None,
         sequences: ContiguousSequences | None = None,
     ) -> LatentCache:
-        """An empty latent cache on this layer's device, in its dtype; `latent_format` ("int8", "fp8")
-        stores it in FlashMLA's 8-bit layout instead. A model's layers share `sequences` and the
-        `workspace` copied blocks are built in; `static`: see `ContiguousSequences`."""
-        factory = {"device": self.w_dkv.weight.device, "dtype": self.w_dkv.weight.dtype}
+        """An empty latent cache on this layer's device, in its dtype; `latent_format` (a name in
+        `registry.LATENT_FORMATS`: "int8", "fp8") stores it in that layout instead. A model's layers
+        share `sequences` and the `workspace` copied blocks are built in; `static`: see
+        `ContiguousSequences`."""
+        weight = self.w_dkv.weight
+        encoding = latent_encoding(self.config, weight.dtype, latent_format)
         shared = {"static": static, "sequences": sequences, "workspace": workspace}
-        if latent_format is None:
-            return LatentCache(self.config, batch_size, max_len, **shared, **factory)
-        return QuantizedLatentCache(
-            self.config, batch_size, max_len, format=latent_format, **shared, **factory
+        return LatentCache(
+            self.config,
+            batch_size,
+            max_len,
+            encoding=encoding,
+            device=weight.device,
+            dtype=weight.dtype,
+            **shared,
         )
 
     def check_mode(self, mode: str) -> None:
@@ -651,12 +658,18 @@ def decode_in_blocks(q: Tensor, rows: KVRows, mask: Tensor | None, scale: float)
 def build_attention(
     config: AttentionConfig,
     *,
+    recompute_kv: bool = False,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> MLA | GQAAttention:
-    """The layer for `config`: `MLA` for an `MLAConfig`, `GQAAttention` for a `GQAConfig`."""
-    if isinstance(config, MLAConfig):
-        return MLA(config, device=device, dtype=dtype)
-    if isinstance(config, GQAConfig):
-        return GQAAttention(config, device=device, dtype=dtype)
-    raise TypeError(f"build_attention takes an MLAConfig or a GQAConfig, got {type(config).__name__}")
+    """The layer for `config`: the `layer` its kind names in `registry.ATTENTION_KINDS` (`MLA` for an
+    `MLAConfig`, `GQAAttention` for a `GQAConfig`). `recompute_kv` applies to the latent family (the K/V
+    family caches its K/V as computed, nothing to recompute)."""
+    if getattr(config, "kind", None) not in ATTENTION_KINDS:
+        raise TypeError(
+            f"build_attention takes an attention config (MLAConfig, GQAConfig ...), "
+            f"got {type(config).__name__}"
+        )
+    spec = ATTENTION_KINDS[config.kind]
+    options = {"recompute_kv": recompute_kv} if spec.family == "latent" else {}
+    return resolve(spec.layer)(config, device=device, dtype=dtype, **options)

@@ -28,22 +28,25 @@ from latentattn.calculator import format_bytes
 from latentattn.config import GQAConfig, MLAConfig
 from latentattn.hf import attention_state_dict_to_hf, mla_config_to_hf
 from latentattn.kernels import kernel_status
+from latentattn.metrics import relative_error
+from latentattn.registry import ATTENTION_KINDS, LATENT_FORMATS, canonical_dtype, kv_heads, torch_dtype
 
+KV_IMPLS = tuple(kind for kind, spec in ATTENTION_KINDS.items() if spec.family == "kv")
+"""The K/V attention kinds (mha, gqa, mqa), one row each."""
 IMPLS = (
-    "mha",
-    "gqa",
-    "mqa",
+    *KV_IMPLS,
     "mla-naive",
     "mla-absorbed",
     "mla-absorbed-torch",
     "mla-paged",
-    "mla-int8",
-    "mla-fp8",
+    *(f"mla-{name}" for name in LATENT_FORMATS),
     "hf-deepseek-v3",
 )
-"""mla-paged, mla-int8 and mla-fp8 decode on the absorbed path from a paged or an 8-bit latent cache;
-the absorbed rows run the fused CPU kernel where it serves, mla-absorbed-torch always the torch path."""
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+"""mla-paged and mla-<format> decode on the absorbed path from a paged or an 8-bit latent cache
+(`registry.LATENT_FORMATS`); the absorbed rows run the fused CPU kernel where it serves,
+mla-absorbed-torch always the torch path."""
+DTYPES = ("float32", "bfloat16", "float64")
+"""Benchmarked dtypes (canonical names; `registry.DTYPES` lists their short spellings)."""
 GEMM_MIN_MS = 50.0
 """The roofline's GEMM grows until one product takes this long: long enough to reach the peak."""
 
@@ -71,9 +74,8 @@ class BenchConfig:
         for impl in self.impls:
             if impl not in IMPLS:
                 raise ValueError(f"unknown implementation {impl!r}; choose from {', '.join(IMPLS)}")
-        for dtype in self.dtypes:
-            if dtype not in DTYPES:
-                raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+        canonical = tuple(canonical_dtype(dtype, DTYPES, "BenchConfig.dtypes") for dtype in self.dtypes)
+        object.__setattr__(self, "dtypes", canonical)
         for name in ("contexts", "batch_sizes"):
             if not getattr(self, name) or min(getattr(self, name)) <= 0:
                 raise ValueError(f"BenchConfig.{name} must be positive integers, got {getattr(self, name)}")
@@ -157,8 +159,8 @@ def time_ms(
 
 def gemm_peak_gflops(dtype: torch.dtype, device: str, repeats: int = 5) -> float:
     """The fastest of square GEMMs of side 256, 512, ... 2048, growing while one GEMM takes under
-    `GEMM_MIN_MS` (a CPU without native bf16 runs bf16 GEMMs ~100x slower than fp32, and a 2048³ one
-    would take a minute)."""
+    `GEMM_MIN_MS` (a CPU without native bf16 runs bf16 GEMMs far slower than fp32, where the largest
+    one would take too long; measured figures: README)."""
     peak, n = 0.0, 256
     while n <= 2048:
         a = torch.randn(n, n, device=device).to(dtype)
@@ -182,7 +184,7 @@ def measure_roofline(dtypes: tuple[str, ...], device: str, repeats: int = 5) -> 
     measured: dict[torch.dtype, float] = {}
     peaks = {}
     for name in dtypes:
-        candidates = {DTYPES[name], absorbed_gemm_dtype(DTYPES[name], torch.device(device))}
+        candidates = {torch_dtype(name), absorbed_gemm_dtype(torch_dtype(name), torch.device(device))}
         for dtype in candidates - measured.keys():
             measured[dtype] = gemm_peak_gflops(dtype, device, repeats)
         peaks[name] = max(measured[dtype] for dtype in candidates)
@@ -290,7 +292,7 @@ def _mla_case(mla: MLA, x: torch.Tensor, latent: torch.Tensor, impl: str) -> _Ca
     if storage == "paged":
         cache = _fragmented_pages(mla, latent)
     else:
-        if storage in ("int8", "fp8"):
+        if storage in LATENT_FORMATS:
             cache = QuantizedLatentCache(mla.config, batch, context + 1, format=storage, **factory)
         else:
             cache = mla.new_cache(batch, context + 1)
@@ -398,11 +400,6 @@ def _naive_reference(mla: MLA, x: torch.Tensor, latent: torch.Tensor) -> torch.T
     )
 
 
-def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
-
-
 @torch.no_grad()
 def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every (dtype, batch, context, impl) of `config`; returns `{"machine", "roofline", "config",
@@ -411,90 +408,13 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
     report = progress or (lambda _message: None)
     torch.manual_seed(config.seed)
     roofline = measure_roofline(config.dtypes, config.device)
-    c = config.mla
-    head_dim = c.v_head_dim
-    kv_heads = {"mha": c.n_heads, "gqa": config.gqa_kv_heads, "mqa": 1}
     results: list[Result] = []
     skipped: list[dict[str, Any]] = []
     for dtype_name in config.dtypes:
-        dtype = DTYPES[dtype_name]
-        mla = MLA(c, device=config.device, dtype=dtype).eval()
-        gqa_layers = {
-            impl: GQAAttention(
-                GQAConfig(d_model=c.d_model, n_heads=c.n_heads, n_kv_heads=kv_heads[impl], head_dim=head_dim),
-                device=config.device,
-                dtype=dtype,
-            ).eval()
-            for impl in kv_heads
-            if impl in config.impls
-        }
-        any_latent = any(impl.startswith(("mla", "hf")) for impl in config.impls)
+        layers = _layers(config, torch_dtype(dtype_name))
         for batch in config.batch_sizes:
             for context in config.contexts:
-                x = torch.randn(batch, 1, c.d_model, device=config.device, dtype=dtype)
-                latent = mla.latent(
-                    torch.randn(batch, context, c.d_model, device=config.device, dtype=dtype),
-                    torch.arange(context, device=config.device).expand(batch, context),
-                )
-                # Oracle for every MLA/HF row: the naive path over the full-precision latent cache.
-                reference = _naive_reference(mla, x, latent) if any_latent else None
-                rows = []
-                for impl in config.impls:
-                    if impl == "hf-deepseek-v3" and context > config.hf_max_context:
-                        continue
-                    if impl in DECOMPRESSING:
-                        needed, free = decompressed_bytes(c, batch, context, dtype), available_bytes(x.device)
-                        if free is not None and needed > free // 2:
-                            reason = f"needs ~{format_bytes(needed)}, {format_bytes(free)} available"
-                            skipped.append(
-                                {
-                                    "impl": impl,
-                                    "dtype": dtype_name,
-                                    "batch": batch,
-                                    "context": context,
-                                    "reason": reason,
-                                }
-                            )
-                            report(f"skipped {impl} {dtype_name} batch {batch} context {context:,}: {reason}")
-                            continue
-                    report(f"{impl} {dtype_name} batch {batch} context {context:,}")
-                    if impl in gqa_layers:
-                        case = _gqa_case(gqa_layers[impl], x, context)
-                    elif impl == "hf-deepseek-v3":
-                        case = _hf_case(mla, x, latent)
-                    else:
-                        case = _mla_case(mla, x, latent, impl)
-                    output = case.step()
-                    error = None
-                    if impl.startswith(("mla", "hf")):
-                        error = _relative_error(output, reference)
-                    times = time_ms(
-                        case.step, config.warmup, config.repeats, config.max_seconds, config.device
-                    )
-                    median = statistics.median(times)
-                    bound = roofline.bound_ms(case.bytes_moved, case.flops, dtype_name)
-                    rows.append(
-                        Result(
-                            impl=impl,
-                            dtype=dtype_name,
-                            context=context,
-                            batch=batch,
-                            ms_per_step=median,
-                            ms_min=min(times),
-                            ms_max=max(times),
-                            tokens_per_s=batch / (median * 1e-3),
-                            cache_bytes=case.cache_bytes,
-                            bytes_moved=case.bytes_moved,
-                            flops=case.flops,
-                            achieved_gbs=case.bytes_moved / (median * 1e-3) / 1e9,
-                            achieved_gflops=case.flops / (median * 1e-3) / 1e9,
-                            roofline_ms=bound,
-                            x_roofline=median / bound,
-                            max_rel_err=error,
-                            path=case.path,
-                        )
-                    )
-                    del case
+                rows = _bench_group(config, layers, dtype_name, batch, context, roofline, report, skipped)
                 results += _with_ratios(rows)
     return {
         "machine": machine_info(config.device),
@@ -503,6 +423,104 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
         "results": [asdict(result) for result in results],
         "skipped": skipped,
     }
+
+
+def _layers(config: BenchConfig, dtype: torch.dtype) -> dict[str, MLA | GQAAttention]:
+    """The layers of one dtype: "mla" (every MLA and HF row) and one per K/V row of `config.impls`, of
+    the same heads (`gqa_kv_heads` for gqa)."""
+    c = config.mla
+    layers: dict[str, MLA | GQAAttention] = {"mla": MLA(c, device=config.device, dtype=dtype).eval()}
+    for impl in KV_IMPLS:
+        if impl in config.impls:
+            n_kv_heads = kv_heads(impl, c.n_heads, config.gqa_kv_heads)
+            shape = GQAConfig(
+                d_model=c.d_model, n_heads=c.n_heads, n_kv_heads=n_kv_heads, head_dim=c.v_head_dim
+            )
+            layers[impl] = GQAAttention(shape, device=config.device, dtype=dtype).eval()
+    return layers
+
+
+def _bench_group(
+    config: BenchConfig,
+    layers: dict[str, MLA | GQAAttention],
+    dtype_name: str,
+    batch: int,
+    context: int,
+    roofline: Roofline,
+    report: Callable[[str], None],
+    skipped: list[dict[str, Any]],
+) -> list[Result]:
+    """Every implementation at one (dtype, batch, context), over one random cached context; the MLA
+    and HF rows checked against the naive path over the full-precision latent cache. Decompressing
+    rows that would not fit in memory are added to `skipped` instead."""
+    mla, device, dtype = layers["mla"], config.device, torch_dtype(dtype_name)
+    d_model = config.mla.d_model
+    x = torch.randn(batch, 1, d_model, device=device, dtype=dtype)
+    latent = mla.latent(
+        torch.randn(batch, context, d_model, device=device, dtype=dtype),
+        torch.arange(context, device=device).expand(batch, context),
+    )
+    any_latent = any(impl.startswith(("mla", "hf")) for impl in config.impls)
+    reference = _naive_reference(mla, x, latent) if any_latent else None
+    rows = []
+    for impl in config.impls:
+        if impl == "hf-deepseek-v3" and context > config.hf_max_context:
+            continue
+        where = f"{impl} {dtype_name} batch {batch} context {context:,}"
+        if impl in DECOMPRESSING:
+            needed, free = decompressed_bytes(config.mla, batch, context, dtype), available_bytes(device)
+            if free is not None and needed > free // 2:
+                reason = f"needs ~{format_bytes(needed)}, {format_bytes(free)} available"
+                skipped.append(dict(impl=impl, dtype=dtype_name, batch=batch, context=context, reason=reason))
+                report(f"skipped {where}: {reason}")
+                continue
+        report(where)
+        if impl in KV_IMPLS:
+            case = _gqa_case(layers[impl], x, context)
+        elif impl == "hf-deepseek-v3":
+            case = _hf_case(mla, x, latent)
+        else:
+            case = _mla_case(mla, x, latent, impl)
+        output = case.step()
+        error = relative_error(output, reference) if impl.startswith(("mla", "hf")) else None
+        times = time_ms(case.step, config.warmup, config.repeats, config.max_seconds, device)
+        rows.append(_result(impl, dtype_name, batch, context, case, times, roofline, error))
+        del case
+    return rows
+
+
+def _result(
+    impl: str,
+    dtype_name: str,
+    batch: int,
+    context: int,
+    case: _Case,
+    times: list[float],
+    roofline: Roofline,
+    error: float | None,
+) -> Result:
+    """One row: the median step time `times` (ms) and the units derived from it."""
+    median = statistics.median(times)
+    bound = roofline.bound_ms(case.bytes_moved, case.flops, dtype_name)
+    return Result(
+        impl=impl,
+        dtype=dtype_name,
+        context=context,
+        batch=batch,
+        ms_per_step=median,
+        ms_min=min(times),
+        ms_max=max(times),
+        tokens_per_s=batch / (median * 1e-3),
+        cache_bytes=case.cache_bytes,
+        bytes_moved=case.bytes_moved,
+        flops=case.flops,
+        achieved_gbs=case.bytes_moved / (median * 1e-3) / 1e9,
+        achieved_gflops=case.flops / (median * 1e-3) / 1e9,
+        roofline_ms=bound,
+        x_roofline=median / bound,
+        max_rel_err=error,
+        path=case.path,
+    )
 
 
 def _with_ratios(rows: list[Result]) -> list[Result]:

@@ -28,16 +28,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from latentattn.config import AttentionConfig, AttentionKind, MLAConfig
+from latentattn.config import AttentionConfig, MLAConfig
+from latentattn.registry import ATTENTION_KINDS, LATENT_FORMATS, AttentionKind, kv_heads, kv_kind, lookup
 
-KINDS: tuple[AttentionKind, ...] = ("mha", "gqa", "mqa", "mla")
 DEFAULT_CONTEXT = 128 * 1024
 """128K tokens, DeepSeek-V2's context length: long enough that the cache, not the weights, binds."""
 DEFAULT_BASELINE = "mha-deepseek-v2-heads"
 """Plain MHA with DeepSeek-V2's heads and layers: the paper's own yardstick (32,768 vs 576 per layer)."""
 MAX_BITS = 64
-LATENT_FORMATS = ("int8", "fp8")
-"""8-bit latent formats (`latentattn.QuantizedLatentCache`): 8-bit c_KV, fp32 scales, bf16 k_pe."""
 LATENT_GROUP_SIZE = 128
 
 
@@ -59,10 +57,14 @@ def latent_group_size(kv_lora_rank: int, group_size: int | None = None) -> int:
     return group_size
 
 
-def latent_format_bytes(kv_lora_rank: int, rope_dim: int, group_size: int | None = None) -> int:
+def latent_format_bytes(kv_lora_rank: int, qk_rope_head_dim: int, group_size: int | None = None) -> int:
     """Bytes per token per layer of an 8-bit latent: d_c bytes, 4 per group scale (`latent_group_size`),
     2 per RoPE value (bf16)."""
-    return kv_lora_rank + 4 * (kv_lora_rank // latent_group_size(kv_lora_rank, group_size)) + 2 * rope_dim
+    return (
+        kv_lora_rank
+        + 4 * (kv_lora_rank // latent_group_size(kv_lora_rank, group_size))
+        + 2 * qk_rope_head_dim
+    )
 
 
 # Each spec field: paper symbol and the `latentattn cache` flag that sets it.
@@ -73,24 +75,7 @@ _FIELDS = MappingProxyType(
         "n_kv_heads": ("n_g", "--kv-heads"),
         "head_dim": ("d_h", "--head-dim"),
         "kv_lora_rank": ("d_c", "--kv-lora-rank"),
-        "rope_dim": ("d_R", "--rope-dim"),
-    }
-)
-# Fields each attention kind needs to size its cache, and fields it has no use for.
-_REQUIRED = MappingProxyType(
-    {
-        "mha": ("n_heads", "head_dim"),
-        "gqa": ("n_kv_heads", "head_dim"),
-        "mqa": ("head_dim",),
-        "mla": ("kv_lora_rank", "rope_dim"),
-    }
-)
-_UNUSED = MappingProxyType(
-    {
-        "mha": ("kv_lora_rank", "rope_dim"),
-        "gqa": ("kv_lora_rank", "rope_dim"),
-        "mqa": ("kv_lora_rank", "rope_dim"),
-        "mla": ("n_kv_heads", "head_dim"),
+        "qk_rope_head_dim": ("d_R", "--rope-dim"),
     }
 )
 _SIZE_UNITS = MappingProxyType(
@@ -108,6 +93,15 @@ _SIZE_UNITS = MappingProxyType(
 )
 
 
+def _unused_fields(kind: AttentionKind) -> list[str]:
+    """Shape fields only the other cache families size their caches by (`n_heads` is informative)."""
+    family = ATTENTION_KINDS[kind].family
+    others = {
+        name for spec in ATTENTION_KINDS.values() if spec.family != family for name in spec.cache_fields
+    }
+    return [name for name in _FIELDS if name in others - {"n_heads"}]
+
+
 def _field_label(name: str) -> str:
     symbol, flag = _FIELDS[name]
     return f"{name} ({symbol}, {flag})"
@@ -118,7 +112,7 @@ class ModelSpec:
     """The attention shapes that size a model's KV cache (all l layers alike).
 
     `n_heads` is informative except for MHA, where it sets the cache; `n_kv_heads` is n_g (GQA only;
-    MHA implies n_h, MQA 1); MLA uses `kv_lora_rank` d_c and `rope_dim` d_R instead of heads.
+    MHA implies n_h, MQA 1); MLA uses `kv_lora_rank` d_c and `qk_rope_head_dim` d_R instead of heads.
     """
 
     name: str
@@ -128,28 +122,33 @@ class ModelSpec:
     n_kv_heads: int | None = None
     head_dim: int | None = None
     kv_lora_rank: int | None = None
-    rope_dim: int | None = None
+    qk_rope_head_dim: int | None = None
     source: str = ""
 
     def __post_init__(self) -> None:
         owner = f"model '{self.name}'"
-        if self.kind not in KINDS:
-            raise ValueError(f"{owner}: attention kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        for name in _REQUIRED[self.kind]:
+        if self.kind not in ATTENTION_KINDS:
+            raise ValueError(
+                f"{owner}: attention kind must be one of {', '.join(ATTENTION_KINDS)}, got {self.kind!r}"
+            )
+        spec = ATTENTION_KINDS[self.kind]
+        for name in spec.cache_fields:
             if getattr(self, name) is None:
                 raise ValueError(f"{owner}: {self.kind} needs {_field_label(name)}")
-        for name in _UNUSED[self.kind]:
+        for name in _unused_fields(self.kind):
             if getattr(self, name) is not None:
                 raise ValueError(f"{owner}: {self.kind} has no use for {_field_label(name)}")
         for name in _FIELDS:
             value = getattr(self, name)
-            minimum = 0 if name == "rope_dim" else 1
+            minimum = 0 if name == "qk_rope_head_dim" else 1
             if value is not None and (
                 not isinstance(value, int) or isinstance(value, bool) or value < minimum
             ):
                 bound = "a non-negative" if minimum == 0 else "a positive"
                 raise ValueError(f"{owner}: {_field_label(name)} must be {bound} integer, got {value!r}")
-        implied = {"mha": self.n_heads, "mqa": 1}.get(self.kind)
+        implied = None
+        if spec.family == "kv" and "n_kv_heads" not in spec.cache_fields:  # mha: n_h, mqa: 1
+            implied = self.kv_heads
         if implied is not None and self.n_kv_heads not in (None, implied):
             raise ValueError(
                 f"{owner}: {self.kind} caches {implied} kv heads, got n_kv_heads={self.n_kv_heads} (see gqa)"
@@ -169,7 +168,7 @@ class ModelSpec:
                 n_layers,
                 n_heads=config.n_heads,
                 kv_lora_rank=config.kv_lora_rank,
-                rope_dim=config.qk_rope_head_dim,
+                qk_rope_head_dim=config.qk_rope_head_dim,
             )
         return cls(
             name,
@@ -183,13 +182,15 @@ class ModelSpec:
     @property
     def kv_heads(self) -> int | None:
         """K/V heads cached per layer: n_h (MHA), n_g (GQA), 1 (MQA); None for MLA (no per-head K/V)."""
-        return {"mha": self.n_heads, "gqa": self.n_kv_heads, "mqa": 1}.get(self.kind)
+        if ATTENTION_KINDS[self.kind].family != "kv":
+            return None
+        return kv_heads(self.kind, self.n_heads, self.n_kv_heads)
 
     @property
     def elements_per_token_per_layer(self) -> int:
         """Cached numbers per token per layer: 2·kv_heads·d_h, or d_c + d_R for MLA."""
-        if self.kind == "mla":
-            return self.kv_lora_rank + self.rope_dim
+        if ATTENTION_KINDS[self.kind].family == "latent":
+            return self.kv_lora_rank + self.qk_rope_head_dim
         return 2 * self.kv_heads * self.head_dim
 
     @property
@@ -206,7 +207,7 @@ class ModelSpec:
             "kv_heads": self.kv_heads,
             "head_dim": self.head_dim,
             "kv_lora_rank": self.kv_lora_rank,
-            "rope_dim": self.rope_dim,
+            "qk_rope_head_dim": self.qk_rope_head_dim,
             "source": self.source,
         }
 
@@ -222,7 +223,7 @@ PRESETS: MappingProxyType[str, ModelSpec] = MappingProxyType(
                 60,
                 n_heads=128,
                 kv_lora_rank=512,
-                rope_dim=64,
+                qk_rope_head_dim=64,
                 source="https://huggingface.co/deepseek-ai/DeepSeek-V2/blob/main/config.json",
             ),
             ModelSpec(
@@ -231,7 +232,7 @@ PRESETS: MappingProxyType[str, ModelSpec] = MappingProxyType(
                 27,
                 n_heads=16,
                 kv_lora_rank=512,
-                rope_dim=64,
+                qk_rope_head_dim=64,
                 source="https://huggingface.co/deepseek-ai/DeepSeek-V2-Lite/blob/main/config.json",
             ),
             # 61 main layers; the multi-token-prediction module (num_nextn_predict_layers) is not counted.
@@ -241,7 +242,7 @@ PRESETS: MappingProxyType[str, ModelSpec] = MappingProxyType(
                 61,
                 n_heads=128,
                 kv_lora_rank=512,
-                rope_dim=64,
+                qk_rope_head_dim=64,
                 source="https://huggingface.co/deepseek-ai/DeepSeek-V3/blob/main/config.json",
             ),
             # The dense baseline of DeepSeek-V2's 93.3% KV-cache reduction (DeepSeek LLM, arXiv:2401.02954).
@@ -313,13 +314,6 @@ PRESETS: MappingProxyType[str, ModelSpec] = MappingProxyType(
 )
 
 
-def preset(name: str) -> ModelSpec:
-    """The preset called exactly `name`."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
-    return PRESETS[name]
-
-
 def _looks_like_path(text: str) -> bool:
     return "/" in text or "\\" in text or text.endswith(".json") or text.startswith(".")
 
@@ -374,7 +368,7 @@ def load_hf_config(path: str | Path) -> ModelSpec:
             kind="mla",
             n_heads=_hf_int(config, "num_attention_heads", file) if has_heads else None,
             kv_lora_rank=_hf_int(config, "kv_lora_rank", file),
-            rope_dim=_hf_int(config, "qk_rope_head_dim", file),
+            qk_rope_head_dim=_hf_int(config, "qk_rope_head_dim", file),
             **common,
         )
     n_heads = _hf_int(config, "num_attention_heads", file)
@@ -391,8 +385,9 @@ def load_hf_config(path: str | Path) -> ModelSpec:
                 f"{file}: hidden_size ({hidden}) is not a multiple of num_attention_heads ({n_heads})"
             )
         head_dim = hidden // n_heads
-    kind = "mha" if n_kv_heads == n_heads else "mqa" if n_kv_heads == 1 else "gqa"
-    return ModelSpec(kind=kind, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, **common)
+    return ModelSpec(
+        kind=kv_kind(n_heads, n_kv_heads), n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, **common
+    )
 
 
 def spec_from_flags(
@@ -403,7 +398,7 @@ def spec_from_flags(
     kv_heads: int | None = None,
     head_dim: int | None = None,
     kv_lora_rank: int | None = None,
-    rope_dim: int | None = None,
+    qk_rope_head_dim: int | None = None,
 ) -> ModelSpec | None:
     """The custom model `--attn … --layers …` describes; None when no such flag is given."""
     shape = {
@@ -411,17 +406,19 @@ def spec_from_flags(
         "n_kv_heads": kv_heads,
         "head_dim": head_dim,
         "kv_lora_rank": kv_lora_rank,
-        "rope_dim": rope_dim,
+        "qk_rope_head_dim": qk_rope_head_dim,
     }
     if attn is None:
         given = [
             _FIELDS[name][1] for name, value in {"n_layers": layers, **shape}.items() if value is not None
         ]
         if given:
-            raise ValueError(f"{', '.join(given)}: custom-model flags need --attn ({', '.join(KINDS)})")
+            raise ValueError(
+                f"{', '.join(given)}: custom-model flags need --attn ({', '.join(ATTENTION_KINDS)})"
+            )
         return None
-    if attn not in KINDS:
-        raise ValueError(f"--attn must be one of {', '.join(KINDS)}, got {attn!r}")
+    if attn not in ATTENTION_KINDS:
+        raise ValueError(f"--attn must be one of {', '.join(ATTENTION_KINDS)}, got {attn!r}")
     if layers is None:
         raise ValueError(f"a custom {attn} model needs {_field_label('n_layers')}")
     return ModelSpec(f"custom-{attn}", attn, layers, **shape)
@@ -477,14 +474,11 @@ class CacheEstimate:
         if not isinstance(self.bits, int) or not 1 <= self.bits <= MAX_BITS:
             raise ValueError(f"bits must be an integer from 1 to {MAX_BITS}, got {self.bits!r}")
         if self.latent_format is not None:
-            if self.latent_format not in LATENT_FORMATS:
-                raise ValueError(
-                    f"unknown latent format {self.latent_format!r}; choose one of {', '.join(LATENT_FORMATS)}"
-                )
+            lookup(LATENT_FORMATS, self.latent_format, "latent format")
             if self.model.kind != "mla":
                 raise ValueError(f"latent format {self.latent_format} applies to MLA, not {self.model.name}")
             try:
-                latent_format_bytes(self.model.kv_lora_rank, self.model.rope_dim)
+                latent_format_bytes(self.model.kv_lora_rank, self.model.qk_rope_head_dim)
             except ValueError as error:
                 raise ValueError(
                     f"model '{self.model.name}', latent format {self.latent_format}: {error}"
@@ -510,7 +504,7 @@ class CacheEstimate:
     @property
     def _bits_per_token_per_layer(self) -> int:
         if self.latent_format is not None:
-            return 8 * latent_format_bytes(self.model.kv_lora_rank, self.model.rope_dim)
+            return 8 * latent_format_bytes(self.model.kv_lora_rank, self.model.qk_rope_head_dim)
         return self.elements_per_token_per_layer * self.bits
 
     @property
@@ -686,7 +680,7 @@ def presets_table() -> Table:
         table.add_column(header, justify="left" if header in ("name", "attn") else "right")
     table.add_column("source", overflow="fold")
     for spec in PRESETS.values():
-        shape = (spec.n_heads, spec.kv_heads, spec.head_dim, spec.kv_lora_rank, spec.rope_dim)
+        shape = (spec.n_heads, spec.kv_heads, spec.head_dim, spec.kv_lora_rank, spec.qk_rope_head_dim)
         table.add_row(
             spec.name,
             spec.kind,

@@ -37,7 +37,7 @@ from tokenizers import Tokenizer
 
 from latentattn.config import GQAConfig, Llama3RopeConfig, MLAConfig, RopeConfig, YarnConfig
 from latentattn.model import LanguageModel, ModelConfig
-from latentattn.run_dir import temp_path
+from latentattn.run_dir import publish_directory, temp_path
 from latentattn.tokens import SpecialTokens, separator_tokens
 
 LATEST = "latest"
@@ -310,19 +310,18 @@ def save_checkpoint(
     records = read_manifest(run_dir)
     if target.exists() and name not in {record.name for record in records}:
         raise ValueError(f"{target} exists but was not written by this run; move it away")
-    tmp = temp_path(target)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    write_checkpoint_files(tmp, model=model, tokenizer=tokenizer, metadata={"train": train, "step": step})
-    torch.save(trainer_state, tmp / TRAINER_STATE)
     records = sorted(
         [record for record in records if record.name != name] + [SavedCheckpoint(name, step, val_loss)],
         key=lambda record: record.step,
     )
-    _write_manifest(run_dir, records)  # listed before it exists: a crash never leaves it unlisted
-    if target.exists():  # a complete earlier copy of this very step
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+
+    def write(tmp: Path) -> None:
+        write_checkpoint_files(tmp, model=model, tokenizer=tokenizer, metadata={"train": train, "step": step})
+        torch.save(trainer_state, tmp / TRAINER_STATE)
+
+    # Listed before it exists: a crash never leaves it unlisted. An existing `target` is a complete
+    # earlier copy of this very step, replaced.
+    publish_directory(target, write, before_publish=lambda: _write_manifest(run_dir, records))
     write_text_atomically(run_dir / LATEST, name + "\n")
     best = _best(records)
     if best is not None:

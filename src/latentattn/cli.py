@@ -14,6 +14,7 @@ from rich.table import Table
 
 import latentattn
 from latentattn.calculator import print_table
+from latentattn.registry import ATTENTION_KINDS, LATENT_FORMATS, dtype_spellings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +65,7 @@ def _run_tour(args: argparse.Namespace) -> None:
 
 
 def _add_cache(verbs: argparse._SubParsersAction) -> None:
-    from latentattn.calculator import DEFAULT_BASELINE, KINDS
+    from latentattn.calculator import DEFAULT_BASELINE
 
     cache = verbs.add_parser(
         "cache",
@@ -79,15 +80,29 @@ def _add_cache(verbs: argparse._SubParsersAction) -> None:
         "--config", action="append", default=[], metavar="PATH", help="an HF config.json (repeatable)"
     )
     custom = cache.add_argument_group("a custom model (every layer alike)")
-    custom.add_argument("--attn", choices=KINDS, help="attention kind")
+    custom.add_argument(
+        "--attn",
+        choices=tuple(ATTENTION_KINDS),
+        help="attention kind: "
+        + "; ".join(f"{name}, {spec.summary}" for name, spec in ATTENTION_KINDS.items()),
+    )
     custom.add_argument("--layers", type=int, metavar="N", help="l, layers")
     custom.add_argument("--heads", type=int, metavar="N", help="n_h, query heads (sets the cache for mha)")
     custom.add_argument("--kv-heads", type=int, metavar="N", help="n_g, K/V heads (gqa)")
     custom.add_argument(
-        "--head-dim", type=int, metavar="N", help="d_h, width of each K/V head (mha, gqa, mqa)"
+        "--head-dim",
+        type=int,
+        metavar="N",
+        help=f"d_h, width of each K/V head ({', '.join(_kinds_of('kv'))})",
     )
     custom.add_argument("--kv-lora-rank", type=int, metavar="N", help="d_c, latent width (mla)")
-    custom.add_argument("--rope-dim", type=int, metavar="N", help="d_R, decoupled RoPE key width (mla)")
+    custom.add_argument(
+        "--rope-dim",
+        dest="qk_rope_head_dim",
+        type=int,
+        metavar="N",
+        help="d_R (qk_rope_head_dim), decoupled RoPE key width (mla)",
+    )
     cache.add_argument(
         "--context", default="128K", metavar="TOKENS", help="tokens per sequence: 4096, 128K (=131,072), 1M"
     )
@@ -97,7 +112,7 @@ def _add_cache(verbs: argparse._SubParsersAction) -> None:
     )
     cache.add_argument(
         "--latent-format",
-        choices=("int8", "fp8"),
+        choices=tuple(LATENT_FORMATS),
         help="store MLA latents in FlashMLA's 8-bit layout (8-bit c_KV, fp32 scale per 128, bf16 k_pe)",
     )
     cache.add_argument(
@@ -135,7 +150,7 @@ def _run_cache(args: argparse.Namespace) -> None:
         kv_heads=args.kv_heads,
         head_dim=args.head_dim,
         kv_lora_rank=args.kv_lora_rank,
-        rope_dim=args.rope_dim,
+        qk_rope_head_dim=args.qk_rope_head_dim,
     )
     models += [custom] if custom else []
     if not models:
@@ -166,7 +181,7 @@ def _run_cache(args: argparse.Namespace) -> None:
 
 
 def _add_bench(verbs: argparse._SubParsersAction) -> None:
-    from latentattn.bench import DTYPES, IMPLS
+    from latentattn.bench import DTYPES, IMPLS, BenchConfig
 
     bench = verbs.add_parser(
         "bench",
@@ -200,8 +215,9 @@ def _add_bench(verbs: argparse._SubParsersAction) -> None:
     bench.add_argument(
         "--dtype",
         nargs="+",
-        choices=DTYPES,
-        help="weight, activation and cache dtypes (default float32 bfloat16; serve mode: bfloat16)",
+        choices=dtype_spellings(DTYPES),
+        help=f"weight, activation and cache dtypes (default {' '.join(BenchConfig.dtypes)}; "
+        "serve mode: bfloat16)",
     )
     bench.add_argument("--impl", nargs="+", choices=IMPLS, default=list(IMPLS), help="implementations")
     bench.add_argument("--gqa-kv-heads", type=int, default=4, metavar="N", help="K/V heads of the GQA row")
@@ -246,7 +262,7 @@ def _run_bench(args: argparse.Namespace) -> None:
     config = BenchConfig(
         contexts=tuple(parse_context(text) for text in args.contexts),
         batch_sizes=tuple(args.batch),
-        dtypes=tuple(args.dtype or ("float32", "bfloat16")),
+        dtypes=tuple(args.dtype or BenchConfig.dtypes),
         impls=tuple(args.impl),
         gqa_kv_heads=args.gqa_kv_heads,
         hf_max_context=parse_context(args.hf_max_context),
@@ -298,11 +314,11 @@ def _run_bench_serve(args: argparse.Namespace, plot: Path | None, threads: int |
 
 
 def _add_eval(verbs: argparse._SubParsersAction) -> None:
-    from latentattn.evaluate import FORMATS
+    from latentattn.evaluate import FORMATS, LATENT_ONLY
 
     evaluate = verbs.add_parser(
         "eval",
-        help="validation loss of a checkpoint through each cache format (full, int8, fp8 latents)",
+        help="validation loss of a checkpoint through each cache format (full, 8-bit latents)",
         description="Feed validation windows in chunks through the model's cache in each format.",
     )
     evaluate.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="a run or checkpoint directory")
@@ -310,8 +326,8 @@ def _add_eval(verbs: argparse._SubParsersAction) -> None:
         "--formats",
         nargs="+",
         choices=FORMATS,
-        help="none: plain forward; full: the model-dtype cache; int8, fp8: MLA's 8-bit latents "
-        "(default: all that apply to the model)",
+        help=f"none: plain forward; full: the model-dtype cache; {', '.join(LATENT_ONLY)}: MLA's 8-bit "
+        "latents (default: all that apply to the model)",
     )
     evaluate.add_argument(
         "--windows", type=int, default=32, metavar="N", help="validation windows (default 32)"
@@ -351,19 +367,19 @@ def _run_eval(args: argparse.Namespace) -> None:
 
 def _add_train(verbs: argparse._SubParsersAction) -> None:
     from latentattn.config_cli import add_config_arguments
-    from latentattn.model import ATTENTION_KINDS, PRESETS
+    from latentattn.model import PRESETS
     from latentattn.train import DTYPES, TrainConfig
 
     train = verbs.add_parser(
         "train",
-        help="train a small LM with mha, gqa, mqa or mla attention (torchrun-compatible)",
+        help=f"train a small LM with {', '.join(ATTENTION_KINDS)} attention (torchrun-compatible)",
         description="Train a decoder-only LM (latentattn.train.TrainConfig). With --resume, options not "
         "given take the run's saved settings.",
     )
     add_config_arguments(
         train,
         TrainConfig,
-        choices={"preset": tuple(PRESETS), "attn": ATTENTION_KINDS, "dtype": DTYPES},
+        choices={"preset": tuple(PRESETS), "attn": tuple(ATTENTION_KINDS), "dtype": dtype_spellings(DTYPES)},
         metavars={
             "out": "DIR",
             "data": "PATH",
@@ -372,6 +388,7 @@ def _add_train(verbs: argparse._SubParsersAction) -> None:
             "context": "TOKENS",
         },
         flags=("resume",),
+        aliases={"qk_rope_head_dim": ("rope_head_dim",)},
     )
     train.add_argument("--quiet", action="store_true", help="no progress bar or messages")
     train.set_defaults(run=_run_train)
@@ -449,7 +466,7 @@ def _add_generate(verbs: argparse._SubParsersAction) -> None:
     generate.add_argument("--seed", type=int, default=0, metavar="N", help="sampling seed (default 0)")
     generate.add_argument(
         "--latent-format",
-        choices=("int8", "fp8"),
+        choices=tuple(LATENT_FORMATS),
         help="MLA: keep the latent cache in 8 bits (FlashMLA's 656-byte layout at d_c 512, d_R 64)",
     )
     generate.add_argument("--device", default="cpu", help="torch device: cpu, cuda, mps ... (default cpu)")
@@ -607,6 +624,10 @@ def _run_export(args: argparse.Namespace) -> None:
     print(f"Hugging Face model written to {out}")
 
 
+def _kinds_of(family: str) -> list[str]:
+    return [kind for kind, spec in ATTENTION_KINDS.items() if spec.family == family]
+
+
 def _say(message: str) -> None:
     """Progress of long work, on stderr (stdout keeps the results, JSON included)."""
     print(f"  {message}", file=sys.stderr, flush=True)
@@ -640,7 +661,13 @@ def _add_convert(verbs: argparse._SubParsersAction) -> None:
     convert.add_argument("--to", choices=("mla", "gqa"), help="mla (svd, pca) or gqa (merge); optional")
     convert.add_argument("--method", choices=METHODS, default=defaults.method, help="default %(default)s")
     convert.add_argument("--kv-lora-rank", type=int, metavar="C", help="d_c, latent width (svd, pca)")
-    convert.add_argument("--rope-dim", type=int, metavar="R", help="d_R, shared RoPE key width (svd, pca)")
+    convert.add_argument(
+        "--rope-dim",
+        dest="qk_rope_head_dim",
+        type=int,
+        metavar="R",
+        help="d_R (qk_rope_head_dim), shared RoPE key width (svd, pca)",
+    )
     convert.add_argument("--kv-heads", type=int, metavar="N", help="kv heads after merging (merge)")
     convert.add_argument(
         "--calibration-tokens",
@@ -682,7 +709,7 @@ def _run_convert(args: argparse.Namespace) -> None:
     config = ConversionConfig(
         method=args.method,
         kv_lora_rank=args.kv_lora_rank,
-        rope_dim=args.rope_dim,
+        qk_rope_head_dim=args.qk_rope_head_dim,
         kv_heads=args.kv_heads,
         rope_frequencies=args.rope_frequencies,
         rope_residual=args.rope_residual,

@@ -8,10 +8,11 @@ only create and remove a uniquely named probe file next to where the output will
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from latentattn.run_dir import probe_writable
 
 
 def check_device(text: str, flag: str = "--device") -> torch.device:
@@ -74,11 +75,9 @@ def check_output_dir(path: str | Path, flag: str = "--out") -> Path:
 
 
 def _probe(folder: Path, flag: str, path: Path) -> None:
-    """Create and remove a probe file in `folder`, or raise naming `flag` and `path`: the only test of
-    writability that holds for every user (root ignores mode bits) and file system (read-only mounts)."""
+    """`run_dir.probe_writable(folder)`, or a ValueError naming `flag` and `path`."""
     try:
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".latentattn-probe-"):
-            pass
+        probe_writable(folder)
     except OSError as error:
         reason = error.strerror or type(error).__name__
         raise ValueError(f"{flag} {str(path)!r}: cannot write in {str(folder)!r} ({reason})") from None

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
 
-AttentionKind = Literal["mha", "gqa", "mqa", "mla"]
+from latentattn.registry import AttentionKind, kv_kind
 
 
 def _require(condition: bool, message: str) -> None:
@@ -280,9 +279,7 @@ class GQAConfig:
 
     @property
     def kind(self) -> AttentionKind:
-        if self.n_kv_heads == self.n_heads:
-            return "mha"
-        return "mqa" if self.n_kv_heads == 1 else "gqa"
+        return kv_kind(self.n_heads, self.n_kv_heads)
 
     @property
     def cache_width(self) -> int:
@@ -296,3 +293,18 @@ class GQAConfig:
 
 
 AttentionConfig = MLAConfig | GQAConfig
+
+
+def mha_counterpart(config: AttentionConfig) -> GQAConfig:
+    """MHA of the same shape: the yardstick of every "N× smaller cache" figure here (DeepSeek-V2 §2.1.1,
+    2·n_h·d_h per token and layer). The same d_model and n_h query heads, each with its own K and V of
+    the per-head width d_h: `head_dim` for the GQA family, `v_head_dim` for MLA (DeepSeek-V2's d_h = 128,
+    as the calculator's `mha-deepseek-v2-heads`)."""
+    head_dim = config.v_head_dim if isinstance(config, MLAConfig) else config.head_dim
+    return GQAConfig(
+        d_model=config.d_model,
+        n_heads=config.n_heads,
+        n_kv_heads=config.n_heads,
+        head_dim=head_dim,
+        rope=config.rope if isinstance(config, GQAConfig) else RopeConfig(interleave=False),
+    )

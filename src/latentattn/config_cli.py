@@ -64,15 +64,17 @@ def add_config_arguments(
     choices: Mapping[str, tuple[Any, ...]] | None = None,
     metavars: Mapping[str, str] | None = None,
     flags: tuple[str, ...] = (),
+    aliases: Mapping[str, tuple[str, ...]] | None = None,
     show_defaults: bool = True,
 ) -> None:
     """One option per field of the dataclass `cls` except `exclude`: `--name-with-dashes`, typed from the
     annotation (`X | None` as X, tuples as one or more values, `Literal` as choices), `choices` from a
-    registry where given. Booleans are `--x/--no-x`, except `flags` (plain `--x`). A field without a
-    default is required. Every exposed field must have a docstring (its help)."""
+    registry where given. Booleans are `--x/--no-x`, except `flags` (plain `--x`). `aliases` gives a
+    field's older option names, still accepted. A field without a default is required. Every exposed
+    field must have a docstring (its help)."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
-    choices, metavars = choices or {}, metavars or {}
+    choices, metavars, aliases = choices or {}, metavars or {}, aliases or {}
     for field in dataclasses.fields(cls):
         if field.name in exclude:
             continue
@@ -103,7 +105,8 @@ def add_config_arguments(
                 options["metavar"] = metavars.get(field.name, _METAVARS.get(hint, field.name.upper()))
         if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             options["required"] = True
-        parser.add_argument("--" + field.name.replace("_", "-"), **options)
+        names = (field.name, *aliases.get(field.name, ()))
+        parser.add_argument(*("--" + name.replace("_", "-") for name in names), **options)
 
 
 def config_options(args: argparse.Namespace, cls: type) -> dict[str, Any]:

@@ -13,14 +13,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sysconfig
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from latentattn.run_dir import publish_directory
 
 EOS = "<|endoftext|>"
 """Separates documents; generation also starts every prompt with it."""
@@ -130,20 +132,10 @@ def _manifest(files: Sequence[Path]) -> list[tuple[str, int, int]]:
 
 
 def _write_dir_atomically(target: Path, write: Callable[[Path], None]) -> None:
-    """Run `write(tmp_dir)` in a fresh temporary sibling of `target`, then rename it to `target`."""
+    """`write` a cache entry `target` completely or not at all; one that another process (a DDP rank)
+    published first is kept."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"tmp-{target.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except OSError:
-        if not target.exists():
-            raise
-        # Another process (a DDP rank) published the same content first.
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    publish_directory(target, write, keep_existing=True)
 
 
 def load_corpus(
@@ -201,6 +193,17 @@ def prepare_corpus(
         _write_dir_atomically(ids_dir, encode)
     train, val = (_read_ids(ids_dir / f"{name}.bin", dtype) for name in ("train", "val"))
     return Corpus(tokenizer=tokenizer, train=train, val=val)
+
+
+def window_starts(n_tokens: int, window: int, count: int) -> np.ndarray:
+    """First token of each of `count` evenly spaced windows of `window + 1` tokens in a split of
+    `n_tokens`: the fixed validation windows of training and of `latentattn eval`."""
+    return np.linspace(0, n_tokens - window - 1, count).astype(np.int64)
+
+
+def gather_windows(tokens: np.ndarray, starts: np.ndarray, window: int) -> torch.Tensor:
+    """The windows `tokens[s : s + window + 1]` for each start, as int64 `[len(starts), window + 1]`."""
+    return torch.from_numpy(np.stack([tokens[s : s + window + 1] for s in starts]).astype(np.int64))
 
 
 def _read_ids(path: Path, dtype: type[np.unsignedinteger]) -> np.ndarray:

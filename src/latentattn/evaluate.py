@@ -5,7 +5,7 @@ attends to keys and values read back from the cache (written, then read, even wi
 a full-precision cache reproduces the plain forward pass, an 8-bit one (MLA: int8 or fp8 latents in
 FlashMLA's 656-byte layout) shows what its rounding costs in loss and perplexity.
 
-Notation: B windows per batch, T window length, V vocabulary.
+Notation: B windows per batch, T window length, vocab the vocabulary size.
 """
 
 from __future__ import annotations
@@ -22,13 +22,14 @@ from rich.table import Table
 
 from latentattn.checkpoint import Checkpoint, load_checkpoint
 from latentattn.config import MLAConfig
-from latentattn.data import load_corpus
+from latentattn.data import gather_windows, load_corpus, window_starts
 from latentattn.model import LanguageModel
+from latentattn.registry import LATENT_FORMATS
 
-FORMATS = ("none", "full", "int8", "fp8")
-"""`none`: plain forward, no cache; `full`: the model-dtype cache; `int8`, `fp8`: MLA's 8-bit latents."""
-LATENT_ONLY = ("int8", "fp8")
-"""Formats only MLA models have."""
+LATENT_ONLY = tuple(LATENT_FORMATS)
+"""Formats only MLA models have: the 8-bit latents."""
+FORMATS = ("none", "full", *LATENT_ONLY)
+"""`none`: plain forward, no cache; `full`: the model-dtype cache; then MLA's 8-bit latents."""
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,7 @@ def windows(tokens: np.ndarray, window: int, count: int) -> torch.Tensor:
             f"--windows must lie in [1, {most}]: the validation split holds {len(tokens):,} tokens, "
             f"{most} windows of {window + 1}; got {count}"
         )
-    starts = np.linspace(0, len(tokens) - window - 1, count).astype(np.int64)
-    return torch.from_numpy(np.stack([tokens[s : s + window + 1] for s in starts]).astype(np.int64))
+    return gather_windows(tokens, window_starts(len(tokens), window, count), window)
 
 
 @torch.inference_mode()
@@ -81,7 +81,7 @@ def window_loss(
         batch = rows[first : first + batch_size].to(device)
         inputs, targets = batch[:, :-1], batch[:, 1:]  # [B, T]
         if cache_format == "none":
-            logits = model(inputs)  # [B, T, V]
+            logits = model(inputs)  # [B, T, vocab]
         else:
             latent_format = None if cache_format == "full" else cache_format
             cache = model.new_cache(len(batch), inputs.shape[1], latent_format=latent_format)

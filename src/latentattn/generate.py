@@ -5,7 +5,7 @@ then decoded one token per step: MLA on its absorbed path over the latent cache,
 family over its K/V cache. Prompts start with the checkpoint's BOS (a trained model's: the document
 separator, as training documents do) and completions end at its EOS (`latentattn.tokens`).
 
-Notation: B batch (prompts), V vocabulary size.
+Notation: B batch (prompts), vocab vocabulary size.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from tokenizers import Tokenizer
 from torch import Tensor
 
 from latentattn.checkpoint import load_checkpoint
-from latentattn.config import AttentionConfig, MLAConfig
+from latentattn.config import AttentionConfig, MLAConfig, mha_counterpart
 from latentattn.model import LanguageModel
 from latentattn.tokens import encode_prompt
 
@@ -59,7 +59,7 @@ class SamplingConfig:
 
 
 def sample_next(logits: Tensor, sampling: SamplingConfig, generator: torch.Generator | None = None) -> Tensor:
-    """Next token ids `[B]` from logits `[B, V]`."""
+    """Next token ids `[B]` from logits `[B, vocab]`."""
     if sampling.temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float()
@@ -142,8 +142,8 @@ def generate(
     )
 
     start = time.perf_counter()
-    logits = model(padded, cache, n_new=n_new)  # [B, T, V]
-    logits = logits[torch.arange(batch, device=device), n_new - 1]  # [B, V] at each prompt's last token
+    logits = model(padded, cache, n_new=n_new)  # [B, T, vocab]
+    logits = logits[torch.arange(batch, device=device), n_new - 1]  # [B, vocab] at each prompt's last token
     prefill_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -163,7 +163,7 @@ def generate(
         if step == max_new_tokens - 1 or not bool(running.any()):
             break
         # Stopped sequences take no new token (n_new 0); their rows are computed and ignored.
-        logits = model(token[:, None], cache, n_new=running.long(), mode=decode_mode)[:, 0]  # [B, V]
+        logits = model(token[:, None], cache, n_new=running.long(), mode=decode_mode)[:, 0]  # [B, vocab]
     decode_seconds = time.perf_counter() - start
     return Generation(
         tokens=outputs,
@@ -174,17 +174,6 @@ def generate(
         cache_used_bytes=cache.used_bytes,
         cache_bytes_per_token=cache.bytes_per_token,
     )
-
-
-def mha_cache_width(config: AttentionConfig) -> int:
-    """Numbers per token per layer that MHA with the same heads and head widths would cache.
-
-    GQA family: K and V for every query head, `2·n_heads·head_dim`. MLA: per-head keys of width
-    `qk_nope + qk_rope` and values of width `v_head_dim` (DeepSeek-V2's "MHA" baseline).
-    """
-    if isinstance(config, MLAConfig):
-        return config.n_heads * (config.qk_head_dim + config.v_head_dim)
-    return 2 * config.n_heads * config.head_dim
 
 
 class Detokenizer:
@@ -325,7 +314,7 @@ def check_utf8(text: str, name: str) -> None:
 
 
 def _report(result: Generation, attention: AttentionConfig, n_layers: int, element_size: int) -> str:
-    mha_bytes_per_token = mha_cache_width(attention) * n_layers * element_size
+    mha_bytes_per_token = mha_counterpart(attention).cache_width * n_layers * element_size
     mha_bytes = result.cache_tokens * mha_bytes_per_token
     kind = attention.kind.upper()
     return (

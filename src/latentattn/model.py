@@ -6,7 +6,8 @@ Architecture only (no training code). Blocks are pre-norm, Llama / DeepSeek-V3 (
 
 with a SwiGLU MLP and no biases, so a block maps onto an HF Llama or DeepSeek-V3 dense layer.
 
-Notation: B batch, T new tokens, V vocabulary size, d d_model, F d_ff.
+Notation: B batch, T new tokens, vocab vocabulary size, d d_model, F d_ff (V is the value width
+d_v, as in attention.py).
 
 With a cache (`new_cache`: contiguous; `new_paged_cache`: paged, every attention kind), each forward
 step is planned once by the cache (positions, mask, write slots: `latentattn.caches.Step`) and every
@@ -27,16 +28,15 @@ from latentattn.attention import MODES, Mode, build_attention, check_mode
 from latentattn.caches import AttentionCache, ModelCache, PagedModelCache, Step, Workspace
 from latentattn.config import (
     AttentionConfig,
-    AttentionKind,
     GQAConfig,
     MLAConfig,
     check_positive_ints,
     check_positive_numbers,
 )
 from latentattn.layers import RMSNorm
+from latentattn.registry import ATTENTION_KINDS, AttentionKind, kv_heads, lookup
 
 Device = torch.device | str | None
-ATTENTION_KINDS: tuple[AttentionKind, ...] = ("mha", "gqa", "mqa", "mla")
 
 
 @dataclass(frozen=True)
@@ -56,10 +56,10 @@ class ModelConfig:
         names = ("vocab_size", "n_layers", "d_model", "d_ff", "max_seq_len")
         check_positive_ints("ModelConfig", **{name: getattr(self, name) for name in names})
         check_positive_numbers("ModelConfig", norm_eps=self.norm_eps)
-        if not isinstance(self.attention, MLAConfig | GQAConfig):
+        if getattr(self.attention, "kind", None) not in ATTENTION_KINDS:
             raise ValueError(
-                "ModelConfig.attention must be an MLAConfig or a GQAConfig, "
-                f"got {type(self.attention).__name__}"
+                "ModelConfig.attention must be the config of an attention kind (MLAConfig, GQAConfig, "
+                f"... see registry.ATTENTION_KINDS), got {type(self.attention).__name__}"
             )
         if self.attention.d_model != self.d_model:
             raise ValueError(
@@ -74,7 +74,7 @@ class Preset:
 
     All kinds share d_model, n_heads and the per-head width `head_dim`. GQA uses `n_kv_heads` groups
     (MQA one, MHA `n_heads`). MLA uses `qk_nope_head_dim = v_head_dim = head_dim`, a decoupled RoPE key
-    of `rope_head_dim` and a latent of `kv_lora_rank` (DeepSeek-V2 ratios: 128 / 64 / 512).
+    of `qk_rope_head_dim` and a latent of `kv_lora_rank` (DeepSeek-V2 ratios: 128 / 64 / 512).
     """
 
     vocab_size: int
@@ -85,7 +85,7 @@ class Preset:
     head_dim: int
     n_kv_heads: int
     kv_lora_rank: int
-    rope_head_dim: int
+    qk_rope_head_dim: int
     max_seq_len: int
     q_lora_rank: int | None = None
 
@@ -98,14 +98,14 @@ class Preset:
                 kv_lora_rank=self.kv_lora_rank,
                 q_lora_rank=self.q_lora_rank,
                 qk_nope_head_dim=self.head_dim,
-                qk_rope_head_dim=self.rope_head_dim,
+                qk_rope_head_dim=self.qk_rope_head_dim,
                 v_head_dim=self.head_dim,
             )
-        kv_heads = {"mha": self.n_heads, "gqa": self.n_kv_heads, "mqa": 1}
-        if kind not in kv_heads:
-            raise ValueError(f"unknown attention kind {kind!r}; choose one of {', '.join(ATTENTION_KINDS)}")
         return GQAConfig(
-            d_model=self.d_model, n_heads=self.n_heads, n_kv_heads=kv_heads[kind], head_dim=self.head_dim
+            d_model=self.d_model,
+            n_heads=self.n_heads,
+            n_kv_heads=kv_heads(kind, self.n_heads, self.n_kv_heads),
+            head_dim=self.head_dim,
         )
 
     def model(
@@ -135,11 +135,11 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             head_dim=16,
             n_kv_heads=2,
             kv_lora_rank=32,
-            rope_head_dim=8,
+            qk_rope_head_dim=8,
             max_seq_len=64,
         ),
-        # Learns Python-looking text from the standard library in ~4 minutes on 2 CPU cores (~2.6M
-        # parameters, ~5k tokens/s); the `latentattn demo` model (see docs/training.md).
+        # The `latentattn demo` model (~2.6M parameters): learns Python-looking text from the standard
+        # library on a CPU (measured times and losses: README, docs/training.md).
         "small": Preset(
             vocab_size=4096,
             n_layers=4,
@@ -149,7 +149,7 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
             head_dim=48,
             n_kv_heads=2,
             kv_lora_rank=96,
-            rope_head_dim=24,
+            qk_rope_head_dim=24,
             max_seq_len=256,
         ),
     }
@@ -158,9 +158,7 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType(
 
 def get_preset(name: str) -> Preset:
     """The preset called exactly `name`."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return PRESETS[name]
+    return lookup(PRESETS, name, "preset")
 
 
 class SwiGLU(nn.Module):
@@ -184,11 +182,16 @@ class Block(nn.Module):
     """Pre-norm residual block: attention then SwiGLU MLP."""
 
     def __init__(
-        self, config: ModelConfig, *, device: Device = None, dtype: torch.dtype | None = None
+        self,
+        config: ModelConfig,
+        *,
+        recompute_kv: bool = False,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(config.d_model, config.norm_eps, device=device, dtype=dtype)
-        self.attn = build_attention(config.attention, device=device, dtype=dtype)
+        self.attn = build_attention(config.attention, recompute_kv=recompute_kv, device=device, dtype=dtype)
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps, device=device, dtype=dtype)
         self.mlp = SwiGLU(config.d_model, config.d_ff, device=device, dtype=dtype)
 
@@ -199,20 +202,30 @@ class Block(nn.Module):
 
 
 class LanguageModel(nn.Module):
-    """Token ids `[B, T]` → next-token logits `[B, T, V]`.
+    """Token ids `[B, T]` → next-token logits `[B, T, vocab]`.
 
     Weights (HF Llama / DeepSeek-V3 names in parentheses): embed (embed_tokens), blocks[i].attn_norm
     (input_layernorm), blocks[i].attn (self_attn), blocks[i].mlp_norm (post_attention_layernorm),
     blocks[i].mlp (mlp), norm (norm), lm_head (lm_head; absent when tied to embed).
+
+    `recompute_kv` (training, MLA): keep only the latent for backward and recompute per-head K/V.
     """
 
     def __init__(
-        self, config: ModelConfig, *, device: Device = None, dtype: torch.dtype | None = None
+        self,
+        config: ModelConfig,
+        *,
+        recompute_kv: bool = False,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model, device=device, dtype=dtype)
-        self.blocks = nn.ModuleList(Block(config, device=device, dtype=dtype) for _ in range(config.n_layers))
+        self.blocks = nn.ModuleList(
+            Block(config, recompute_kv=recompute_kv, device=device, dtype=dtype)
+            for _ in range(config.n_layers)
+        )
         self.norm = RMSNorm(config.d_model, config.norm_eps, device=device, dtype=dtype)
         self.lm_head = (
             None
@@ -240,10 +253,7 @@ class LanguageModel(nn.Module):
             raise ValueError(
                 f"cache max_len {max_len} exceeds the model's max_seq_len {self.config.max_seq_len}"
             )
-        if latent_format is not None and not isinstance(self.config.attention, MLAConfig):
-            raise ValueError(
-                f"8-bit latent caches need an MLA model, this one is {self.config.attention.kind}"
-            )
+        self._check_latent_format(latent_format)
         weight = self.embed.weight
         cache = ModelCache(batch_size, max_len, device=weight.device, static=static)
         shared = {"workspace": Workspace(), "latent_format": latent_format} if latent_format else {}
@@ -264,10 +274,7 @@ class LanguageModel(nn.Module):
         """An empty paged cache for every layer: one block allocator and block table per sequence, one
         pool per layer, sized by `budget_bytes` (the most blocks that fit, over all layers) or
         `num_blocks`. MLA models may store the latents in 8 bits (`latent_format` "int8", "fp8")."""
-        if latent_format is not None and not isinstance(self.config.attention, MLAConfig):
-            raise ValueError(
-                f"8-bit latent caches need an MLA model, this one is {self.config.attention.kind}"
-            )
+        self._check_latent_format(latent_format)
         weight = self.embed.weight
         return PagedModelCache(
             [block.attn.config for block in self.blocks],
@@ -279,6 +286,17 @@ class LanguageModel(nn.Module):
             dtype=weight.dtype,
         )
 
+    @property
+    def cache_family(self) -> str:
+        """The cache its attention kind writes: "latent" or "kv" (`registry.ATTENTION_KINDS`)."""
+        return ATTENTION_KINDS[self.config.attention.kind].family
+
+    def _check_latent_format(self, latent_format: str | None) -> None:
+        if latent_format is not None and self.cache_family != "latent":
+            raise ValueError(
+                f"8-bit latent caches need an MLA model, this one is {self.config.attention.kind}"
+            )
+
     def forward(
         self,
         tokens: Tensor,
@@ -287,12 +305,12 @@ class LanguageModel(nn.Module):
         n_new: Tensor | None = None,
         mode: Mode = "auto",
     ) -> Tensor:
-        """tokens: [B, T] → logits [B, T, V]. With a cache: one step over its batch (token t of sequence
+        """tokens: [B, T] → logits [B, T, vocab]. With a cache: one step over its batch (token t of sequence
         b at position `lengths[b] + t`, `n_new[b]` of the T real), planned once for all layers."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [batch, tokens], got shape {tuple(tokens.shape)}")
         attention = self.config.attention
-        modes = MODES if isinstance(attention, MLAConfig) else ("auto", "naive")
+        modes = MODES if self.cache_family == "latent" else ("auto", "naive")
         check_mode(mode, modes, f"{attention.kind.upper()} model")
         if cache is not None:
             self._check_cache(cache, tokens)
@@ -323,7 +341,7 @@ class LanguageModel(nn.Module):
             x = block(x, None if cache is None else cache.layers[i], step, mode)
         x = self.norm(x)
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, weight)  # [B, T, V]
+        return F.linear(x, weight)  # [B, T, vocab]
 
     def _check_cache(self, cache: ModelCache | PagedModelCache, tokens: Tensor) -> None:
         """What a layer would refuse, checked before the step is planned: one cache layer per block, of
@@ -333,7 +351,7 @@ class LanguageModel(nn.Module):
                 f"cache must be the model cache of {len(self.blocks)} layers "
                 "from new_cache() or new_paged_cache()"
             )
-        family = "latent" if isinstance(self.config.attention, MLAConfig) else "kv"
+        family = self.cache_family
         for i, layer in enumerate(cache.layers):
             if layer.family != family or layer.device != tokens.device:
                 raise ValueError(

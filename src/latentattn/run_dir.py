@@ -18,20 +18,76 @@ import fcntl
 import os
 import re
 import shutil
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 LOCK = "lock"
 TEMP_NAME = re.compile(
     r"tmp-(?P<name>step-\d{7}|latest|best|checkpoints\.json|log\.jsonl|journal\.json|probe)-(?P<pid>\d+)"
+    r"(?:\.old)?"
 )
-"""Temporary names this package writes into a run directory: a target name and the writer's PID."""
+"""Temporary names this package writes into a run directory: a target name and the writer's PID (and
+`.old`: a directory being replaced, see `publish_directory`)."""
 
 
 def temp_path(target: Path) -> Path:
     """This process's temporary sibling of `target` (a name `TEMP_NAME` matches for run files)."""
     return target.with_name(f"tmp-{target.name}-{os.getpid()}")
+
+
+def probe_writable(folder: Path) -> None:
+    """Create and remove a probe file in `folder`, raising the OSError if that fails: the only test of
+    writability that holds for every user (root ignores mode bits) and file system (read-only mounts)."""
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".latentattn-probe-"):
+        pass
+
+
+def publish_directory(
+    target: Path,
+    write: Callable[[Path], None],
+    *,
+    tmp: Path | None = None,
+    before_publish: Callable[[], None] | None = None,
+    keep_existing: bool = False,
+) -> bool:
+    """Write the directory `target` completely or not at all: `write(tmp)` in a fresh temporary sibling
+    (`tmp`, by default `temp_path(target)`), then `before_publish()`, then a rename onto `target`.
+
+    An existing `target` is replaced only once the new one is complete (moved aside to `tmp.old`, put
+    back if the rename fails); with `keep_existing` it is kept instead and ours dropped (another process
+    published the same content first). On any error the temporary directory is removed and `target` is
+    left as it was. Returns whether ours was published."""
+    if tmp is None:
+        tmp = temp_path(target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    try:
+        write(tmp)
+        if before_publish is not None:
+            before_publish()
+        if target.exists():
+            if keep_existing:
+                return False
+            old = tmp.with_name(f"{tmp.name}.old")
+            os.replace(target, old)
+            try:
+                os.replace(tmp, target)
+            except OSError:
+                os.replace(old, target)
+                raise
+            shutil.rmtree(old)
+            return True
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if keep_existing and target.exists():  # published by another process meanwhile
+                return False
+            raise
+        return True
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check_out(path: Path, *, markers: tuple[str, ...], owner: str) -> None:
@@ -90,9 +146,7 @@ def acquire(directory: Path, *, owner: str) -> RunLock:
         stale = _read_pid(fd)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        probe = temp_path(directory / "probe")
-        probe.touch()
-        probe.unlink()
+        probe_writable(directory)
     except OSError as error:
         os.close(fd)
         raise ValueError(f"cannot write to --out {str(directory)!r}: {error.strerror}") from None

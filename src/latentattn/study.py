@@ -32,15 +32,16 @@ import torch
 
 from latentattn import calculator as calc
 from latentattn import run_dir
-from latentattn.attention import MLA, build_attention
+from latentattn.attention import build_attention
 from latentattn.bench import machine_info, time_ms
 from latentattn.caches import ModelCache
 from latentattn.checkpoint import load_checkpoint, save_checkpoint, write_text_atomically
 from latentattn.config import AttentionConfig, AttentionKind, MLAConfig
 from latentattn.convert import ConversionConfig, Method, model_to_mla
-from latentattn.data import Corpus, default_cache_dir, default_corpus_files, prepare_corpus, resolve_files
+from latentattn.data import Corpus, load_corpus
 from latentattn.model import LanguageModel, get_preset
 from latentattn.profiling import saved_activation_bytes
+from latentattn.registry import ATTENTION_KINDS, lookup
 from latentattn.train import (
     SHAPE_OVERRIDES,
     TrainConfig,
@@ -58,19 +59,23 @@ JOURNAL = "journal.json"
 """A study's settings and the results of its finished parts; a rerun with the same --out continues."""
 
 
+_VARIANT_FIELDS = ("n_kv_heads", "kv_lora_rank", "qk_rope_head_dim")
+
+
 @dataclass(frozen=True)
 class Variant:
-    """One attention variant: `kind` with G = `n_kv_heads` (gqa) or C = `kv_lora_rank`, R = `rope_dim`
-    (mla); unused fields stay None."""
+    """One attention variant: `kind` with G = `n_kv_heads` (gqa) or C = `kv_lora_rank`, R =
+    `qk_rope_head_dim` (mla): the shape fields its cache is sized by (`registry.ATTENTION_KINDS`) that the
+    preset does not fix; unused fields stay None."""
 
     kind: AttentionKind
     n_kv_heads: int | None = None
     kv_lora_rank: int | None = None
-    rope_dim: int | None = None
+    qk_rope_head_dim: int | None = None
 
     def __post_init__(self) -> None:
-        wanted = {"gqa": ("n_kv_heads",), "mla": ("kv_lora_rank", "rope_dim")}.get(self.kind, ())
-        for name in ("n_kv_heads", "kv_lora_rank", "rope_dim"):
+        wanted = lookup(ATTENTION_KINDS, self.kind, "attention kind").cache_fields
+        for name in _VARIANT_FIELDS:
             value = getattr(self, name)
             if (value is None) == (name in wanted):
                 need = "needs" if name in wanted else "takes no"
@@ -84,15 +89,12 @@ class Variant:
         if self.kind == "gqa":
             return f"gqa-{self.n_kv_heads}"
         if self.kind == "mla":
-            return f"mla-{self.kv_lora_rank}+{self.rope_dim}"
+            return f"mla-{self.kv_lora_rank}+{self.qk_rope_head_dim}"
         return self.kind
 
     def overrides(self) -> dict[str, int]:
         """`TrainConfig` shape overrides selecting this variant."""
-        names = {"n_kv_heads": "n_kv_heads", "kv_lora_rank": "kv_lora_rank", "rope_dim": "rope_head_dim"}
-        return {
-            field: getattr(self, name) for name, field in names.items() if getattr(self, name) is not None
-        }
+        return {name: getattr(self, name) for name in _VARIANT_FIELDS if getattr(self, name) is not None}
 
 
 @dataclass(frozen=True)
@@ -208,13 +210,13 @@ def _preset(
 ) -> StudyConfig:
     """Variants MHA, GQA at `gqa_groups`, MQA, MLA at each C in `latents` with R = D/2, and the middle
     C with R = D/4; the conversion target is the middle C with R = D/2."""
-    middle = Variant("mla", kv_lora_rank=latents[len(latents) // 2], rope_dim=head_dim // 2)
+    middle = Variant("mla", kv_lora_rank=latents[len(latents) // 2], qk_rope_head_dim=head_dim // 2)
     variants = (
         Variant("mha"),
         *(Variant("gqa", n_kv_heads=g) for g in gqa_groups),
         Variant("mqa"),
-        *(Variant("mla", kv_lora_rank=c, rope_dim=head_dim // 2) for c in latents),
-        replace(middle, rope_dim=head_dim // 4),
+        *(Variant("mla", kv_lora_rank=c, qk_rope_head_dim=head_dim // 2) for c in latents),
+        replace(middle, qk_rope_head_dim=head_dim // 4),
     )
     return StudyConfig(
         out=out, variants=variants, convert_target=middle, name=name, head_dim=head_dim, **fields
@@ -244,7 +246,7 @@ STUDY_PRESETS: MappingProxyType[str, Callable[[str], StudyConfig]] = MappingProx
             timing_repeats=2,
             memory_batch=2,
         ),
-        # ≤ 15 minutes on 2 CPU cores (11.4 measured, shared, --threads 1): the `small` model, 6 heads of 32.
+        # Sized to finish within 15 minutes on 2 CPU cores (README): the `small` model, 6 heads of 32.
         "quick": lambda out: _preset(
             "quick",
             out,
@@ -261,7 +263,7 @@ STUDY_PRESETS: MappingProxyType[str, Callable[[str], StudyConfig]] = MappingProx
             decode_contexts=(256, 2048, 8192),
             timing_repeats=3,
         ),
-        # The committed report (docs/study/), 43-54 minutes measured: quick with 2x the steps and batch.
+        # The committed report (docs/study/, its run time there): quick with 2x the steps and batch.
         "full": lambda out: _preset(
             "full",
             out,
@@ -282,9 +284,7 @@ STUDY_PRESETS: MappingProxyType[str, Callable[[str], StudyConfig]] = MappingProx
 
 def study_preset(name: str, out: str) -> StudyConfig:
     """The study preset called exactly `name`, writing to `out`."""
-    if name not in STUDY_PRESETS:
-        raise ValueError(f"unknown study preset {name!r}; choose one of {', '.join(STUDY_PRESETS)}")
-    return STUDY_PRESETS[name](out)
+    return lookup(STUDY_PRESETS, name, "study preset")(out)
 
 
 def _attention_params(config: AttentionConfig) -> int:
@@ -326,7 +326,7 @@ def v2_projection(attention: AttentionConfig, mha: AttentionConfig, n_layers: in
         baseline=calc.ModelSpec.from_attention(mha, n_layers, "mha"),
     )
     factor = rows.factor(rows.rows[0])
-    v2 = calc.CacheEstimate(calc.preset(V2_BASELINE)).bytes_per_token
+    v2 = calc.CacheEstimate(calc.resolve_model(V2_BASELINE)).bytes_per_token
     return {"factor_vs_mha": factor, "v2_mha_bytes_per_token": v2, "bytes_per_token": v2 / factor}
 
 
@@ -379,9 +379,8 @@ def training_step_cost(
 
 
 def _load_study_corpus(config: StudyConfig) -> Corpus:
-    files = resolve_files(config.data) if config.data else default_corpus_files()
-    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-    return prepare_corpus(files, vocab_size=get_preset(config.model_preset).vocab_size, cache_dir=cache_dir)
+    vocab_size = get_preset(config.model_preset).vocab_size
+    return load_corpus(config.data, vocab_size=vocab_size, cache_dir=config.cache_dir)
 
 
 def _windows(tokens: np.ndarray, config: StudyConfig, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -625,7 +624,7 @@ def _convert(config: StudyConfig, corpus: Corpus, run: dict[str, Any], method: M
         "method": method,
         "seed": run["seed"],
         "kv_lora_rank": target.kv_lora_rank,
-        "rope_dim": target.rope_dim,
+        "qk_rope_head_dim": target.qk_rope_head_dim,
         "mha_val_loss": run["val_loss"],
         "converted_val_loss": converted_loss,
         "healed_val_loss": healed.val_loss,
@@ -643,7 +642,7 @@ def study_conversion(method: Method, target: Variant) -> ConversionConfig:
     return ConversionConfig(
         method=method,
         kv_lora_rank=target.kv_lora_rank,
-        rope_dim=target.rope_dim,
+        qk_rope_head_dim=target.qk_rope_head_dim,
         rope_frequencies="highest",
         rope_residual="drop",
         balance_kv=False,
@@ -683,10 +682,10 @@ def _training_memory(config: StudyConfig, corpus: Corpus, d_ff: dict[str, int]) 
     ):
         preset = config.train_config(variant, seed=0, d_ff=d_ff[variant.name]).model_preset()
         torch.manual_seed(0)
-        model = LanguageModel(preset.model(variant.kind, vocab_size=vocab_size, max_seq_len=config.context))
-        for block in model.blocks:
-            if isinstance(block.attn, MLA):
-                block.attn.recompute_kv = recompute
+        model = LanguageModel(
+            preset.model(variant.kind, vocab_size=vocab_size, max_seq_len=config.context),
+            recompute_kv=recompute,
+        )
         rows[name] = {
             "variant": variant.name,
             "batch": config.memory_batch,

@@ -4,12 +4,14 @@ from the `results` dictionary `latentattn.study.run_study` also writes to `resul
 from __future__ import annotations
 
 import statistics
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from latentattn import calculator as calc
 from latentattn.calculator import format_bytes
 
 PLOTS = ("loss_vs_cache.png", "loss_curves.png", "decode_vs_context.png")
@@ -173,7 +175,7 @@ def _findings(results: dict[str, Any]) -> list[str]:
                     f"MLA beats `{name}` at no more cache: {', '.join(f'`{n}`' for n in cheaper)}"
                 )
     target = results["config"]["convert_target"]
-    target_name = f"mla-{target['kv_lora_rank']}+{target['rope_dim']}"
+    target_name = f"mla-{target['kv_lora_rank']}+{target['qk_rope_head_dim']}"
     scratch = variants[target_name]["val_loss"]["mean"]
     for method, means in _conversion_means(results).items():
         findings.append(
@@ -197,13 +199,61 @@ def _findings(results: dict[str, Any]) -> list[str]:
 
 
 def write_report(results: dict[str, Any], out: Path) -> Path:
-    """`report.md` and the PNG plots in `out`."""
+    """`report.md` (the `templates/study_report.md` template filled in) and the PNG plots in `out`."""
     plot_loss_vs_cache(results, out / PLOTS[0])
     plot_loss_curves(results, out / PLOTS[1])
     plot_decode(results, out / PLOTS[2])
+    template = resources.files("latentattn").joinpath("templates/study_report.md").read_text()
+    path = out / "report.md"
+    path.write_text(template.format_map({**_setup_fields(results), **_tables(results)}))
+    return path
+
+
+def _setup_fields(results: dict[str, Any]) -> dict[str, Any]:
+    """The template's figures: the run's settings and environment, and the DeepSeek-V2 yardsticks
+    computed by the calculator."""
     config, env, variants = results["config"], results["environment"], results["variants"]
-    longest = config["decode_contexts"][-1]
-    tokens = config["steps"] * config["batch_size"] * config["context"]
+    v2_mha = calc.resolve_model(calc.DEFAULT_BASELINE)
+    v2 = calc.resolve_model("deepseek-v2")
+    target = config["convert_target"]
+    return {
+        "preset": config["name"],
+        "minutes": f"{results['seconds'] / 60:.1f}",
+        **{name: env[name] for name in ("cpu", "torch_threads", "torch", "git_commit", "logical_cpus")},
+        **{
+            name: config[name]
+            for name in (
+                *("model_preset", "n_heads", "head_dim", "match_params", "steps", "batch_size", "context"),
+                *("lr", "warmup", "seeds", "decode_batch", "timing_repeats", "heal_steps", "heal_lr"),
+                "calibration_windows",
+            )
+        },
+        "tokens": f"{config['steps'] * config['batch_size'] * config['context']:,}",
+        "eval_windows": config["eval_batches"] * config["batch_size"],
+        "v2_heads": v2_mha.n_heads,
+        "v2_head_dim": v2_mha.head_dim,
+        "v2_layers": v2_mha.n_layers,
+        "v2_mha_bytes": f"{calc.CacheEstimate(v2_mha).bytes_per_token:,}",
+        "v2_kv_lora_rank": v2.kv_lora_rank,
+        "v2_rope_dim": v2.qk_rope_head_dim,
+        "v2_bytes": f"{calc.CacheEstimate(v2).bytes_per_token:,}",
+        "n_seeds": len(config["seeds"]),
+        "target_kv_lora_rank": target["kv_lora_rank"],
+        "target_rope_dim": target["qk_rope_head_dim"],
+        "target_name": f"mla-{target['kv_lora_rank']}+{target['qk_rope_head_dim']}",
+        "mha_params_m": f"{variants['mha']['params']['total'] / 1e6:.1f}",
+        "mha_width": variants["mha"]["cache_elements_per_token_per_layer"],
+    }
+
+
+def _tables(results: dict[str, Any]) -> dict[str, str]:
+    """The template's tables (markdown) and findings (a list)."""
+    config, variants = results["config"], results["variants"]
+    variant_header = [
+        *("variant", "cached numbers/token/layer", "cache B/token (bf16)", "vs MHA", "projected to V2 scale"),
+        *("params (attention)", "d_ff", "val loss", "perplexity", "train tok/s"),
+        f"decode tok/s @ {config['decode_contexts'][-1]:,}",
+    ]
     variant_rows = [
         [
             f"`{name}`",
@@ -224,10 +274,8 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
         [
             row["method"],
             str(row["seed"]),
-            f"{row['mha_val_loss']:.3f}",
-            f"{row['mha_continued_val_loss']:.3f}",
-            f"{row['converted_val_loss']:.3f}",
-            f"{row['healed_val_loss']:.3f}",
+            *(f"{row[key]:.3f}" for key in ("mha_val_loss", "mha_continued_val_loss")),
+            *(f"{row[key]:.3f}" for key in ("converted_val_loss", "healed_val_loss")),
             f"{row['cache_bytes_per_token_bf16']:,}",
         ]
         for row in results["conversion"]
@@ -244,103 +292,13 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
     decode_rows = [
         [f"`{name}`", *(f"{r['tokens_per_s']:,.0f}" for r in v["decode"])] for name, v in variants.items()
     ]
-    target = config["convert_target"]
-    text = f"""# Attention study: MHA vs GQA vs MQA vs MLA, learned vs post-hoc compression
-
-Generated by `latentattn study --preset {config["name"]}` in {results["seconds"] / 60:.1f} minutes on {
-        env["cpu"]
+    conversion_header = ["method", "seed", "MHA", "MHA fine-tuned alike", "converted", "healed"]
+    return {
+        "variant_table": _table(variant_header, variant_rows),
+        "conversion_table": _table([*conversion_header, "cache B/token (bf16)"], conversion_rows),
+        "memory_table": _table(
+            ["model", "variant", "saved activations", "ms per step (fwd+bwd+AdamW)"], memory_rows
+        ),
+        "decode_table": _table(["variant", *(f"{c:,}" for c in config["decode_contexts"])], decode_rows),
+        "findings": "\n".join(f"- {finding}." for finding in _findings(results)),
     }
-({env["torch_threads"]} torch threads, torch {env["torch"]}, commit `{env["git_commit"]}`). Raw numbers:
-`results.json`.
-
-## Setup
-
-- Model: preset `{config["model_preset"]}` with {config["n_heads"]} heads of {config["head_dim"]}; every
-  variant has the same depth, width, data, schedule, steps and seeds. With `match_params`
-  ({config["match_params"]}) each variant's MLP width `d_ff` is adjusted so the total parameter count
-  matches MHA's to within one MLP column per layer.
-- Training: {config["steps"]} steps × {config["batch_size"]} windows × {config["context"]} tokens =
-  {tokens:,} tokens, AdamW lr {config["lr"]} (warmup {config["warmup"]}, cosine), seeds {config["seeds"]}.
-  Validation loss on {config["eval_batches"] * config["batch_size"]} fixed windows of the held-out split.
-- Cache bytes per token: read from each model's cache object in bf16, all layers. DeepSeek-V2
-  projection: the variant's cache relative to MHA with the study's heads (× smaller), applied to MHA over
-  DeepSeek-V2's 128 heads × 128 × 60 layers in bf16 (3,932,160 B/token); real DeepSeek-V2 (MLA 512 + 64)
-  is 69,120 B/token.
-- Decode: seed-0 weights, batch {config["decode_batch"]}, one token per sequence per step over a cache
-  pre-filled with random entries (cost does not depend on values); the model is rebuilt with a longer
-  max_seq_len for timing only. MLA decodes on its absorbed path. Median of {config["timing_repeats"]}
-  steps. Timings share 2 CPU cores with other work: compare within a column, not across reports.
-
-## Variants (mean ± std over {len(config["seeds"])} seeds)
-
-{
-        _table(
-            [
-                "variant",
-                "cached numbers/token/layer",
-                "cache B/token (bf16)",
-                "vs MHA",
-                "projected to V2 scale",
-                "params (attention)",
-                "d_ff",
-                "val loss",
-                "perplexity",
-                "train tok/s",
-                f"decode tok/s @ {longest:,}",
-            ],
-            variant_rows,
-        )
-    }
-
-![validation loss vs cache](loss_vs_cache.png)
-
-![loss curves](loss_curves.png)
-
-## Learned vs post-hoc compression
-
-Each seed's trained MHA converted to MLA with d_c = {target["kv_lora_rank"]}, d_R = {target["rope_dim"]}
-(`mla-{target["kv_lora_rank"]}+{target["rope_dim"]}`'s cache) by RoRoPE plus a joint low-rank K/V
-factorisation (`latentattn.convert.model_to_mla`), then fine-tuned for {config["heal_steps"]} steps at lr
-{config["heal_lr"]}; calibration: {config["calibration_windows"]} training windows. Control: the same MHA
-fine-tuned with the same schedule (validation losses below).
-
-{
-        _table(
-            ["method", "seed", "MHA", "MHA fine-tuned alike", "converted", "healed", "cache B/token (bf16)"],
-            conversion_rows,
-        )
-    }
-
-## Training memory and compute
-
-{_table(["model", "variant", "saved activations", "ms per step (fwd+bwd+AdamW)"], memory_rows)}
-
-## Decode tokens/s vs context
-
-{_table(["variant", *(f"{c:,}" for c in config["decode_contexts"])], decode_rows)}
-
-![decode speed](decode_vs_context.png)
-
-## Findings
-
-Read off the numbers above. A loss gap counts only when it exceeds twice the larger of the two
-variants' seed standard deviations — with {
-        len(config["seeds"])
-    } seeds a rough screen, not a significance test.
-
-{chr(10).join(f"- {finding}." for finding in _findings(results))}
-
-## Caveats
-
-- Tiny models ({variants["mha"]["params"]["total"] / 1e6:.1f}M parameters) trained for minutes: the
-  attention's share of parameters and compute is small, contexts are short, and differences between
-  variants are of the order of the seed spread. Low-rank K/V matters most when heads are many and wide;
-  here MHA's K/V is only {variants["mha"]["cache_elements_per_token_per_layer"]} numbers per layer.
-- MLA's decoupled RoPE key is shared by all heads; at head width {config["head_dim"]} its d_R is a large
-  fraction of the cache.
-- CPU decode at these widths is dominated by per-layer overheads until the cache is large; the absorbed
-  path costs more FLOPs per cached token than MHA (2·H·(2C+R) vs 4·H·D) but reads fewer bytes.
-"""
-    path = out / "report.md"
-    path.write_text(text)
-    return path

@@ -12,7 +12,8 @@ from rich.table import Table
 
 from latentattn import calculator
 from latentattn.attention import MLA, GQAAttention
-from latentattn.config import GQAConfig, MLAConfig
+from latentattn.config import MLAConfig, mha_counterpart
+from latentattn.metrics import relative_error
 
 TOUR_MODELS = ("deepseek-v2", "deepseek-v3", "deepseek-v2-lite", "llama-3-8b", "llama-3-70b", "deepseek-67b")
 
@@ -38,7 +39,7 @@ def _decode_run(
     *,
     repeats: int,
     warmup: int = 1,
-) -> tuple[DecodeRun, torch.Tensor]:
+) -> DecodeRun:
     """Prefill `prompt: [B, P, d]`, decode `steps: [B, N, d]` one token at a time, `warmup + repeats`
     times into the reset cache; median times of the repeats; the output compared with no cache."""
     batch, n_prompt = prompt.shape[:2]
@@ -55,16 +56,14 @@ def _decode_run(
     prefill, decode = (statistics.median(times[warmup:]) for times in (prefill_times, decode_times))
     decoded = torch.cat(outs, dim=1)
     reference = layer(torch.cat([prompt, steps], dim=1))[:, n_prompt:]
-    error = ((decoded - reference).abs().max() / reference.abs().max()).item()
-    run = DecodeRun(
+    return DecodeRun(
         name=name,
         cache_bytes_per_token=cache.bytes_per_token,
         cache_used_bytes=cache.used_bytes,
         prefill_ms=prefill * 1e3,
         decode_ms_per_token=decode * 1e3 / steps.shape[1],
-        max_rel_error=error,
+        max_rel_error=relative_error(decoded, reference),
     )
-    return run, decoded
 
 
 @torch.no_grad()
@@ -79,26 +78,21 @@ def compare_decode(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> list[DecodeRun]:
-    """MLA (absorbed and naive decode) next to MHA with the same heads (n_h × d_h with d_h = v_head_dim).
+    """MLA (absorbed and naive decode) next to MHA of the same shape (`config.mha_counterpart`).
 
     Each run prefills the same prompt, decodes the same tokens through its cache, and checks the
     decoded outputs against one full forward without a cache.
     """
     torch.manual_seed(seed)
     mla = MLA(mla_config, device=device, dtype=dtype).eval()
-    mha_config = GQAConfig(
-        d_model=mla_config.d_model,
-        n_heads=mla_config.n_heads,
-        n_kv_heads=mla_config.n_heads,
-        head_dim=mla_config.v_head_dim,
-    )
+    mha_config = mha_counterpart(mla_config)
     mha = GQAAttention(mha_config, device=device, dtype=dtype).eval()
     prompt = torch.randn(batch_size, prompt_len, mla_config.d_model, device=device, dtype=dtype)
     steps = torch.randn(batch_size, new_tokens, mla_config.d_model, device=device, dtype=dtype)
     mha_name = f"MHA {mha_config.n_heads}×{mha_config.head_dim}"
-    absorbed, _ = _decode_run("MLA, absorbed decode", mla, prompt, steps, "absorbed", repeats=repeats)
-    naive, _ = _decode_run("MLA, naive decode", mla, prompt, steps, "naive", repeats=repeats)
-    baseline, _ = _decode_run(mha_name, mha, prompt, steps, "auto", repeats=repeats)
+    absorbed = _decode_run("MLA, absorbed decode", mla, prompt, steps, "absorbed", repeats=repeats)
+    naive = _decode_run("MLA, naive decode", mla, prompt, steps, "naive", repeats=repeats)
+    baseline = _decode_run(mha_name, mha, prompt, steps, "auto", repeats=repeats)
     return [absorbed, naive, baseline]
 
 
@@ -107,7 +101,7 @@ def run_tour(console: Console | None = None) -> None:
     console = console or Console()
     console.rule("[bold]KV cache of published models at 128K context, bf16 (`latentattn cache`)")
     comparison = calculator.compare(
-        [calculator.preset(name) for name in TOUR_MODELS], budget_bytes=calculator.parse_size("80GiB")
+        [calculator.resolve_model(name) for name in TOUR_MODELS], budget_bytes=calculator.parse_size("80GiB")
     )
     calculator.print_table(calculator.comparison_table(comparison))
     config = MLAConfig()  # DeepSeek-V2-Lite's attention: d 2048, 16 heads, d_c 512, d_R 64

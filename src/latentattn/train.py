@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -28,21 +28,23 @@ from torch.nn.parallel import DistributedDataParallel
 
 from latentattn import checkpoint as ckpt
 from latentattn import run_dir
-from latentattn.attention import MLA
-from latentattn.config import AttentionKind
-from latentattn.data import Corpus, default_cache_dir, default_corpus_files, prepare_corpus, resolve_files
-from latentattn.model import ATTENTION_KINDS, LanguageModel, Preset, get_preset
+from latentattn.data import Corpus, gather_windows, load_corpus, window_starts
+from latentattn.model import LanguageModel, Preset, get_preset
 from latentattn.progress import StepProgress
+from latentattn.registry import ATTENTION_KINDS, AttentionKind, canonical_dtype
 
 LOG = "log.jsonl"
-DTYPES = ("fp32", "bf16")
+DTYPES = ("float32", "bfloat16")
+"""Training dtypes (canonical names; `registry.DTYPES` lists their short spellings, fp32 and bf16)."""
+_RENAMED_SETTINGS = {"rope_head_dim": "qk_rope_head_dim"}
+"""Older names of `TrainConfig` fields, as runs saved them."""
 RUN_MARKERS = (ckpt.LATEST, run_dir.LOCK)
 """Names that mark a directory as a training run (any other non-empty `--out` is refused)."""
 _FREE_SETTINGS = frozenset({"out", "resume", "compile", "recompute_kv", "cache_dir", "keep"}) | frozenset(
     {"eval_every", "eval_batches", "checkpoint_every", "log_every"}
 )
 """Settings a resumed run may change: they do not alter the training trajectory (`steps` may grow)."""
-SHAPE_OVERRIDES = ("n_heads", "head_dim", "n_kv_heads", "kv_lora_rank", "rope_head_dim", "d_ff")
+SHAPE_OVERRIDES = ("n_heads", "head_dim", "n_kv_heads", "kv_lora_rank", "qk_rope_head_dim", "d_ff")
 """`TrainConfig` fields that replace the preset's field of the same name (see `Preset`)."""
 _T = TypeVar("_T")
 
@@ -78,8 +80,8 @@ class TrainConfig:
     """Micro-steps per optimizer step."""
     grad_clip: float = 1.0
     """Gradient norm clip."""
-    dtype: Literal["fp32", "bf16"] = "fp32"
-    """fp32, or bf16 autocast (fp32 master weights and optimizer state)."""
+    dtype: str = "float32"
+    """float32, or bfloat16 autocast (fp32 master weights and optimizer state); fp32, bf16 also accepted."""
     compile: bool = False
     """Wrap the model in torch.compile."""
     seed: int = 0
@@ -107,7 +109,7 @@ class TrainConfig:
     """Shape override: K/V heads n_g of gqa (default: the preset's)."""
     kv_lora_rank: int | None = None
     """Shape override: MLA latent width d_c (default: the preset's)."""
-    rope_head_dim: int | None = None
+    qk_rope_head_dim: int | None = None
     """Shape override: MLA decoupled RoPE key width d_R (default: the preset's)."""
     d_ff: int | None = None
     """Shape override: MLP width, e.g. to match parameter counts across kinds (default: the preset's)."""
@@ -129,8 +131,7 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.attn must be one of {', '.join(ATTENTION_KINDS)}, got {self.attn!r}"
             )
-        if self.dtype not in DTYPES:
-            raise ValueError(f"TrainConfig.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        object.__setattr__(self, "dtype", canonical_dtype(self.dtype, DTYPES, "TrainConfig.dtype"))
         for name in (
             "steps",
             "batch_size",
@@ -251,7 +252,7 @@ def batch_at(
 
 
 def next_token_loss(model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
-    """Mean cross-entropy of the logits `[B, T, V]` (computed in fp32) against `targets: [B, T]`."""
+    """Mean cross-entropy of the logits `[B, T, vocab]` (computed in fp32) against `targets: [B, T]`."""
     logits = model(inputs)
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
@@ -264,19 +265,17 @@ def evaluate(
     (one process on the model's device without `env`)."""
     env = env or _Distributed(rank=0, world_size=1, device=model.embed.weight.device)
     n_windows = config.eval_batches * config.batch_size
-    starts = np.linspace(0, len(tokens) - config.window - 1, n_windows).astype(np.int64)
-    mine = starts[env.rank :: env.world_size]
+    mine = window_starts(len(tokens), config.window, n_windows)[env.rank :: env.world_size]
     total = 0.0
     for i in range(0, len(mine), config.batch_size):
-        rows = np.stack([tokens[s : s + config.window + 1] for s in mine[i : i + config.batch_size]])
-        rows = torch.from_numpy(rows.astype(np.int64)).to(env.device)
+        rows = gather_windows(tokens, mine[i : i + config.batch_size], config.window).to(env.device)
         with _autocast(config, env):
             total += float(next_token_loss(model, rows[:, :-1], rows[:, 1:])) * len(rows)
     return env.mean(total / max(1, len(mine)))
 
 
 def _autocast(config: TrainConfig, env: _Distributed) -> torch.autocast:
-    return torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=config.dtype == "bf16")
+    return torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=config.dtype == "bfloat16")
 
 
 def _optimizer(model: LanguageModel, config: TrainConfig) -> torch.optim.AdamW:
@@ -322,12 +321,16 @@ def _run_json(config: TrainConfig, world_size: int) -> dict[str, Any]:
 
 
 def _train_record(checkpoint_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
-    """`record`, the "train" record of a checkpoint, if `latentattn train` wrote it."""
+    """`record`, the "train" record of a checkpoint, if `latentattn train` wrote it, in today's field
+    names and canonical dtype name."""
     if "steps" not in record:
         raise ValueError(
             f'{checkpoint_dir / ckpt.CONFIG} has no "train" record of latentattn train, so its run '
             "cannot be continued; start a new run from it with --init-from"
         )
+    record = {_RENAMED_SETTINGS.get(name, name): value for name, value in record.items()}
+    if isinstance(record.get("dtype"), str):
+        record["dtype"] = canonical_dtype(record["dtype"], DTYPES, f"{checkpoint_dir / ckpt.CONFIG}: dtype")
     return record
 
 
@@ -372,12 +375,12 @@ def _check_resumable(start: ckpt.Checkpoint, config: TrainConfig, world_size: in
 def _load_corpus(config: TrainConfig, env: _Distributed, tokenizer: Any) -> Corpus:
     """Rank 0 trains the tokenizer and encodes (or finds them cached); then the others read the cache.
     Rank 0's errors (e.g. an empty corpus) reach every rank."""
-    files = resolve_files(config.data) if config.data else default_corpus_files()
-    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     vocab_size = get_preset(config.preset).vocab_size
 
     def prepare() -> Corpus:
-        return prepare_corpus(files, vocab_size=vocab_size, cache_dir=cache_dir, tokenizer=tokenizer)
+        return load_corpus(
+            config.data, vocab_size=vocab_size, cache_dir=config.cache_dir, tokenizer=tokenizer
+        )
 
     corpus = env.on_main(prepare)
     if corpus is None:  # the other ranks read what rank 0 cached
@@ -575,10 +578,7 @@ def _build(
         model_config = config.model_preset().model(
             config.attn, vocab_size=vocab_size, max_seq_len=config.window
         )
-    model = LanguageModel(model_config, device=env.device)
-    for block in model.blocks:
-        if isinstance(block.attn, MLA):
-            block.attn.recompute_kv = config.recompute_kv
+    model = LanguageModel(model_config, recompute_kv=config.recompute_kv, device=env.device)
     optimizer = _optimizer(model, config)
     if start is None:
         if init is not None:

@@ -25,11 +25,10 @@ from latentattn.caches.base import (
 )
 from latentattn.caches.contiguous import ContiguousSequences, KVCache, LatentCache, ModelCache
 from latentattn.caches.paged import BlockAllocator, PagedLatentCache, PagedModelCache, PagedSequences
-from latentattn.caches.quantized import FORMATS, EightBitLatent, QuantizedLatentCache
+from latentattn.caches.quantized import EightBitLatent, QuantizedLatentCache
 
 __all__ = [
     "COPIED_BLOCK",
-    "FORMATS",
     "AttentionCache",
     "BlockAllocator",
     "ContiguousKV",

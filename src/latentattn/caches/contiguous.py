@@ -107,10 +107,6 @@ class ContiguousCache(LayerCache):
                 buffer = torch.zeros(batch_size, max_len, *shape, **factory)
             self.buffers[name] = buffer
 
-    @property
-    def max_len(self) -> int:
-        return self.sequences.max_len
-
     def store(self, step: Step, entries: dict[str, Tensor]) -> dict[str, Tensor]:
         """Write the step's real new `entries` `[B, T, ...]`; returns the rows read, `[B, S, ...]` each."""
         for name, value in entries.items():

@@ -124,10 +124,10 @@ class PagedSequences(Sequences):
         """A new sequence with `parent`'s tokens: full blocks shared, the partial last block copied."""
         self._check_known(parent)
         table, length = self.tables[parent], self.seq_lengths[parent]
-        partial = length % self.block_size != 0
-        copy = self.allocator.allocate() if partial else None  # may raise: nothing changed yet
-        child = self.add_sequence(table[:-1] if partial else table)
-        if partial:
+        shares_last = length % self.block_size == 0  # else the last block is part-filled: copied
+        copy = None if shares_last else self.allocator.allocate()  # may raise: nothing changed yet
+        child = self.add_sequence(table if shares_last else table[:-1])
+        if not shares_last:
             self.copy_block(table[-1], copy)
             self.tables[child].append(copy)
             self.seq_lengths[child] = length

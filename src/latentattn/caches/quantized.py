@@ -18,12 +18,7 @@ from latentattn.caches.base import FullPrecision, LatentEncoding, Workspace
 from latentattn.caches.contiguous import LatentCache
 from latentattn.calculator import latent_group_size
 from latentattn.config import MLAConfig
-
-FORMATS: dict[str, tuple[torch.dtype, float]] = {
-    "int8": (torch.int8, 127.0),
-    "fp8": (torch.float8_e4m3fn, torch.finfo(torch.float8_e4m3fn).max),
-}
-"""Storage dtype of c_KV and the largest magnitude it holds, per format."""
+from latentattn.registry import LATENT_FORMATS, lookup, resolve
 
 
 class EightBitLatent(LatentEncoding):
@@ -32,10 +27,10 @@ class EightBitLatent(LatentEncoding):
     [C / group_size] fp32, `k_pe` [R] bf16."""
 
     def __init__(self, config: MLAConfig, format: str = "fp8", group_size: int | None = None) -> None:
-        if format not in FORMATS:
-            raise ValueError(f"unknown latent cache format {format!r}; choose one of {', '.join(FORMATS)}")
+        storage = getattr(torch, lookup(LATENT_FORMATS, format, "latent cache format").storage)
         group_size = latent_group_size(config.kv_lora_rank, group_size)  # the calculator's rule too
-        storage, self.qmax = FORMATS[format]
+        self.rounds = not storage.is_floating_point
+        self.qmax = float((torch.iinfo if self.rounds else torch.finfo)(storage).max)
         self.format = format
         self.group_size = group_size
         self.kv_lora_rank = config.kv_lora_rank
@@ -52,7 +47,7 @@ class EightBitLatent(LatentEncoding):
         scale = groups.abs().amax(dim=-1) / self.qmax  # [B, T, C/g]
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero groups
         scaled = groups / scale[..., None]
-        if self.format == "int8":
+        if self.rounds:  # integer storage: round to the nearest level (a cast would truncate)
             scaled = scaled.round().clamp(-self.qmax, self.qmax)
         stored = scaled.flatten(-2).to(self.entries["c_kv"][1])
         return {"c_kv": stored, "scale": scale, "k_pe": k_pe.to(torch.bfloat16)}
@@ -72,11 +67,11 @@ class EightBitLatent(LatentEncoding):
 
 def latent_encoding(config: MLAConfig, dtype: torch.dtype, latent_format: str | None) -> LatentEncoding:
     """How an MLA layer's cache stores its latents: as computed (`latent_format` None) or in 8 bits
-    (one of `FORMATS`)."""
-    return (
-        FullPrecision(config.cache_width, dtype)
-        if latent_format is None
-        else EightBitLatent(config, latent_format)
+    (one of `registry.LATENT_FORMATS`)."""
+    if latent_format is None:
+        return FullPrecision(config.cache_width, dtype)
+    return resolve(lookup(LATENT_FORMATS, latent_format, "latent cache format").encoding)(
+        config, latent_format
     )
 
 

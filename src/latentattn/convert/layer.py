@@ -38,6 +38,7 @@ from latentattn.convert.rope_split import (
     RESIDUALS,
     SLOT_RULES,
     Residual,
+    RopeSplit,
     RotaryKeys,
     Slot,
     SlotRule,
@@ -54,12 +55,12 @@ METHODS: tuple[Method, ...] = ("svd", "pca", "merge")
 @dataclass(frozen=True)
 class ConversionConfig:
     """What `latentattn convert` builds. "svd" and "pca" give MLA with a latent of `kv_lora_rank` and a
-    shared RoPE key of `rope_dim`; "merge" (the baseline) gives GQA with `kv_heads` kv heads, each the
+    shared RoPE key of `qk_rope_head_dim`; "merge" (the baseline) gives GQA with `kv_heads` kv heads, each the
     average of the source's heads it replaces. The defaults lost least in docs/convert/options.md."""
 
     method: Method = "pca"
     kv_lora_rank: int | None = None
-    rope_dim: int | None = None
+    qk_rope_head_dim: int | None = None
     kv_heads: int | None = None
     rope_frequencies: SlotRule = "score"
     """Which rotated key slots keep RoPE: "highest" frequency first, or by "score" (see rope_split)."""
@@ -84,26 +85,26 @@ class ConversionConfig:
         if self.norm_linearity <= 0:
             raise ValueError(f"norm_linearity must be positive, got {self.norm_linearity}")
         if self.method == "merge":
-            if self.kv_heads is None or self.kv_lora_rank is not None or self.rope_dim is not None:
-                raise ValueError("method 'merge' takes kv_heads only (not kv_lora_rank or rope_dim)")
+            if self.kv_heads is None or self.kv_lora_rank is not None or self.qk_rope_head_dim is not None:
+                raise ValueError("method 'merge' takes kv_heads only (not kv_lora_rank or qk_rope_head_dim)")
             if self.kv_heads <= 0:
                 raise ValueError(f"kv_heads must be positive, got {self.kv_heads}")
             return
-        if self.kv_lora_rank is None or self.rope_dim is None or self.kv_heads is not None:
-            raise ValueError(f"method {self.method!r} takes kv_lora_rank and rope_dim (not kv_heads)")
+        if self.kv_lora_rank is None or self.qk_rope_head_dim is None or self.kv_heads is not None:
+            raise ValueError(f"method {self.method!r} takes kv_lora_rank and qk_rope_head_dim (not kv_heads)")
         if self.kv_lora_rank <= 0:
             raise ValueError(f"kv_lora_rank must be positive, got {self.kv_lora_rank}")
-        if self.rope_dim <= 0 or self.rope_dim % 2:
-            raise ValueError(f"rope_dim must be even and positive, got {self.rope_dim}")
+        if self.qk_rope_head_dim <= 0 or self.qk_rope_head_dim % 2:
+            raise ValueError(f"qk_rope_head_dim must be even and positive, got {self.qk_rope_head_dim}")
 
 
 def check_widths(config: ConversionConfig, source: GQAConfig, nope: int) -> None:
     """Raise ValueError unless the source allows R, and C with N NoPE dims."""
     groups, head_dim, d_model = source.n_kv_heads, source.head_dim, source.d_model
-    if config.rope_dim > groups * head_dim:
+    if config.qk_rope_head_dim > groups * head_dim:
         raise ValueError(
-            f"rope_dim must be at most n_kv_heads·head_dim = {groups}·{head_dim} = {groups * head_dim} "
-            f"(every key dim of the source), got {config.rope_dim}"
+            f"qk_rope_head_dim must be at most n_kv_heads·head_dim = {groups}·{head_dim} = "
+            f"{groups * head_dim} (every key dim of the source), got {config.qk_rope_head_dim}"
         )
     bound = min(groups * (nope + head_dim), d_model)
     if config.kv_lora_rank > bound:
@@ -140,12 +141,14 @@ def factorise_kv(
     return w_up, w_down
 
 
-def _rope_config(pairs: list[int], source_inv_freq: Tensor, source: GQAConfig, rope_dim: int) -> RopeConfig:
+def _rope_config(
+    pairs: list[int], source_inv_freq: Tensor, source: GQAConfig, qk_rope_head_dim: int
+) -> RopeConfig:
     """MLA's RoPE over the kept pairs: a theta when one reproduces their frequencies (the R/2 highest of
     a plain-theta source: theta^(R/D)), else the frequencies themselves."""
     frequencies = source_inv_freq[pairs]
-    theta = source.rope.theta ** (rope_dim / source.head_dim)
-    if torch.allclose(frequencies, rope_inv_freq(rope_dim, theta), rtol=1e-12, atol=0):
+    theta = source.rope.theta ** (qk_rope_head_dim / source.head_dim)
+    if torch.allclose(frequencies, rope_inv_freq(qk_rope_head_dim, theta), rtol=1e-12, atol=0):
         return RopeConfig(theta=theta, interleave=source.rope.interleave)
     return RopeConfig(interleave=source.rope.interleave, frequencies=tuple(frequencies.tolist()))
 
@@ -166,16 +169,7 @@ def gqa_to_mla(
     """
     source = layer.config
     heads, groups, head_dim, d_model = source.n_heads, source.n_kv_heads, source.head_dim, source.d_model
-    if config.method not in ("svd", "pca"):
-        raise ValueError(f"gqa_to_mla converts with svd or pca, not {config.method!r}")
-    if config.method == "pca" and calibration is None:
-        raise ValueError("method 'pca' needs calibration inputs [n, d_model]")
-    if isinstance(calibration, Tensor):
-        calibration = Moments.of(calibration)
-    moments = Moments.isotropic(d_model) if calibration is None else calibration
-    if moments.d_model != d_model:
-        raise ValueError(f"calibration inputs must have width d_model={d_model}, got {moments.d_model}")
-
+    moments = _input_moments(config, calibration, d_model)
     with torch.no_grad():
         sigma = moments.second_moment.to(layer.w_q.weight.device)  # E[x̃ x̃ᵀ], [d+1, d+1]
         w_q = augmented(layer.w_q).view(heads, head_dim, d_model + 1)
@@ -185,7 +179,9 @@ def gqa_to_mla(
         # 1. RoPE slots.
         keys = RotaryKeys.analyse(w_q, w_k, sigma, source.rope.interleave)
         if slots is None:
-            slots = choose_slots(config.rope_frequencies, config.rope_dim, head_dim // 2, groups, keys.scores)
+            slots = choose_slots(
+                config.rope_frequencies, config.qk_rope_head_dim, head_dim // 2, groups, keys.scores
+            )
         nope = len(nope_dims(slots, head_dim, groups, config.rope_residual, source.rope.interleave))
         check_widths(config, source, nope)
         split = split_rope(keys, w_q, w_k, slots, config.rope_residual, source.rope.interleave)
@@ -206,29 +202,52 @@ def gqa_to_mla(
             kv_lora_rank=config.kv_lora_rank,
             q_lora_rank=None,
             qk_nope_head_dim=nope,
-            qk_rope_head_dim=config.rope_dim,
+            qk_rope_head_dim=config.qk_rope_head_dim,
             v_head_dim=head_dim,
-            rope=_rope_config(split.pairs, layer.rope.inv_freq, source, config.rope_dim),
+            rope=_rope_config(split.pairs, layer.rope.inv_freq, source, config.qk_rope_head_dim),
             norm_eps=eps,
             bias=biased,
         )
         weight = layer.w_q.weight
         mla = MLA(mla_config, device=weight.device, dtype=weight.dtype)
-
-        # 4. Queries carry the source's score scale; 5. biases as described above.
-        score_scale = source.softmax_scale * layer.rope.amplitude**2 / mla_config.softmax_scale
-        w_q_mla = torch.cat([split.q_nope, split.q_pe], dim=1).reshape(-1, d_model + 1) * score_scale
-        group_of = torch.arange(heads) // (heads // groups)
-        w_o = layer.w_o.weight.double()
-        mla.w_q.weight.copy_(w_q_mla[:, :-1])
-        mla.w_dkv.weight.copy_(torch.cat([w_down, split.k_pe[:, :-1]]))
-        mla.kv_norm.weight.fill_(math.sqrt(eps))
-        mla.w_ukv.weight.copy_(w_up[group_of].reshape(-1, config.kv_lora_rank))
-        mla.w_o.weight.copy_(w_o)
-        if biased:
-            mla.w_q.bias.copy_(w_q_mla[:, -1])
-            mla.w_dkv.bias.copy_(torch.cat([split.k_pe.new_zeros(config.kv_lora_rank), split.k_pe[:, -1]]))
-            value_bias = w_v[group_of, :, -1].reshape(-1)  # [H·D]
-            output_bias = 0.0 if layer.w_o.bias is None else layer.w_o.bias.double()
-            mla.w_o.bias.copy_(w_o @ value_bias + output_bias)
+        _set_weights(mla, layer, split, w_up, w_down, w_v)
     return mla
+
+
+def _input_moments(config: ConversionConfig, calibration: Tensor | Moments | None, d_model: int) -> Moments:
+    """The moments of the layer's inputs: of `calibration` (required by "pca"), else unit variance."""
+    if config.method not in ("svd", "pca"):
+        raise ValueError(f"gqa_to_mla converts with svd or pca, not {config.method!r}")
+    if config.method == "pca" and calibration is None:
+        raise ValueError("method 'pca' needs calibration inputs [n, d_model]")
+    if isinstance(calibration, Tensor):
+        calibration = Moments.of(calibration)
+    moments = Moments.isotropic(d_model) if calibration is None else calibration
+    if moments.d_model != d_model:
+        raise ValueError(f"calibration inputs must have width d_model={d_model}, got {moments.d_model}")
+    return moments
+
+
+def _set_weights(
+    mla: MLA, layer: GQAAttention, split: RopeSplit, w_up: Tensor, w_down: Tensor, w_v: Tensor
+) -> None:
+    """Steps 4-5 of `gqa_to_mla`: queries carrying the source's score scale, the factorised K/V, kv_norm
+    at its linear regime's scale, the output projection; biases as the module docstring describes.
+    `w_v`: the source's augmented `[G, D, d + 1]`."""
+    source, c = layer.config, mla.config
+    heads, groups = source.n_heads, source.n_kv_heads
+    score_scale = source.softmax_scale * layer.rope.amplitude**2 / c.softmax_scale
+    w_q_mla = torch.cat([split.q_nope, split.q_pe], dim=1).reshape(-1, c.d_model + 1) * score_scale
+    group_of = torch.arange(heads) // (heads // groups)
+    w_o = layer.w_o.weight.double()
+    mla.w_q.weight.copy_(w_q_mla[:, :-1])
+    mla.w_dkv.weight.copy_(torch.cat([w_down, split.k_pe[:, :-1]]))
+    mla.kv_norm.weight.fill_(math.sqrt(c.norm_eps))
+    mla.w_ukv.weight.copy_(w_up[group_of].reshape(-1, c.kv_lora_rank))
+    mla.w_o.weight.copy_(w_o)
+    if c.bias:
+        mla.w_q.bias.copy_(w_q_mla[:, -1])
+        mla.w_dkv.bias.copy_(torch.cat([split.k_pe.new_zeros(c.kv_lora_rank), split.k_pe[:, -1]]))
+        value_bias = w_v[group_of, :, -1].reshape(-1)  # [H·D]
+        output_bias = 0.0 if layer.w_o.bias is None else layer.w_o.bias.double()
+        mla.w_o.bias.copy_(w_o @ value_bias + output_bias)

@@ -48,10 +48,10 @@ def check_sizes(model: LanguageModel, config: ConversionConfig) -> None:
     source = model.config.attention
     pairs, groups = source.head_dim // 2, source.n_kv_heads
     if config.rope_frequencies == "highest":
-        slots = choose_slots("highest", config.rope_dim, pairs, groups, None)
+        slots = choose_slots("highest", config.qk_rope_head_dim, pairs, groups, None)
         nope = len(nope_dims(slots, source.head_dim, groups, config.rope_residual, source.rope.interleave))
     else:
-        nope = largest_nope_width(config.rope_dim, source.head_dim, groups, config.rope_residual)
+        nope = largest_nope_width(config.qk_rope_head_dim, source.head_dim, groups, config.rope_residual)
     check_widths(config, source, nope)
 
 
@@ -85,7 +85,7 @@ def shared_slots(model: LanguageModel, config: ConversionConfig, moments: list[M
     source = model.config.attention
     pairs, groups = source.head_dim // 2, source.n_kv_heads
     if config.rope_frequencies == "highest":
-        return choose_slots("highest", config.rope_dim, pairs, groups, None)
+        return choose_slots("highest", config.qk_rope_head_dim, pairs, groups, None)
     total = torch.zeros(pairs, groups, dtype=torch.float64)
     for block, layer_moments in zip(model.blocks, moments, strict=True):
         attn, sigma = block.attn, layer_moments.second_moment
@@ -93,7 +93,7 @@ def shared_slots(model: LanguageModel, config: ConversionConfig, moments: list[M
         w_k = augmented(attn.w_k).view(groups, source.head_dim, -1)
         scores = RotaryKeys.analyse(w_q, w_k, sigma.to(w_q.device), source.rope.interleave).scores.cpu()
         total += scores / scores.sum().clamp_min(torch.finfo(torch.float64).tiny)
-    return choose_slots("score", config.rope_dim, pairs, groups, total)
+    return choose_slots("score", config.qk_rope_head_dim, pairs, groups, total)
 
 
 def assemble(model: LanguageModel, layers: list[nn.Module], attention: AttentionConfig) -> LanguageModel:

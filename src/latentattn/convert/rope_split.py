@@ -82,7 +82,7 @@ class RotaryKeys:
 
 
 def choose_slots(
-    rule: SlotRule, rope_dim: int, n_pairs: int, n_kv_heads: int, scores: Tensor | None
+    rule: SlotRule, qk_rope_head_dim: int, n_pairs: int, n_kv_heads: int, scores: Tensor | None
 ) -> list[Slot]:
     """The R/2 slots of k_pe, sorted by pair (so by falling frequency), by `rule` ("score" reads
     `scores: [P, G]`)."""
@@ -91,7 +91,7 @@ def choose_slots(
         if scores is None:
             raise ValueError("the 'score' rule needs slot scores")
         slots.sort(key=lambda slot: -scores[slot].item())  # stable: ties keep the "highest" order
-    return sorted(slots[: rope_dim // 2])
+    return sorted(slots[: qk_rope_head_dim // 2])
 
 
 @dataclass(frozen=True)
@@ -123,11 +123,11 @@ def nope_dims(
     return sorted(keep)
 
 
-def largest_nope_width(rope_dim: int, head_dim: int, n_kv_heads: int, residual: Residual) -> int:
+def largest_nope_width(qk_rope_head_dim: int, head_dim: int, n_kv_heads: int, residual: Residual) -> int:
     """The most NoPE dims any R/2 slots can leave: "drop" keeps the pairs without a slot (fewest
     touched: slots crowd into whole pairs), "nope" the pairs not wholly in k_pe (fewest: slots spread
     over all pairs before completing any)."""
-    slots, pairs = rope_dim // 2, head_dim // 2
+    slots, pairs = qk_rope_head_dim // 2, head_dim // 2
     fewest_touched, fewest_whole = -(-slots // n_kv_heads), max(0, slots - pairs * (n_kv_heads - 1))
     return max(head_dim - 2 * (fewest_touched if residual == "drop" else fewest_whole), 0)
 

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from latentattn import cli_checks
+from latentattn.run_dir import publish_directory
+
 
 def check_output_dir(out: str | Path, *, force: bool, keep: Path | None = None) -> Path:
-    """`out` as a Path, or a ValueError if it is a file, holds or is `keep` (the input being read), or
-    is a non-empty directory and not `force`."""
+    """`out` as a Path, or a ValueError if it is a file, holds or is `keep` (the input being read), is
+    a non-empty directory and not `force`, or cannot be written (`cli_checks.check_output_dir`)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} exists and is not a directory")
@@ -19,7 +20,7 @@ def check_output_dir(out: str | Path, *, force: bool, keep: Path | None = None) 
         raise ValueError(f"--out {str(out)!r} holds the input {str(keep)!r}; choose another directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ValueError(f"--out {str(out)!r} is not empty; pass --force to replace it")
-    return out
+    return cli_checks.check_output_dir(out, "--out")
 
 
 def write_directory(
@@ -37,24 +38,13 @@ def write_directory(
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     except OSError as error:
         raise ValueError(f"cannot write --out {str(out)!r}: {error.strerror or error}") from None
+
+    def write_public(directory: Path) -> None:
+        write(directory)
+        directory.chmod(0o755)  # mkdtemp makes it private
+
     try:
-        write(tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it private
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old)
-            try:
-                os.replace(tmp, out)
-            except OSError:
-                os.replace(old, out)
-                raise
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
+        publish_directory(out, write_public, tmp=tmp)
     except OSError as error:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise ValueError(f"cannot write --out {str(out)!r}: {error.strerror or error}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
