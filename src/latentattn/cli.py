@@ -14,7 +14,7 @@ from rich.table import Table
 
 import latentattn
 from latentattn.calculator import print_table
-from latentattn.registry import ATTENTION_KINDS, LATENT_FORMATS, dtype_spellings
+from latentattn.registry import ATTENTION_KINDS, LATENT_FORMATS, canonical_dtype, dtype_spellings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -304,7 +304,7 @@ def _run_bench_serve(args: argparse.Namespace, plot: Path | None, threads: int |
     config = CapacityConfig(
         budget_mib=parse_size(args.kv_budget) / 2**20,
         n_layers=args.layers,
-        dtype=dtypes[0],
+        dtype=canonical_dtype(dtypes[0]),
         prompt_tokens=args.prompt_tokens,
         output_tokens=args.output_tokens,
         requests=args.requests,
@@ -738,7 +738,7 @@ def _run_convert(args: argparse.Namespace) -> None:
 
 
 def _add_serve(verbs: argparse._SubParsersAction) -> None:
-    from latentattn.serve.server import DTYPES, ServeConfig
+    from latentattn.serve.server import SERVE_DTYPES, ServeConfig
 
     defaults = ServeConfig()
     serve = verbs.add_parser(
@@ -768,8 +768,12 @@ def _add_serve(verbs: argparse._SubParsersAction) -> None:
             metavar="N",
             help=f"{what} (default %(default)s)",
         )
-    serve.add_argument("--latent-format", choices=("int8", "fp8"), help="MLA: 8-bit latents in the cache")
-    serve.add_argument("--dtype", choices=tuple(DTYPES), default=defaults.dtype, help="weights and cache")
+    serve.add_argument(
+        "--latent-format", choices=tuple(LATENT_FORMATS), help="MLA: 8-bit latents in the cache"
+    )
+    serve.add_argument(
+        "--dtype", choices=dtype_spellings(SERVE_DTYPES), default=defaults.dtype, help="weights and cache"
+    )
     serve.add_argument("--threads", type=int, metavar="N", help="torch threads (default: torch's choice)")
     serve.add_argument("--device", default="cpu", help="torch device (default cpu)")
     serve.set_defaults(run=_run_serve)

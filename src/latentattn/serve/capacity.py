@@ -31,9 +31,9 @@ from matplotlib.ticker import NullFormatter, ScalarFormatter
 from rich.table import Table
 from torch import nn
 
-from latentattn.bench import DTYPES
 from latentattn.model import LanguageModel, Preset
 from latentattn.plots import image_path
+from latentattn.registry import torch_dtype
 from latentattn.serve.engine import Engine, EngineConfig
 from latentattn.serve.request import Output
 from latentattn.serve.sampling import SamplingParams
@@ -66,7 +66,7 @@ class CapacityConfig:
             head_dim=128,
             n_kv_heads=self.gqa_kv_heads,
             kv_lora_rank=512,
-            rope_head_dim=64,
+            qk_rope_head_dim=64,
             max_seq_len=max(256, self.prompt_tokens + self.output_tokens),
         )
 
@@ -139,7 +139,7 @@ def run_one(
 ) -> CapacityRow:
     """Serve the workload through one model at the budget; the figures of the run."""
     torch.manual_seed(config.seed)
-    model = LanguageModel(config.preset().model(kind), dtype=DTYPES[config.dtype]).eval()
+    model = LanguageModel(config.preset().model(kind), dtype=torch_dtype(config.dtype)).eval()
     cache = model.new_paged_cache(
         budget_bytes=int(config.budget_mib * 2**20), block_size=config.block_size, latent_format=latent_format
     )

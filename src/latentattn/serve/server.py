@@ -17,11 +17,13 @@ from types import FrameType
 import torch
 import uvicorn
 
-from latentattn.bench import DTYPES
 from latentattn.caches import PagedModelCache
 from latentattn.checkpoint import load_checkpoint
+from latentattn.registry import canonical_dtype, torch_dtype
 from latentattn.serve.api import ServedModel, create_app
 from latentattn.serve.engine import Engine, EngineConfig
+
+SERVE_DTYPES = ("float32", "bfloat16", "float64")
 
 
 @dataclass(frozen=True)
@@ -39,8 +41,7 @@ class ServeConfig:
     grace_seconds: float = 10.0
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        object.__setattr__(self, "dtype", canonical_dtype(self.dtype, SERVE_DTYPES, "--dtype"))
         if not 0 <= self.port < 65536:
             raise ValueError(f"--port must lie in [0, 65535], got {self.port}")
 
@@ -80,7 +81,7 @@ class _Server(uvicorn.Server):
 
 def run_server(checkpoint: str | Path, config: ServeConfig, *, device: torch.device | str = "cpu") -> None:
     """Serve `checkpoint` until SIGTERM or Ctrl-C."""
-    loaded = load_checkpoint(checkpoint, device=device, dtype=DTYPES[config.dtype])
+    loaded = load_checkpoint(checkpoint, device=device, dtype=torch_dtype(config.dtype))
     cache = loaded.model.new_paged_cache(
         budget_bytes=config.budget_bytes,
         num_blocks=config.num_blocks,
