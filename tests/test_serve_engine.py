@@ -15,8 +15,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import relative_error
 from latentattn.generate import SamplingConfig, generate
+from latentattn.metrics import relative_error
 from latentattn.serve import engine as engine_module
 from latentattn.serve.engine import Engine, EngineConfig, QueueFull, RequestRejected, ShuttingDown
 from latentattn.serve.request import Output
