@@ -8,6 +8,7 @@ parts must not move), KL of identical logits (zero), and the real command in a s
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from latentattn.cli import main
 from latentattn.convert import ConversionConfig, convert_checkpoint
 from latentattn.data import train_tokenizer
 from latentattn.distill import Distillation, distillation_loss, recorded_teacher
+from latentattn.evaluate import IMPORTED_WINDOW, window_length
 from latentattn.heal import heal_config
 from latentattn.model import LanguageModel, get_preset
 from latentattn.train import TrainConfig, batch_at, train
@@ -199,3 +201,13 @@ def test_heal_command_errors(converted, tmp_path, capsys):
     error = capsys.readouterr().err
     assert error.startswith("latentattn heal: error: ") and "records no source model" in error
     assert not (tmp_path / "p").exists()
+
+
+def test_a_fine_tuned_model_is_evaluated_on_imported_windows(converted):
+    """`eval` windows: a model trained here from scratch uses its context; one fine-tuned from a
+    checkpoint (healed) at most IMPORTED_WINDOW tokens, like the imported model it came from."""
+    loaded = ckpt.load_checkpoint(converted)
+    long = dataclasses.replace(loaded, config=dataclasses.replace(loaded.config, max_seq_len=4096))
+    assert window_length(dataclasses.replace(long, train={"preset": "debug"})) == 4096
+    healed = dataclasses.replace(long, train={"preset": "debug", "init_from": str(converted)})
+    assert window_length(healed) == IMPORTED_WINDOW

@@ -530,7 +530,7 @@ def _train(config: TrainConfig, env: _Distributed, console: Console) -> TrainRes
     origin = start or init
     loss_fn = next_token_loss
     if config.teacher is not None:
-        teacher = load_teacher(config.teacher, origin or ckpt.load_checkpoint(config.init_from), env.device)
+        teacher = load_teacher(config.teacher, origin, env.device)  # origin: init_from's checkpoint
         loss_fn = Distillation(teacher, config.temperature, config.lm_weight)
     corpus = _load_corpus(config, env, None if origin is None else origin.tokenizer)
     model, optimizer, step = _build(config, env, corpus, start, init)
