@@ -542,6 +542,7 @@ def report(results: dict[str, Any]) -> str:
             f"{healed['python']:.2f} ({changes['python']}), english {healed['english']:.2f} "
             f"({changes['english']}).",
         ]
+    lines += ["", "## Reading", "", *reading(results)]
     lines += ["", *ANCHOR_NOTES, "", "## Goals", "", *goals(results)]
     return "\n".join(lines) + "\n"
 
@@ -557,6 +558,49 @@ ANCHOR_NOTES = [
     "fine-tuning on 0.6–1% of the pretraining data, or billions of tokens) is not comparable with a "
     "perplexity before or after a few hundred healing tokens anyway.",
 ]
+
+
+def reading(results: dict[str, Any]) -> list[str]:
+    """What the table says, computed from it: pca against svd, MLA against merging kv heads."""
+    texts = ("python", "english")
+    by_key = {(r["method"], r["cache_width"]): r for r in results["conversions"]}
+    sizes = sorted({r["cache_width"] for r in results["conversions"]}, reverse=True)
+    pca_wins = [
+        c
+        for c in sizes
+        if ("svd", c) in by_key
+        and ("pca", c) in by_key
+        and all(by_key["pca", c]["converted"][t] <= by_key["svd", c]["converted"][t] * 1.001 for t in texts)
+    ]
+    lines = [
+        f"- **pca ≤ svd** at {len(pca_wins)} of {len(sizes)} cache sizes ({', '.join(map(str, pca_wins))} "
+        "values; equal where the latent holds the whole rank of the NoPE keys and values)."
+    ]
+    for merge in results["merges"]:
+        mla = by_key.get(("pca", merge["cache_width"]))
+        if mla is not None:
+            better = all(mla["converted"][t] < merge["converted"][t] for t in texts)
+            lines.append(
+                f"- **MLA against merging kv heads** at {merge['cache_width']} values: pca "
+                + ", ".join(f"{t} {mla['converted'][t]:,.0f}" for t in texts)
+                + f" vs merged to {merge['kv_heads']} kv head "
+                + ", ".join(f"{t} {merge['converted'][t]:,.0f}" for t in texts)
+                + f": MLA conversion {'beats' if better else 'does not beat'} the baseline."
+            )
+    healed = [r for r in results["conversions"] if r["healed"]]
+    if healed:
+        gains = [
+            f"{r['cache_width']}: {1 - r['healed'][t] / r['converted'][t]:.0%} ({t})"
+            for r in healed
+            for t in texts
+        ]
+        lines.append(
+            f"- **Healing** ({healed[0]['heal_tokens']:,} tokens each) lowers perplexity by "
+            + "; ".join(gains)
+            + f" — a start, far from recovery: X-EcoMLA distils on 3.6B tokens, "
+            f"{3.6e9 / healed[0]['heal_tokens'] / 1e6:.1f} million times more (see below)."
+        )
+    return lines
 
 
 def goals(results: dict[str, Any]) -> list[str]:
