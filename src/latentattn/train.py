@@ -562,7 +562,7 @@ def _train(config: TrainConfig, env: _Distributed, console: Console) -> TrainRes
     with StepProgress(console, "train", config.steps, completed=step) as progress:
         while step < config.steps:
             tick = time.perf_counter()
-            loss = _train_step(net, optimizer, corpus.train, config, env, step, loss_fn)
+            loss = _train_step(net, optimizer, corpus.train, config, env, step, loss_fn=loss_fn)
             step += 1
             train_seconds += time.perf_counter() - tick
             tps = (step - first_step) * tokens_per_step / train_seconds
@@ -648,6 +648,7 @@ def _train_step(
     config: TrainConfig,
     env: _Distributed,
     step: int,
+    *,
     loss_fn: Callable[[nn.Module, Tensor, Tensor], Tensor] = next_token_loss,
 ) -> float:
     """One optimizer step over `grad_accum` micro-batches of `loss_fn(net, inputs, targets)`; returns the
