@@ -12,7 +12,7 @@ from io import StringIO
 import pytest
 from rich.console import Console
 
-from latentattn.cli import build_parser
+from latentattn.cli import DISTILLATION, build_parser
 from latentattn.config_cli import add_config_arguments, config_options, field_docs
 from latentattn.progress import StepProgress
 from latentattn.study import StudyConfig
@@ -106,14 +106,30 @@ def test_the_cli_surface_is_frozen(verb, surface):
     assert _surface(_verb(verb)) == surface
 
 
+def _help(verb: str) -> str:
+    return " ".join(_verb(verb).format_help().split()).replace("- ", "-")  # argparse's wrapping
+
+
 def test_every_train_field_is_an_option_with_its_docstring_and_default():
-    help_text = " ".join(_verb("train").format_help().split()).replace("- ", "-")  # argparse's wrapping
+    help_text = _help("train")
     docs = field_docs(TrainConfig)
     for field in dataclasses.fields(TrainConfig):
+        if field.name in DISTILLATION:
+            assert f"--{field.name.replace('_', '-')}" not in help_text
+            continue
         option = "--" + field.name.replace("_", "-")
         assert option in help_text, option
         assert docs[field.name].removesuffix(".") in help_text, field.name
     assert "Peak learning rate (default 0.002)." in help_text and "(default 350)." in help_text
+
+
+def test_heal_shows_its_own_defaults_and_the_distillation_options():
+    help_text = _help("heal")
+    assert "Peak learning rate (default 0.0001)." in help_text and "(default 100)." in help_text
+    for option in ("--teacher", "--temperature", "--lm-weight", "--train {all,attention}", "--resume"):
+        assert option in help_text, option
+    for option in ("--preset", "--attn", "--init-from", "--kv-lora-rank"):
+        assert option not in help_text, option
 
 
 def test_options_not_given_stay_unset():

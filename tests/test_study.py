@@ -169,10 +169,10 @@ def test_an_interrupted_study_continues_where_it_stopped(tmp_path, monkeypatch):
     )
     real_step = train_module._train_step
 
-    def fail_in_mla(net, optimizer, tokens, train_config, env, step):
+    def fail_in_mla(net, optimizer, tokens, train_config, env, step, **options):
         if train_config.attn == "mla" and step == 3:
             raise RuntimeError("injected failure")
-        return real_step(net, optimizer, tokens, train_config, env, step)
+        return real_step(net, optimizer, tokens, train_config, env, step, **options)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

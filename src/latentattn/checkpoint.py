@@ -298,9 +298,11 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     val_loss: float | None = None,
     keep: int = DEFAULT_KEEP,
+    metadata: dict[str, Any] | None = None,
 ) -> Path:
     """Write `RUN_DIR/step-NNNNNNN` atomically and point `latest` at it (and `best`, if its `val_loss` is
-    the lowest); then delete the run's own older checkpoints beyond the newest `keep` and `best`."""
+    the lowest); then delete the run's own older checkpoints beyond the newest `keep` and `best`.
+    `metadata` adds entries to its config.json besides "train" and "step"."""
     if keep < 1:
         raise ValueError(f"keep must be at least 1, got {keep}")
     run_dir = Path(run_dir)
@@ -316,7 +318,8 @@ def save_checkpoint(
     )
 
     def write(tmp: Path) -> None:
-        write_checkpoint_files(tmp, model=model, tokenizer=tokenizer, metadata={"train": train, "step": step})
+        entries = {**(metadata or {}), "train": train, "step": step}
+        write_checkpoint_files(tmp, model=model, tokenizer=tokenizer, metadata=entries)
         torch.save(trainer_state, tmp / TRAINER_STATE)
 
     # Listed before it exists: a crash never leaves it unlisted. An existing `target` is a complete

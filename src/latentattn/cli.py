@@ -9,12 +9,19 @@ import sys
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.table import Table
 
 import latentattn
 from latentattn.calculator import print_table
 from latentattn.registry import ATTENTION_KINDS, LATENT_FORMATS, canonical_dtype, dtype_spellings
+
+if TYPE_CHECKING:
+    from latentattn.train import TrainResult
+
+DISTILLATION = ("teacher", "temperature", "lm_weight", "trainable")
+"""TrainConfig fields that only `latentattn heal` exposes."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(verbs)
     _add_eval(verbs)
     _add_train(verbs)
+    _add_heal(verbs)
     _add_checkpoints(verbs)
     _add_generate(verbs)
     _add_demo(verbs)
@@ -389,6 +397,7 @@ def _add_train(verbs: argparse._SubParsersAction) -> None:
         },
         flags=("resume",),
         aliases={"qk_rope_head_dim": ("rope_head_dim",)},
+        exclude=DISTILLATION,
     )
     train.add_argument("--quiet", action="store_true", help="no progress bar or messages")
     train.set_defaults(run=_run_train)
@@ -400,8 +409,61 @@ def _run_train(args: argparse.Namespace) -> None:
 
     options = config_options(args, TrainConfig)
     config = resume_config(**options) if options.get("resume") else TrainConfig(**options)
-    result = train(config, quiet=args.quiet)
-    if not args.quiet and int(os.environ.get("RANK", "0")) == 0:
+    _print_result(train(config, quiet=args.quiet), quiet=args.quiet)
+
+
+def _add_heal(verbs: argparse._SubParsersAction) -> None:
+    from latentattn.config_cli import add_config_arguments
+    from latentattn.distill import TRAINABLE
+    from latentattn.heal import HEAL_DEFAULTS
+    from latentattn.train import DTYPES, SHAPE_OVERRIDES, TrainConfig
+
+    heal = verbs.add_parser(
+        "heal",
+        help="fine-tune a converted checkpoint by distillation from its source model (torchrun-compatible)",
+        description="Train a converted checkpoint (latentattn convert --out) to match its source model's "
+        "next-token distributions (KL at --temperature, plus --lm-weight x the next-token loss). A training "
+        "run in --out: checkpoints, --resume (options not given take the run's saved settings).",
+    )
+    heal.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="the converted checkpoint to heal")
+    heal.add_argument(
+        "--train",
+        dest="trainable",
+        choices=TRAINABLE,
+        default=argparse.SUPPRESS,
+        help="parameters trained: all, or only the attention layers' (default all)",
+    )
+    add_config_arguments(
+        heal,
+        TrainConfig,
+        exclude=("preset", "attn", "init_from", "trainable", *SHAPE_OVERRIDES),
+        choices={"dtype": DTYPES},
+        metavars={
+            "out": "DIR",
+            "data": "PATH",
+            "cache_dir": "DIR",
+            "teacher": "CHECKPOINT",
+            "context": "TOKENS",
+        },
+        flags=("resume",),
+        defaults={**HEAL_DEFAULTS, "teacher": "the source the conversion recorded"},
+    )
+    heal.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    heal.set_defaults(run=_run_heal)
+
+
+def _run_heal(args: argparse.Namespace) -> None:
+    from latentattn.config_cli import config_options
+    from latentattn.heal import heal_config
+    from latentattn.train import TrainConfig, train
+
+    config = heal_config(args.checkpoint, **config_options(args, TrainConfig))
+    _print_result(train(config, quiet=args.quiet), quiet=args.quiet)
+
+
+def _print_result(result: TrainResult, *, quiet: bool) -> None:
+    """A training run's last step, validation loss, throughput and checkpoint (rank 0 only)."""
+    if not quiet and int(os.environ.get("RANK", "0")) == 0:
         print(
             f"step {result.step}: val loss {result.val_loss:.3f}, {result.tokens_per_s:,.0f} tokens/s; "
             f"checkpoint {result.checkpoint}"
@@ -890,7 +952,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except KeyboardInterrupt:
-        hint = "; resume with --resume" if args.verb == "train" else ""
+        hint = "; resume with --resume" if args.verb in ("train", "heal") else ""
         print(f"latentattn {args.verb}: interrupted{hint}", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError) as error:

@@ -49,11 +49,10 @@ def _without_none(hint: Any) -> Any:
     return hint
 
 
-def _default_text(field: dataclasses.Field) -> str:
-    default = field.default
+def _default_text(default: Any) -> str:
     if default is dataclasses.MISSING or default is None or default is False or default == ():
         return ""
-    return f" (default {field.default})"
+    return f" (default {default})"
 
 
 def add_config_arguments(
@@ -66,15 +65,17 @@ def add_config_arguments(
     flags: tuple[str, ...] = (),
     aliases: Mapping[str, tuple[str, ...]] | None = None,
     show_defaults: bool = True,
+    defaults: Mapping[str, Any] | None = None,
 ) -> None:
     """One option per field of the dataclass `cls` except `exclude`: `--name-with-dashes`, typed from the
     annotation (`X | None` as X, tuples as one or more values, `Literal` as choices), `choices` from a
     registry where given. Booleans are `--x/--no-x`, except `flags` (plain `--x`). `aliases` gives a
     field's older option names, still accepted. A field without a default is required. Every exposed
-    field must have a docstring (its help)."""
+    field must have a docstring (its help). `defaults` replace the dataclass's defaults in the help, for
+    a caller that applies its own to the fields not given."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
-    choices, metavars, aliases = choices or {}, metavars or {}, aliases or {}
+    choices, metavars, aliases, defaults = choices or {}, metavars or {}, aliases or {}, defaults or {}
     for field in dataclasses.fields(cls):
         if field.name in exclude:
             continue
@@ -82,8 +83,9 @@ def add_config_arguments(
             raise TypeError(f"{cls.__name__}.{field.name} has no docstring to serve as its help")
         hint = _without_none(hints[field.name])
         help_text = docs[field.name]
-        if show_defaults and _default_text(field):
-            help_text = help_text.removesuffix(".") + _default_text(field) + "."
+        shown = _default_text(defaults.get(field.name, field.default))
+        if show_defaults and shown:
+            help_text = help_text.removesuffix(".") + shown + "."
         options: dict[str, Any] = {
             "dest": field.name,
             "default": argparse.SUPPRESS,

@@ -120,9 +120,11 @@ def validation_tokens(checkpoint: Checkpoint, data: Sequence[str] | None = None)
 
 
 def window_length(checkpoint: Checkpoint) -> int:
-    """The training context of a trained model; at most `IMPORTED_WINDOW` tokens for an imported one."""
+    """The training context of a model trained from scratch here; at most `IMPORTED_WINDOW` tokens for any
+    other (imported, converted, or fine-tuned from a checkpoint, e.g. healed)."""
     context = checkpoint.config.max_seq_len
-    return context if "preset" in checkpoint.train else min(context, IMPORTED_WINDOW)
+    trained_here = "preset" in checkpoint.train and checkpoint.train.get("init_from") is None
+    return context if trained_here else min(context, IMPORTED_WINDOW)
 
 
 def compare_cache_formats(

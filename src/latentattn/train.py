@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from latentattn import checkpoint as ckpt
 from latentattn import run_dir
 from latentattn.data import Corpus, gather_windows, load_corpus, window_starts
+from latentattn.distill import TRAINABLE, Distillation, Trainable, freeze_all_but_attention, load_teacher
 from latentattn.model import LanguageModel, Preset, get_preset
 from latentattn.progress import StepProgress
 from latentattn.registry import ATTENTION_KINDS, AttentionKind, canonical_dtype
@@ -67,7 +68,8 @@ class TrainConfig:
     batch_size: int = 16
     """Windows per process and micro-step."""
     context: int | None = None
-    """Tokens per training window (default: the preset's max_seq_len)."""
+    """Tokens per training window (default: the preset's max_seq_len; healing: 256, or the checkpoint's
+    context if shorter)."""
     lr: float = 2e-3
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
@@ -118,6 +120,15 @@ class TrainConfig:
     (fine-tuning, e.g. healing a converted model); excludes the shape overrides."""
     recompute_kv: bool = False
     """MLA: keep only the latent for backward and recompute per-head K/V (less memory, same losses)."""
+    teacher: str | None = None
+    """A checkpoint to distil from (with init_from): the training loss becomes τ²·KL(teacher ‖ model) at
+    `temperature`, plus `lm_weight` × the next-token loss; validation stays the next-token loss."""
+    temperature: float = 1.0
+    """Distillation temperature τ of both models' softmax."""
+    lm_weight: float = 0.0
+    """Weight of the next-token loss added to the distillation loss."""
+    trainable: Trainable = "all"
+    """Parameters trained: all, or only the attention layers' (the rest frozen)."""
 
     def __post_init__(self) -> None:
         preset = get_preset(self.preset)
@@ -149,7 +160,23 @@ class TrainConfig:
         for name in ("warmup", "weight_decay", "min_lr_ratio"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be non-negative, got {getattr(self, name)!r}")
-        if self.context is not None and not 0 < self.context <= preset.max_seq_len:
+        if self.trainable not in TRAINABLE:
+            raise ValueError(
+                f"TrainConfig.trainable must be one of {', '.join(TRAINABLE)}, got {self.trainable!r}"
+            )
+        if self.temperature <= 0 or self.lm_weight < 0:
+            raise ValueError(
+                "TrainConfig.temperature must be positive and lm_weight non-negative, got "
+                f"{self.temperature!r} and {self.lm_weight!r}"
+            )
+        if self.teacher is None and (self.temperature != 1.0 or self.lm_weight != 0.0):
+            raise ValueError("TrainConfig.temperature and lm_weight apply to distillation: name a teacher")
+        if self.teacher is not None and self.init_from is None:
+            raise ValueError("TrainConfig.teacher distils into a trained model: give init_from too")
+        if self.init_from is not None:  # the checkpoint's own context bounds it (checked in train)
+            if self.context is not None and self.context <= 0:
+                raise ValueError(f"TrainConfig.context must be positive, got {self.context}")
+        elif self.context is not None and not 0 < self.context <= preset.max_seq_len:
             raise ValueError(
                 f"TrainConfig.context must lie in [1, {preset.max_seq_len}] for preset "
                 f"{self.preset!r}, got {self.context}"
@@ -279,9 +306,11 @@ def _autocast(config: TrainConfig, env: _Distributed) -> torch.autocast:
 
 
 def _optimizer(model: LanguageModel, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices and embeddings only (not on norm weights)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    """AdamW over the parameters that require grad; weight decay on matrices and embeddings only (not on
+    norm weights)."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trained if p.dim() >= 2]
+    no_decay = [p for p in trained if p.dim() < 2]
     groups = [
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -304,12 +333,12 @@ def _init_distributed() -> _Distributed:
 
 
 def _absolute_paths(record: dict[str, Any]) -> dict[str, Any]:
-    """`record` with its data, cache and init_from paths made absolute, so the run can be continued or
-    evaluated from any directory."""
+    """`record` with its data, cache, init_from and teacher paths made absolute, so the run can be
+    continued or evaluated from any directory."""
     record = dict(record)
     if "data" in record:
         record["data"] = [os.path.abspath(path) for path in record["data"] or ()]
-    for name in ("cache_dir", "init_from"):
+    for name in ("cache_dir", "init_from", "teacher"):
         if record.get(name) is not None:
             record[name] = os.path.abspath(record[name])
     return record
@@ -502,15 +531,24 @@ def _train(config: TrainConfig, env: _Distributed, console: Console) -> TrainRes
             f"({init.config.max_seq_len} tokens); its architecture comes from the checkpoint"
         )
     origin = start or init
+    loss_fn = next_token_loss
+    if config.teacher is not None:
+        teacher = load_teacher(config.teacher, origin, env.device)  # origin: init_from's checkpoint
+        loss_fn = Distillation(teacher, config.temperature, config.lm_weight)
     corpus = _load_corpus(config, env, None if origin is None else origin.tokenizer)
     model, optimizer, step = _build(config, env, corpus, start, init)
     counts = model.parameter_counts()
     console.print(
-        f"{model.config.attention.kind} model, preset {config.preset!r}: "
+        f"{model.config.attention.kind} model"
+        + (f", preset {config.preset!r}" if origin is None else f" from {origin.directory}")
+        + ": "
         + ", ".join(f"{name} {count / 1e6:.2f}M" for name, count in counts.items())
+        + (f" (training {config.trainable})" if config.trainable != "all" else "")
+        + (f"; distilling from {config.teacher}" if config.teacher else "")
         + f"; corpus {len(corpus.train):,} train / {len(corpus.val):,} val tokens",
         soft_wrap=True,
     )
+    carried = _carried_metadata(origin)
     _warn_if_no_peak(config, console)
 
     net: nn.Module = torch.compile(model) if config.compile else model
@@ -527,7 +565,7 @@ def _train(config: TrainConfig, env: _Distributed, console: Console) -> TrainRes
     with StepProgress(console, "train", config.steps, completed=step) as progress:
         while step < config.steps:
             tick = time.perf_counter()
-            loss = _train_step(net, optimizer, corpus.train, config, env, step)
+            loss = _train_step(net, optimizer, corpus.train, config, env, step, loss_fn=loss_fn)
             step += 1
             train_seconds += time.perf_counter() - tick
             tps = (step - first_step) * tokens_per_step / train_seconds
@@ -551,7 +589,9 @@ def _train(config: TrainConfig, env: _Distributed, console: Console) -> TrainRes
                 log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(val_loss)})
                 progress.print(f"step {step}: val loss {val_loss:.3f}, perplexity {math.exp(val_loss):.1f}")
             if step % config.checkpoint_every == 0 or step == config.steps:
-                _save(run, step, model, optimizer, corpus, config, env, val_loss if evaluated else None)
+                _save(
+                    run, step, model, optimizer, corpus, config, env, val_loss if evaluated else None, carried
+                )
     if math.isnan(val_loss):  # resumed a finished run
         val_loss = evaluate(model, corpus.val, config, env)
     tps = (step - first_step) * tokens_per_step / train_seconds if train_seconds else 0.0
@@ -559,6 +599,15 @@ def _train(config: TrainConfig, env: _Distributed, console: Console) -> TrainRes
     return TrainResult(
         checkpoint=latest, step=step, val_loss=val_loss, tokens_per_s=tps, seconds=train_seconds
     )
+
+
+def _carried_metadata(origin: ckpt.Checkpoint | None) -> dict[str, Any]:
+    """What the checkpoint a run starts from records besides its model and training record (an imported
+    model's special tokens and source, a converted model's conversion), for every checkpoint it writes."""
+    if origin is None:
+        return {}
+    metadata = ckpt.read_metadata(origin.directory)
+    return {key: value for key, value in metadata.items() if key not in ("model", "train", "step")}
 
 
 def _build(
@@ -579,6 +628,8 @@ def _build(
             config.attn, vocab_size=vocab_size, max_seq_len=config.window
         )
     model = LanguageModel(model_config, recompute_kv=config.recompute_kv, device=env.device)
+    if config.trainable == "attention":
+        freeze_all_but_attention(model)
     optimizer = _optimizer(model, config)
     if start is None:
         if init is not None:
@@ -597,9 +648,12 @@ def _train_step(
     config: TrainConfig,
     env: _Distributed,
     step: int,
+    *,
+    loss_fn: Callable[[nn.Module, Tensor, Tensor], Tensor] = next_token_loss,
 ) -> float:
-    """One optimizer step over `grad_accum` micro-batches; returns the mean loss over the processes.
-    A non-finite loss or gradient norm stops the run before the optimizer step."""
+    """One optimizer step over `grad_accum` micro-batches of `loss_fn(net, inputs, targets)`; returns the
+    mean loss over the processes. A non-finite loss or gradient norm stops the run before the optimizer
+    step."""
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, config)
     total = 0.0
@@ -616,7 +670,7 @@ def _train_step(
         last = micro == config.grad_accum - 1
         with contextlib.nullcontext() if last or env.world_size == 1 else net.no_sync():
             with _autocast(config, env):
-                loss = next_token_loss(net, inputs.to(env.device), targets.to(env.device))
+                loss = loss_fn(net, inputs.to(env.device), targets.to(env.device))
             (loss / config.grad_accum).backward()
         total += float(loss.detach())
     mean_loss = env.mean(total / config.grad_accum)
@@ -638,9 +692,10 @@ def _save(
     config: TrainConfig,
     env: _Distributed,
     val_loss: float | None,
+    metadata: dict[str, Any],
 ) -> None:
-    """Rank 0 writes the checkpoint (never one with non-finite weights); every rank waits for it (and
-    fails with it)."""
+    """Rank 0 writes the checkpoint (never one with non-finite weights) with `metadata` besides the
+    training record; every rank waits for it (and fails with it)."""
     broken = [name for name, weight in model.named_parameters() if not torch.isfinite(weight).all()]
     if broken:
         raise _diverged(run, step, f"weight {broken[0]} is not finite")
@@ -654,5 +709,6 @@ def _save(
             trainer_state={"optimizer": optimizer.state_dict(), "step": step},
             val_loss=val_loss,
             keep=config.keep,
+            metadata=metadata,
         )
     )

@@ -29,6 +29,7 @@ from latentattn.convert.calibration import calibration_windows
 from latentattn.convert.layer import ConversionConfig
 from latentattn.convert.merge import merge_kv_heads
 from latentattn.convert.model import check_sizes, model_to_mla, require_unconverted
+from latentattn.convert.moments import Moments
 from latentattn.interop.output_dir import check_output_dir, write_directory
 from latentattn.model import LanguageModel, ModelConfig
 
@@ -60,7 +61,7 @@ def cache_bytes_per_token(config: ModelConfig, dtype: torch.dtype = torch.bfloat
 def convert_model(
     model: LanguageModel,
     config: ConversionConfig,
-    calibration: Tensor | None = None,
+    calibration: Tensor | list[Moments] | None = None,
     *,
     progress: Callable[[str], None] | None = None,
 ) -> LanguageModel:
@@ -84,13 +85,15 @@ def convert_checkpoint(
     *,
     calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS,
     calibration_file: str | Path | None = None,
+    moments: list[Moments] | None = None,
     force: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> ConversionResult:
     """Convert the checkpoint `source` (a run or checkpoint directory) into the checkpoint directory
     `out` (new or empty; `force` replaces a non-empty one). "svd"/"pca" calibrate on up to
     `calibration_tokens` tokens of `calibration_file` (default: the built-in corpus) in the
-    checkpoint's own tokenizer."""
+    checkpoint's own tokenizer, or take the source's `layer_input_moments` on those tokens, computed
+    once to convert one model several ways."""
     check_output_dir(out, force=force, keep=Path(source))
     loaded = load_checkpoint(source)
     require_unconverted(loaded.model)
@@ -98,16 +101,18 @@ def convert_checkpoint(
     if config.method != "merge":
         check_sizes(loaded.model, config)
         window = min(CALIBRATION_WINDOW, loaded.config.max_seq_len)
-        tokens = calibration_windows(
-            loaded.tokenizer, n_tokens=calibration_tokens, window=window, file=calibration_file
-        )
-    converted = convert_model(loaded.model, config, tokens, progress=progress)
+        if moments is None:
+            tokens = calibration_windows(
+                loaded.tokenizer, n_tokens=calibration_tokens, window=window, file=calibration_file
+            )
+    converted = convert_model(loaded.model, config, tokens if moments is None else moments, progress=progress)
 
+    calibrated = 0 if config.method == "merge" else calibration_tokens if tokens is None else tokens.numel()
     metadata = {key: value for key, value in read_metadata(loaded.directory).items() if key != "model"}
     metadata["conversion"] = {
         "source": str(loaded.directory.resolve()),
         **asdict(config),
-        "calibration_tokens": 0 if tokens is None else tokens.numel(),
+        "calibration_tokens": calibrated,
         "calibration_file": None if calibration_file is None else str(calibration_file),
     }
 
