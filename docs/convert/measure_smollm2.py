@@ -257,7 +257,7 @@ class Measurement:
             "method": method,
             "cache_width": cache,
             "kv_lora_rank": cache - rope_dim,
-            "rope_dim": rope_dim,
+            "qk_rope_head_dim": rope_dim,
             "cache_bytes_per_token": converted.cache_bytes_after,
             "converted": perplexities(converted.model.eval()),
             "healed": None,
@@ -343,7 +343,7 @@ class Measurement:
         shapes = {"source GQA": self.args.work / "source"}
         for row in rows:
             if row["method"] == "pca":
-                shapes[f"MLA C {row['kv_lora_rank']} + R {row['rope_dim']}"] = (
+                shapes[f"MLA C {row['kv_lora_rank']} + R {row['qk_rope_head_dim']}"] = (
                     self.args.work / f"pca-{row['cache_width']}"
                 )
         for merge in merges:
@@ -501,7 +501,7 @@ def report(results: dict[str, Any]) -> str:
         ]
         lines.append(
             f"| MLA {row['method']} | {row['cache_width']} | {row['cache_bytes_per_token']:,} "
-            f"| {row['kv_lora_rank']} + {row['rope_dim']} | " + " | ".join(cells) + " |"
+            f"| {row['kv_lora_rank']} + {row['qk_rope_head_dim']} | " + " | ".join(cells) + " |"
         )
     for merge in results["merges"]:
         cells = [
