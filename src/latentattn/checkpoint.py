@@ -35,8 +35,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from latentattn.config import GQAConfig, Llama3RopeConfig, MLAConfig, RopeConfig, YarnConfig
+from latentattn.config import Llama3RopeConfig, RopeConfig, YarnConfig
 from latentattn.model import LanguageModel, ModelConfig
+from latentattn.registry import ATTENTION_KINDS, resolve
 from latentattn.run_dir import publish_directory, temp_path
 from latentattn.tokens import SpecialTokens, separator_tokens
 
@@ -50,13 +51,14 @@ CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 TOKENIZER = "tokenizer.json"
 TRAINER_STATE = "trainer_state.pt"
-_ATTENTION_TYPES = {"mla": MLAConfig, "gqa": GQAConfig}
 
 
 def model_config_to_dict(config: ModelConfig) -> dict[str, Any]:
-    """JSON-able form of `config`; the attention config carries `"type": "mla" | "gqa"`."""
+    """JSON-able form of `config`; the attention config carries `"type"`, its kind (a key of
+    `registry.ATTENTION_KINDS`, which names the config class; older checkpoints say "gqa" for every
+    K/V kind, which reads the same)."""
     data = asdict(config)
-    data["attention"]["type"] = "mla" if isinstance(config.attention, MLAConfig) else "gqa"
+    data["attention"]["type"] = config.attention.kind
     return data
 
 
@@ -87,9 +89,9 @@ def model_config_from_dict(data: Any, source: str = "model config") -> ModelConf
     model = _object(data, "model", source)
     attention = _object(model.pop("attention", _ABSENT), "model.attention", source)
     kind = attention.pop("type", None)
-    if kind not in _ATTENTION_TYPES:
+    if kind not in ATTENTION_KINDS:
         raise ValueError(
-            f"{source}: 'model.attention.type' must be one of {', '.join(_ATTENTION_TYPES)}, "
+            f"{source}: 'model.attention.type' must be one of {', '.join(ATTENTION_KINDS)}, "
             f"got {json.dumps(kind)[:40]}"
         )
     rope = _object(attention.pop("rope", _ABSENT), "model.attention.rope", source)
@@ -99,7 +101,7 @@ def model_config_from_dict(data: Any, source: str = "model config") -> ModelConf
         rope[name] = None if value is None else _build(scaling, _object(value, field, source), field, source)
     rope_config = _build(RopeConfig, rope, "model.attention.rope", source)
     attention_config = _build(
-        _ATTENTION_TYPES[kind], {**attention, "rope": rope_config}, "model.attention", source
+        resolve(ATTENTION_KINDS[kind].config), {**attention, "rope": rope_config}, "model.attention", source
     )
     return _build(ModelConfig, {**model, "attention": attention_config}, "model", source)
 

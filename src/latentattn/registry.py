@@ -19,6 +19,7 @@ CacheFamily = Literal["kv", "latent"]
 
 
 _GQA, _MLA = "latentattn.attention:GQAAttention", "latentattn.attention:MLA"
+_GQA_CONFIG, _MLA_CONFIG = "latentattn.config:GQAConfig", "latentattn.config:MLAConfig"
 
 
 @dataclass(frozen=True)
@@ -26,13 +27,15 @@ class KindSpec:
     """One attention kind: what it caches per token and layer.
 
     `layer` is the attention module (`"module:Class"`, built by `attention.build_attention` from a
-    config whose `kind` is this one); `family` names the cache it writes ("kv": K and V rows, "latent":
+    config whose `kind` is this one) and `config` that config's class (checkpoints rebuild it from its
+    fields); `family` names the cache it writes ("kv": K and V rows, "latent":
     `[c_KV | k_pe]`); `cache_fields` are the shape fields (`calculator.ModelSpec`) that size its cache;
     `kv_heads`, for the kv family, gives the K/V heads cached from (n_h query heads, n_g groups).
     """
 
     summary: str
     layer: str
+    config: str
     family: CacheFamily
     cache_fields: tuple[str, ...]
     kv_heads: Callable[[int, int], int] | None = None
@@ -40,13 +43,26 @@ class KindSpec:
 
 ATTENTION_KINDS: Mapping[AttentionKind, KindSpec] = MappingProxyType(
     {
-        "mha": KindSpec("K and V for every query head", _GQA, "kv", ("n_heads", "head_dim"), lambda h, g: h),
-        "gqa": KindSpec(
-            "K and V for each group of heads", _GQA, "kv", ("n_kv_heads", "head_dim"), lambda h, g: g
+        "mha": KindSpec(
+            "K and V for every query head", _GQA, _GQA_CONFIG, "kv", ("n_heads", "head_dim"), lambda h, g: h
         ),
-        "mqa": KindSpec("one K and one V shared by all heads", _GQA, "kv", ("head_dim",), lambda h, g: 1),
+        "gqa": KindSpec(
+            "K and V for each group of heads",
+            _GQA,
+            _GQA_CONFIG,
+            "kv",
+            ("n_kv_heads", "head_dim"),
+            lambda h, g: g,
+        ),
+        "mqa": KindSpec(
+            "one K and one V shared by all heads", _GQA, _GQA_CONFIG, "kv", ("head_dim",), lambda h, g: 1
+        ),
         "mla": KindSpec(
-            "the latent c_KV and one RoPE key", _MLA, "latent", ("kv_lora_rank", "qk_rope_head_dim")
+            "the latent c_KV and one RoPE key",
+            _MLA,
+            _MLA_CONFIG,
+            "latent",
+            ("kv_lora_rank", "qk_rope_head_dim"),
         ),
     }
 )
