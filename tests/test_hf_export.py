@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
@@ -207,6 +208,12 @@ def test_what_hf_cannot_express_is_named():
     assert "RoPE frequencies are a list" in export_refusal(dataclasses.replace(mla, attention=listed))
     biased = dataclasses.replace(mla.attention, bias=True)
     assert "MLA projections have biases" in export_refusal(dataclasses.replace(mla, attention=biased))
+
+
+def test_an_attention_kind_without_a_hugging_face_format_is_refused():
+    """A kind added to the registry with its own config class is never exported as Llama by default."""
+    other = types.SimpleNamespace(attention=types.SimpleNamespace(kind="linear"))
+    assert "linear attention has no Hugging Face format here" in export_refusal(other)
 
 
 def test_converted_mla_is_refused_with_what_to_do(tmp_path):

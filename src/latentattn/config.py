@@ -15,8 +15,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from latentattn.registry import AttentionKind, kv_kind
+from latentattn.registry import AttentionKind, kv_heads, kv_kind
+
+
+class ModelWidth(Protocol):
+    """The shape every attention kind of a model is built at (`model.Preset` is one); each config
+    class's `at_width(kind, width)` reads the fields its kind needs."""
+
+    d_model: int
+    n_heads: int
+    head_dim: int
+    n_kv_heads: int
+    kv_lora_rank: int
+    qk_rope_head_dim: int
+    q_lora_rank: int | None
 
 
 def _require(condition: bool, message: str) -> None:
@@ -228,6 +242,20 @@ class MLAConfig:
             f"MLAConfig.qk_rope_head_dim must be even for RoPE, got {self.qk_rope_head_dim}",
         )
 
+    @classmethod
+    def at_width(cls, kind: AttentionKind, width: ModelWidth) -> MLAConfig:
+        """MLA at a shared width (`model.Preset`): nope and value heads of `head_dim`, a RoPE key of
+        `qk_rope_head_dim`, a latent of `kv_lora_rank` (DeepSeek-V2's ratios 128 / 64 / 512)."""
+        return cls(
+            d_model=width.d_model,
+            n_heads=width.n_heads,
+            kv_lora_rank=width.kv_lora_rank,
+            q_lora_rank=width.q_lora_rank,
+            qk_nope_head_dim=width.head_dim,
+            qk_rope_head_dim=width.qk_rope_head_dim,
+            v_head_dim=width.head_dim,
+        )
+
     @property
     def kind(self) -> AttentionKind:
         return "mla"
@@ -276,6 +304,17 @@ class GQAConfig:
             f"GQAConfig.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})",
         )
         _require(self.head_dim % 2 == 0, f"GQAConfig.head_dim must be even for RoPE, got {self.head_dim}")
+
+    @classmethod
+    def at_width(cls, kind: AttentionKind, width: ModelWidth) -> GQAConfig:
+        """`kind` (mha, gqa, mqa) at a shared width (`model.Preset`): heads of `head_dim`, and the K/V
+        heads the kind caches (`n_kv_heads` groups for gqa)."""
+        return cls(
+            d_model=width.d_model,
+            n_heads=width.n_heads,
+            n_kv_heads=kv_heads(kind, width.n_heads, width.n_kv_heads),
+            head_dim=width.head_dim,
+        )
 
     @property
     def kind(self) -> AttentionKind:

@@ -28,13 +28,11 @@ from latentattn.attention import MODES, Mode, build_attention, check_mode
 from latentattn.caches import AttentionCache, ModelCache, PagedModelCache, Step, Workspace
 from latentattn.config import (
     AttentionConfig,
-    GQAConfig,
-    MLAConfig,
     check_positive_ints,
     check_positive_numbers,
 )
 from latentattn.layers import RMSNorm
-from latentattn.registry import ATTENTION_KINDS, AttentionKind, kv_heads, lookup
+from latentattn.registry import ATTENTION_KINDS, AttentionKind, lookup, resolve
 
 Device = torch.device | str | None
 
@@ -90,23 +88,8 @@ class Preset:
     q_lora_rank: int | None = None
 
     def attention(self, kind: AttentionKind) -> AttentionConfig:
-        """The attention config of `kind` at this preset's width."""
-        if kind == "mla":
-            return MLAConfig(
-                d_model=self.d_model,
-                n_heads=self.n_heads,
-                kv_lora_rank=self.kv_lora_rank,
-                q_lora_rank=self.q_lora_rank,
-                qk_nope_head_dim=self.head_dim,
-                qk_rope_head_dim=self.qk_rope_head_dim,
-                v_head_dim=self.head_dim,
-            )
-        return GQAConfig(
-            d_model=self.d_model,
-            n_heads=self.n_heads,
-            n_kv_heads=kv_heads(kind, self.n_heads, self.n_kv_heads),
-            head_dim=self.head_dim,
-        )
+        """The attention config of `kind` at this preset's width (its config class's `at_width`)."""
+        return resolve(lookup(ATTENTION_KINDS, kind, "attention kind").config).at_width(kind, self)
 
     def model(
         self, kind: AttentionKind, *, vocab_size: int | None = None, max_seq_len: int | None = None

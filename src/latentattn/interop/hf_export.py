@@ -65,6 +65,11 @@ def installed_config_format() -> ConfigFormat:
 def export_refusal(config: ModelConfig) -> str | None:
     """Why the HF format cannot express the model, with what to do; None when it can."""
     attention = config.attention
+    if not isinstance(attention, MLAConfig | GQAConfig):
+        return (
+            f"{attention.kind} attention has no Hugging Face format here: export writes MLA as "
+            "DeepseekV3ForCausalLM and MHA/GQA/MQA as LlamaForCausalLM"
+        )
     if isinstance(attention, MLAConfig) and attention.norm_eps != HF_MLA_NORM_EPS:
         return (
             f"the MLA norms (q_a_layernorm, kv_a_layernorm) use eps {attention.norm_eps:g}, but "
