@@ -1,4 +1,4 @@
-"""The fused decode kernel against the torch path, and MLA's dispatch to it.
+"""The fused decode and head-product kernels against the torch path, and MLA's dispatch to them.
 
 Oracle: `latent_attention` (the torch path) over the same rows — gathered from pages, dequantized
 from 8 bits — with the causal mask whose per-sequence offset is `lengths`. Tolerances: fp64 1e-10 and
@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 from conftest import SMALL_MLA
 from latentattn import MLA, GQAAttention, GQAConfig, LatentCache, MLAConfig
 from latentattn import attention as attention_module
-from latentattn.attention import FUSED_MAX_ROWS, fused_kernel_serves, latent_attention
+from latentattn.attention import FUSED_MAX_ROWS, HEAD_PRODUCT_MAX_ROWS, fused_kernel_serves, latent_attention
 from latentattn.caches import PagedLatentCache, QuantizedLatentCache
-from latentattn.kernels import fused_latent_decode, kernel_status
-from latentattn.kernels import latent_decode as kernel_module
+from latentattn.kernels import build as build_module
+from latentattn.kernels import fused_head_products, fused_latent_decode, kernel_status
 from latentattn.metrics import relative_error
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -178,18 +178,85 @@ def test_bad_arguments_are_named():
             fused_latent_decode(**args)
 
 
+# Head products --------------------------------------------------------------------------------------
+
+
+@st.composite
+def head_product_problems(draw, dtype: torch.dtype):
+    """x `[M, H, K]` and a strided weight view `[H, K, N]` (or `[H, N, K]`, transposed) inside a larger
+    `[H, rows, K or N + pad]` tensor, as `w_uk`/`w_uv` lie inside `w_ukv`."""
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    rows, heads = draw(st.integers(1, HEAD_PRODUCT_MAX_ROWS + 3)), draw(st.integers(1, 5))
+    reduce, width, transposed = draw(st.integers(0, 70)), draw(st.integers(1, 150)), draw(st.booleans())
+    inner, outer = (width, reduce) if transposed else (reduce, width)
+    offset, pad = draw(st.integers(0, 3)), draw(st.integers(0, 3))
+    storage = torch.randn(heads, inner + offset + 2, outer + pad, generator=generator).to(dtype)
+    w = storage[:, offset : offset + inner, :outer]
+    x = torch.randn(rows, heads, reduce, generator=generator).to(dtype)
+    return x, w, transposed, draw(st.integers(1, 4))
+
+
+def head_products_oracle(x: torch.Tensor, w: torch.Tensor, transposed: bool) -> torch.Tensor:
+    return torch.einsum("mhk,hnk->mhn" if transposed else "mhk,hkn->mhn", x.double(), w.double())
+
+
+@settings(max_examples=60, deadline=None)
+@given(head_product_problems(torch.float64))
+def test_head_products_equal_einsum_in_fp64(problem):
+    """Any rows, heads, widths (tails past the vector width, K = 0), strided weights, thread counts."""
+    x, w, transposed, threads = problem
+    got = fused_head_products(x, w, transposed=transposed, threads=threads)
+    expected = head_products_oracle(x, w, transposed)
+    assert got.shape == expected.shape and got.dtype == torch.float64
+    assert (got - expected).abs().max() <= 1e-12 * max(1.0, expected.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_head_products_in_fp32_and_bf16_stay_within_rounding(dtype, data):
+    """fp32 to 1e-5 of the fp64 truth on the same values; bf16 within one bf16 rounding of the output
+    (the kernel accumulates in fp32 and rounds once)."""
+    x, w, transposed, threads = data.draw(head_product_problems(dtype))
+    got = fused_head_products(x, w, transposed=transposed, threads=threads)
+    expected = head_products_oracle(x, w, transposed)
+    assert got.dtype == dtype
+    scale = max(1.0, expected.abs().max().item())
+    if dtype == torch.float32:
+        assert (got.double() - expected).abs().max() <= 1e-5 * scale
+    else:
+        assert ((got.double() - expected).abs() <= 2**-8 * expected.abs() + 1e-6 * scale).all()
+
+
+@pytest.mark.parametrize(
+    ("x", "w", "kwargs", "message"),
+    [
+        (torch.randn(2, 3), torch.randn(3, 4, 5), {}, "x must be \\[M, H, K\\]"),
+        (torch.randn(2, 3, 4), torch.randn(3, 5, 6), {}, "w must be \\[H, K, N\\]"),
+        (torch.randn(2, 3, 4), torch.randn(3, 6, 5), {"transposed": True}, "w must be \\[H, N, K\\]"),
+        (torch.randn(2, 3, 4), torch.randn(3, 6, 4).transpose(1, 2), {}, "contiguous last dimension"),
+        (torch.randn(2, 3, 4), torch.randn(3, 4, 5).half(), {}, "fp32, bf16 or fp64"),
+        (torch.randn(2, 3, 4), torch.randn(3, 4, 5), {"threads": 0}, "threads must be at least 1"),
+    ],
+)
+def test_head_products_reject_bad_arguments(x, w, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        fused_head_products(x, w, **kwargs)
+
+
 # MLA's dispatch ------------------------------------------------------------------------------------
 
 
-def spy_on_kernel(monkeypatch) -> list[torch.Size]:
-    """Record the query shape of every kernel call MLA makes."""
+def spy_on_kernel(monkeypatch, name: str = "fused_latent_decode") -> list[torch.Size]:
+    """Record the first argument's shape of every call MLA makes to the kernel `name`."""
     calls = []
+    kernel = getattr(attention_module, name)
 
-    def spy(q, *args, **kwargs):
-        calls.append(q.shape)
-        return fused_latent_decode(q, *args, **kwargs)
+    def spy(x, *args, **kwargs):
+        calls.append(x.shape)
+        return kernel(x, *args, **kwargs)
 
-    monkeypatch.setattr(attention_module, "fused_latent_decode", spy)
+    monkeypatch.setattr(attention_module, name, spy)
     return calls
 
 
@@ -258,10 +325,10 @@ def test_a_failed_build_warns_and_leaves_the_torch_path(monkeypatch):
 
     monkeypatch.setattr("torch.utils.cpp_extension.load", no_compiler)
     with pytest.warns(RuntimeWarning, match="could not be built .*g\\+\\+: not found.*using the torch path"):
-        reason = kernel_module._library.__wrapped__()
+        reason = build_module.library.__wrapped__()
     assert reason == "build failed: RuntimeError: g++: not found"
-    monkeypatch.setattr(kernel_module, "_library", lambda: reason)
-    assert kernel_status() == kernel_module.KernelStatus(False, reason)
+    monkeypatch.setattr(build_module, "library", lambda: reason)
+    assert kernel_status() == build_module.KernelStatus(False, reason)
     with pytest.raises(RuntimeError, match="unavailable: build failed"):
         fused_latent_decode(torch.randn(1, 1, 1, 2), torch.randn(1, 1, 2), torch.tensor([0]), 1.0, 2)
     layer = MLA(SMALL_MLA, dtype=torch.float64).eval()
@@ -271,9 +338,12 @@ def test_a_failed_build_warns_and_leaves_the_torch_path(monkeypatch):
         layer(torch.randn(1, 2, 32, dtype=torch.float64), cache, mode="absorbed")
 
 
-def test_bf16_layer_decode_stays_close_to_fp64():
-    """A bf16 layer decoding with the kernel against the same (bf16-exact) weights and inputs in fp64:
-    bf16's 2e-2 relative L2, as the torch path's bf16 tests allow."""
+def test_bf16_layer_decode_stays_close_to_fp64(monkeypatch):
+    """A bf16 layer decoding with the kernels (decode, and the head products absorbing W_UK and W_UV)
+    against the same (bf16-exact) weights and inputs in fp64: bf16's 2e-2 relative L2, as the torch
+    path's bf16 tests allow."""
+    calls = spy_on_kernel(monkeypatch)
+    products = spy_on_kernel(monkeypatch, "fused_head_products")
     config = MLAConfig(d_model=64, n_heads=16, kv_lora_rank=128, qk_nope_head_dim=16, qk_rope_head_dim=16)
     torch.manual_seed(0)
     layers = {torch.bfloat16: MLA(config, dtype=torch.bfloat16).eval()}
@@ -288,6 +358,7 @@ def test_bf16_layer_decode_stays_close_to_fp64():
             outputs[dtype] = layer(x[:, 39:].to(dtype), cache).double()
     expected = outputs[torch.float64]
     assert (outputs[torch.bfloat16] - expected).norm() / expected.norm() <= 2e-2
+    assert len(calls) == 2 and [shape[0] for shape in products] == [2, 2]  # the bf16 decode step
 
 
 @pytest.mark.parametrize("kv_heads", [1, 2])

@@ -37,7 +37,7 @@ from latentattn.caches import (
 )
 from latentattn.caches.quantized import latent_encoding
 from latentattn.config import AttentionConfig, GQAConfig, MLAConfig
-from latentattn.kernels import fused_latent_decode, kernel_status
+from latentattn.kernels import fused_head_products, fused_latent_decode, kernel_status
 from latentattn.layers import RMSNorm, fp32_or_wider
 from latentattn.registry import ATTENTION_KINDS, resolve
 from latentattn.rope import RotaryEmbedding
@@ -276,6 +276,26 @@ def fused_kernel_serves(q: Tensor, storage: Storage) -> bool:
     )
 
 
+HEAD_PRODUCT_MAX_ROWS = 16
+"""Most rows (B·T) the head-product kernel serves: up to here it measured faster than torch's batched
+GEMMs (`MLA.absorb_query`), whose cost grows more slowly with the rows."""
+
+
+def head_products_serve(x: Tensor, w: Tensor) -> bool:
+    """Whether the head-product CPU kernel (`kernels.fused_head_products`) runs for `x: [B, T, H, K]`
+    and the weights `w`: bf16 (torch's batched GEMMs copy the strided bf16 views and run slowly with
+    few rows; in fp32 they measured as fast as the kernel inside a decode step), at most
+    `HEAD_PRODUCT_MAX_ROWS` rows B·T, otherwise as `fused_kernel_serves`."""
+    return (
+        not torch.compiler.is_compiling()
+        and x.device.type == "cpu"
+        and x.dtype == w.dtype == torch.bfloat16
+        and x.shape[0] * x.shape[1] <= HEAD_PRODUCT_MAX_ROWS
+        and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+        and kernel_status().available
+    )
+
+
 def fused_latent_attention(
     q: Tensor, keys: LatentKeys, lengths: Tensor, scale: float, value_width: int
 ) -> Tensor | None:
@@ -484,16 +504,29 @@ class MLA(nn.Module):
         """
         c = self.config
         w_uk, w_uv = self.absorbed_weights()
-        q_lat = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)  # [B, T, H, C]
-        q = torch.cat([q_lat, q_pe], dim=-1)  # [B, T, H, C + R]
+        q = torch.cat([self.absorb_query(q_nope, w_uk), q_pe], dim=-1)  # [B, T, H, C + R]
         o_lat = None
         if self.fused_kernel and lengths is not None and isinstance(kv, LatentKeys):
             o_lat = fused_latent_attention(q, kv, lengths, c.softmax_scale, c.kv_lora_rank)
         if o_lat is None:
             gemm = absorbed_gemm_dtype(q.dtype, q.device)
             o_lat = latent_attention(q, kv, mask, c.softmax_scale, c.kv_lora_rank, gemm_dtype=gemm)
-        # o = o_lat · W_UVᵀ per head, as W_UV · o_latᵀ so W_UV is read where it lies (an einsum copies
-        # the strided [H, V, C] view transposed every step, slowly in bf16).
+        return self.absorb_output(o_lat, w_uv)
+
+    def absorb_query(self, q_nope: Tensor, w_uk: Tensor) -> Tensor:
+        """`q_lat = q_nope · W_UK` per head: `[B, T, H, N]`, `[H, N, C]` → `[B, T, H, C]`; by the
+        head-product CPU kernel for a few rows (`head_products_serve`, with `fused_kernel` on)."""
+        if self.fused_kernel and head_products_serve(q_nope, w_uk):
+            return fused_head_products(q_nope.flatten(0, 1), w_uk).unflatten(0, q_nope.shape[:2])
+        return torch.einsum("bthn,hnc->bthc", q_nope, w_uk)
+
+    def absorb_output(self, o_lat: Tensor, w_uv: Tensor) -> Tensor:
+        """`o = o_lat · W_UVᵀ` per head: `[B, T, H, C]`, `[H, V, C]` → `[B, T, H, V]`; by the
+        head-product CPU kernel for a few rows, else as `W_UV · o_latᵀ`, which reads W_UV where it lies
+        (an einsum copies the strided view transposed every step, slowly in bf16)."""
+        if self.fused_kernel and head_products_serve(o_lat, w_uv):
+            o = fused_head_products(o_lat.flatten(0, 1), w_uv, transposed=True)
+            return o.unflatten(0, o_lat.shape[:2])
         o = torch.matmul(w_uv, o_lat.flatten(0, 1).permute(1, 2, 0))  # [H, V, B·T]
         return o.permute(2, 0, 1).unflatten(0, o_lat.shape[:2])  # [B, T, H, V]
 

@@ -8,10 +8,7 @@ values are stored apart, as in GQA/MQA caches), exactly what
 `latentattn.attention.latent_attention` computes over a causal mask with per-sequence offsets, but
 reads each cached row `[c_KV | k_pe]` once: scores for all heads, online softmax and value
 accumulation while the row is in the core's cache, the context split across threads and merged at
-the end (flash-decoding). The C++ source (`csrc/latent_decode.cpp`) is compiled on first use with
-torch's `cpp_extension.load` (ninja, `-O3 -march=native`, OpenMP) into the per-user torch extensions
-directory, under a file lock, and called through ctypes. `LATENTATTN_KERNEL=0` in the environment
-turns it off (`kernel_status()` then says so and callers take the torch path).
+the end (flash-decoding). The C++ source is `csrc/latent_decode.cpp`, built by `kernels.build`.
 
 Notation: B batch, T new tokens, H heads, W = C + R row width, L rows per sequence (or per block of
 a paged pool), P pool blocks, G scale groups per row.
@@ -19,38 +16,17 @@ a paged pool), P pool blocks, G scale groups per row.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import functools
-import hashlib
-import os
-import platform
-import shutil
-import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-SOURCE = Path(__file__).parent / "csrc" / "latent_decode.cpp"
-COMPILE_FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp")
-DISABLE_VARIABLE = "LATENTATTN_KERNEL"
-"""Set to 0 (or off, false, torch) to run the pure torch path everywhere."""
+from latentattn.kernels.build import function
+
 FLOAT_STORAGE = {torch.float32: 0, torch.float64: 0, torch.bfloat16: 1}
 """Storage kind codes of `csrc/latent_decode.cpp` (`StorageKind`): rows in the query dtype or bf16 …"""
 QUANTIZED_STORAGE = {torch.int8: 2, torch.float8_e4m3fn: 3}
 """… or c_KV in 8 bits with fp32 scales per group and bf16 k_pe."""
-
-
-@dataclass(frozen=True)
-class KernelStatus:
-    """Whether the kernel can run here; `detail` is its instruction set ("avx512+bf16", "avx512",
-    "avx2", "generic") or why it cannot (build error, disabled by the environment)."""
-
-    available: bool
-    detail: str
 
 
 class _Component(ctypes.Structure):
@@ -87,76 +63,6 @@ class _DecodeArgs(ctypes.Structure):
     )
 
 
-def kernel_status() -> KernelStatus:
-    """Build (once per process, cached on disk) and report; warns once when the build fails."""
-    if os.environ.get(DISABLE_VARIABLE, "1").strip().lower() in ("0", "off", "false", "torch"):
-        return KernelStatus(False, f"disabled by {DISABLE_VARIABLE}={os.environ[DISABLE_VARIABLE]}")
-    library = _library()
-    if isinstance(library, str):
-        return KernelStatus(False, library)
-    return KernelStatus(True, library.latent_decode_isa().decode())
-
-
-@functools.cache
-def _library() -> ctypes.CDLL | str:
-    """The compiled kernel library, or the reason it could not be built (warned once)."""
-    try:
-        from torch.utils.cpp_extension import load
-
-        with _ninja_on_path():
-            path = load(
-                name=f"latentattn_decode_{_machine_tag()}",
-                sources=[str(SOURCE)],
-                extra_cflags=list(COMPILE_FLAGS),
-                extra_ldflags=["-fopenmp"],
-                is_python_module=False,
-                verbose=False,
-            )
-        library = ctypes.CDLL(path)
-    except Exception as error:  # no compiler or ninja, another platform: the torch path runs
-        lines = str(error).strip().splitlines() or [""]
-        reason = f"{type(error).__name__}: {lines[-1]}"
-        warnings.warn(
-            f"latentattn: the fused decode kernel could not be built ({reason}); using the torch path",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return f"build failed: {reason}"
-    library.latent_decode.argtypes = [ctypes.POINTER(_DecodeArgs)]
-    library.latent_decode.restype = ctypes.c_char_p
-    library.latent_decode_isa.restype = ctypes.c_char_p
-    return library
-
-
-@contextlib.contextmanager
-def _ninja_on_path() -> Iterator[None]:
-    """torch runs `ninja` from PATH; pip's ninja sits next to the interpreter, which an unactivated
-    virtualenv (`.venv/bin/pytest`) leaves off PATH. Adds it while building, when needed."""
-    if shutil.which("ninja") is not None:
-        yield
-        return
-    import ninja
-
-    saved = os.environ.get("PATH", "")
-    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + saved
-    try:
-        yield
-    finally:
-        os.environ["PATH"] = saved
-
-
-def _machine_tag() -> str:
-    """A short hash of the CPU's instruction-set flags and the source, so a build for one CPU
-    (`-march=native`) is never loaded on another that shares the cache directory."""
-    flags = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            flags += next((line for line in info if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        flags += platform.processor()
-    return hashlib.sha256(flags.encode() + SOURCE.read_bytes()).hexdigest()[:12]
-
-
 def fused_latent_decode(
     q: Tensor,
     kv: Tensor,
@@ -187,9 +93,7 @@ def fused_latent_decode(
     (default: torch's). Raises ValueError naming a bad argument, RuntimeError if the kernel is
     unavailable (see `kernel_status`).
     """
-    status = kernel_status()
-    if not status.available:
-        raise RuntimeError(f"the fused decode kernel is unavailable: {status.detail}")
+    decode = function("latent_decode", _DecodeArgs, ctypes.c_char_p)
     if q.dim() != 4 or min(q.shape, default=0) < 1 or q.dtype not in FLOAT_STORAGE:
         raise ValueError(f"q must be [B, T, H, W] in fp32, bf16 or fp64, got {q.dtype} {tuple(q.shape)}")
     batch, n_tokens, heads, width = q.shape
@@ -231,7 +135,7 @@ def fused_latent_decode(
         scale=float(scale),
         threads=threads or torch.get_num_threads(),
     )
-    if _library().latent_decode(ctypes.byref(args)) is None:
+    if decode(ctypes.byref(args)) is None:
         raise RuntimeError("the fused decode kernel rejected its arguments (a latentattn bug)")
     return out.to(q.dtype)
 

@@ -31,17 +31,11 @@
 #include <type_traits>
 #include <vector>
 
+#include "vectors.h"
+
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define LATENT_DOT_ENGINE 1
-#endif
-
-#if defined(__AVX512F__)
-constexpr int VECTOR_BYTES = 64;
-#elif defined(__AVX2__)
-constexpr int VECTOR_BYTES = 32;
-#else
-constexpr int VECTOR_BYTES = 16;
 #endif
 
 namespace {
@@ -49,17 +43,7 @@ namespace {
 constexpr int64_t MIN_KEYS_PER_THREAD = 256;  // fewer keys than this are not worth a thread
 constexpr int VALUE_BLOCK = VECTOR_BYTES == 64 ? 8 : 4;  // output columns kept in registers
 
-template <typename T> struct VecOf { typedef T type __attribute__((vector_size(VECTOR_BYTES))); };
-template <typename T> using Vec = typename VecOf<T>::type;
-template <typename A> constexpr int LANES = VECTOR_BYTES / sizeof(A);
 template <typename A> using IntOf = std::conditional_t<sizeof(A) == 4, int32_t, int64_t>;
-
-template <typename T> inline Vec<T> load(const T* p) {
-  Vec<T> v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-template <typename T> inline void store(T* p, Vec<T> v) { std::memcpy(p, &v, sizeof v); }
 
 // exp(x) for x <= 0 (softmax arguments): 2^k · exp(r), k = round(x / ln 2), |r| <= ln 2 / 2, exp(r) by
 // its Taylor series (error below one ulp); arguments whose exp is below the smallest normal give 0.
@@ -88,12 +72,6 @@ inline Vec<double> vexp(Vec<double> x) {
   return x < -708.0 ? Vec<double>{} : p * two_k;
 }
 
-inline float bf16_to_float(uint16_t bits) {
-  const uint32_t wide = uint32_t(bits) << 16;
-  float value;
-  std::memcpy(&value, &wide, sizeof value);
-  return value;
-}
 // e4m3fn S.EEEE.MMM (bias 7, no infinities, S.1111.111 is NaN) → fp32: exponent + 120, mantissa << 20;
 // subnormals (E = 0) are M · 2^-9. Selects by masks, so loops over bytes vectorize.
 inline float fp8_e4m3_to_float(uint8_t byte) {

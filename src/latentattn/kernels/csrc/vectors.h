@@ -1,0 +1,38 @@
+// Portable vector types (GCC/Clang vector extensions) sized to the widest registers this build
+// targets, shared by the kernels: Vec<T> holds LANES<T> values of T; load/store copy unaligned;
+// bf16_to_float widens one bf16 value.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__)
+constexpr int VECTOR_BYTES = 64;
+#elif defined(__AVX2__)
+constexpr int VECTOR_BYTES = 32;
+#else
+constexpr int VECTOR_BYTES = 16;
+#endif
+
+namespace {
+
+template <typename T> struct VecOf { typedef T type __attribute__((vector_size(VECTOR_BYTES))); };
+template <typename T> using Vec = typename VecOf<T>::type;
+template <typename T> constexpr int LANES = VECTOR_BYTES / sizeof(T);
+
+template <typename T> inline Vec<T> load(const T* p) {
+  Vec<T> v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+template <typename T> inline void store(T* p, Vec<T> v) { std::memcpy(p, &v, sizeof v); }
+
+// A bf16 value (its bits) as fp32: the bits shifted to the upper half.
+inline float bf16_to_float(uint16_t bits) {
+  const uint32_t wide = uint32_t(bits) << 16;
+  float value;
+  std::memcpy(&value, &wide, sizeof value);
+  return value;
+}
+
+}  // namespace
