@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from conftest import SMALL_MLA
 from latentattn import MLA, GQAAttention, GQAConfig, LatentCache, MLAConfig
 from latentattn import attention as attention_module
-from latentattn.attention import FUSED_MAX_ROWS, HEAD_PRODUCT_MAX_ROWS, fused_kernel_serves, latent_attention
+from latentattn.attention import FUSED_MAX_ROWS, fused_kernel_serves, latent_attention, project
 from latentattn.caches import PagedLatentCache, QuantizedLatentCache
 from latentattn.kernels import build as build_module
 from latentattn.kernels import fused_head_products, fused_latent_decode, kernel_status
@@ -186,27 +186,29 @@ def head_product_problems(draw, dtype: torch.dtype):
     """x `[M, H, K]` and a strided weight view `[H, K, N]` (or `[H, N, K]`, transposed) inside a larger
     `[H, rows, K or N + pad]` tensor, as `w_uk`/`w_uv` lie inside `w_ukv`."""
     generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
-    rows, heads = draw(st.integers(1, HEAD_PRODUCT_MAX_ROWS + 3)), draw(st.integers(1, 5))
+    rows, heads = draw(st.integers(1, 20)), draw(st.integers(1, 5))
     reduce, width, transposed = draw(st.integers(0, 70)), draw(st.integers(1, 150)), draw(st.booleans())
     inner, outer = (width, reduce) if transposed else (reduce, width)
     offset, pad = draw(st.integers(0, 3)), draw(st.integers(0, 3))
     storage = torch.randn(heads, inner + offset + 2, outer + pad, generator=generator).to(dtype)
     w = storage[:, offset : offset + inner, :outer]
     x = torch.randn(rows, heads, reduce, generator=generator).to(dtype)
-    return x, w, transposed, draw(st.integers(1, 4))
+    bias = torch.randn(heads, width, generator=generator).to(dtype) if draw(st.booleans()) else None
+    return x, w, transposed, bias, draw(st.integers(1, 4))
 
 
-def head_products_oracle(x: torch.Tensor, w: torch.Tensor, transposed: bool) -> torch.Tensor:
-    return torch.einsum("mhk,hnk->mhn" if transposed else "mhk,hkn->mhn", x.double(), w.double())
+def head_products_oracle(x: torch.Tensor, w: torch.Tensor, transposed: bool, bias: torch.Tensor | None):
+    y = torch.einsum("mhk,hnk->mhn" if transposed else "mhk,hkn->mhn", x.double(), w.double())
+    return y if bias is None else y + bias.double()
 
 
 @settings(max_examples=60, deadline=None)
 @given(head_product_problems(torch.float64))
 def test_head_products_equal_einsum_in_fp64(problem):
     """Any rows, heads, widths (tails past the vector width, K = 0), strided weights, thread counts."""
-    x, w, transposed, threads = problem
-    got = fused_head_products(x, w, transposed=transposed, threads=threads)
-    expected = head_products_oracle(x, w, transposed)
+    x, w, transposed, bias, threads = problem
+    got = fused_head_products(x, w, transposed=transposed, bias=bias, threads=threads)
+    expected = head_products_oracle(x, w, transposed, bias)
     assert got.shape == expected.shape and got.dtype == torch.float64
     assert (got - expected).abs().max() <= 1e-12 * max(1.0, expected.abs().max().item())
 
@@ -217,9 +219,9 @@ def test_head_products_equal_einsum_in_fp64(problem):
 def test_head_products_in_fp32_and_bf16_stay_within_rounding(dtype, data):
     """fp32 to 1e-5 of the fp64 truth on the same values; bf16 within one bf16 rounding of the output
     (the kernel accumulates in fp32 and rounds once)."""
-    x, w, transposed, threads = data.draw(head_product_problems(dtype))
-    got = fused_head_products(x, w, transposed=transposed, threads=threads)
-    expected = head_products_oracle(x, w, transposed)
+    x, w, transposed, bias, threads = data.draw(head_product_problems(dtype))
+    got = fused_head_products(x, w, transposed=transposed, bias=bias, threads=threads)
+    expected = head_products_oracle(x, w, transposed, bias)
     assert got.dtype == dtype
     scale = max(1.0, expected.abs().max().item())
     if dtype == torch.float32:
@@ -237,11 +239,28 @@ def test_head_products_in_fp32_and_bf16_stay_within_rounding(dtype, data):
         (torch.randn(2, 3, 4), torch.randn(3, 6, 4).transpose(1, 2), {}, "contiguous last dimension"),
         (torch.randn(2, 3, 4), torch.randn(3, 4, 5).half(), {}, "fp32, bf16 or fp64"),
         (torch.randn(2, 3, 4), torch.randn(3, 4, 5), {"threads": 0}, "threads must be at least 1"),
+        (torch.randn(2, 3, 4), torch.randn(3, 4, 5), {"bias": torch.randn(3, 4)}, "bias must be"),
     ],
 )
 def test_head_products_reject_bad_arguments(x, w, kwargs, message):
     with pytest.raises(ValueError, match=message):
         fused_head_products(x, w, **kwargs)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_projections_of_a_few_rows_run_the_kernel_and_equal_linear(bias, monkeypatch):
+    """`project` equals nn.Linear (fp64, 1e-12) and takes the kernel for up to 16 rows without
+    gradients; more rows, or parameters that need a gradient, take torch's GEMM."""
+    products = spy_on_kernel(monkeypatch, "fused_head_products")
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(40, 24, bias=bias, dtype=torch.float64)
+    with torch.no_grad():
+        for rows in (1, 5, 16, 17):
+            x = torch.randn(rows, 1, 40, dtype=torch.float64)
+            assert relative_error(project(linear, x), linear(x)) <= 1e-12
+    assert [shape[0] for shape in products] == [1, 5, 16]
+    project(linear, torch.randn(1, 1, 40, dtype=torch.float64))
+    assert len(products) == 3
 
 
 # MLA's dispatch ------------------------------------------------------------------------------------
@@ -339,9 +358,9 @@ def test_a_failed_build_warns_and_leaves_the_torch_path(monkeypatch):
 
 
 def test_bf16_layer_decode_stays_close_to_fp64(monkeypatch):
-    """A bf16 layer decoding with the kernels (decode, and the head products absorbing W_UK and W_UV)
-    against the same (bf16-exact) weights and inputs in fp64: bf16's 2e-2 relative L2, as the torch
-    path's bf16 tests allow."""
+    """A bf16 layer decoding with the kernels (decode; the head products absorbing W_UK and W_UV and
+    projecting) against the same (bf16-exact) weights and inputs in fp64: bf16's 2e-2 relative L2, as
+    the torch path's bf16 tests allow."""
     calls = spy_on_kernel(monkeypatch)
     products = spy_on_kernel(monkeypatch, "fused_head_products")
     config = MLAConfig(d_model=64, n_heads=16, kv_lora_rank=128, qk_nope_head_dim=16, qk_rope_head_dim=16)
@@ -358,7 +377,10 @@ def test_bf16_layer_decode_stays_close_to_fp64(monkeypatch):
             outputs[dtype] = layer(x[:, 39:].to(dtype), cache).double()
     expected = outputs[torch.float64]
     assert (outputs[torch.bfloat16] - expected).norm() / expected.norm() <= 2e-2
-    assert len(calls) == 2 and [shape[0] for shape in products] == [2, 2]  # the bf16 decode step
+    # the decode steps: attention in both layers, the absorbed products (16 heads) in bf16 only, the
+    # three projections (one head) in both
+    absorbed = [shape for shape in products if shape[1] == 16]
+    assert len(calls) == 2 and len(absorbed) == 2 and len(products) == 2 + 2 * 3
 
 
 @pytest.mark.parametrize("kv_heads", [1, 2])

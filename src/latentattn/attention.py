@@ -276,24 +276,44 @@ def fused_kernel_serves(q: Tensor, storage: Storage) -> bool:
     )
 
 
-HEAD_PRODUCT_MAX_ROWS = 16
-"""Most rows (B·T) the head-product kernel serves: up to here it measured faster than torch's batched
-GEMMs (`MLA.absorb_query`), whose cost grows more slowly with the rows."""
+PRODUCT_KERNEL_ROWS = {
+    ("absorb", torch.bfloat16): 16,
+    ("linear", torch.float32): 16,
+    ("linear", torch.float64): 16,
+    ("linear", torch.bfloat16): 2,
+}
+"""Most rows (B·T) for which the head-product kernel (`kernels.fused_head_products`) serves each kind
+of product and weight dtype; where a pair is missing, torch runs. Chosen by measurement on this
+project's machine (README, decode speed): the kernel reads the weights at the memory's pace from
+several threads where torch's fp32 GEMV does not, and reads the strided bf16 absorbed weights in place
+where torch's batched GEMMs copy them; torch's bf16 GEMM wins from a few rows on, and its fp32
+batched GEMMs over the absorbed weights are as fast."""
 
 
-def head_products_serve(x: Tensor, w: Tensor) -> bool:
-    """Whether the head-product CPU kernel (`kernels.fused_head_products`) runs for `x: [B, T, H, K]`
-    and the weights `w`: bf16 (torch's batched GEMMs copy the strided bf16 views and run slowly with
-    few rows; in fp32 they measured as fast as the kernel inside a decode step), at most
-    `HEAD_PRODUCT_MAX_ROWS` rows B·T, otherwise as `fused_kernel_serves`."""
+def head_products_serve(x: Tensor, w: Tensor, kind: str, rows: int) -> bool:
+    """Whether the head-product CPU kernel runs for `x` with `rows` rows (B·T) and the weights `w` in a
+    product of `kind` ("absorb": `MLA.absorb_query/absorb_output`; "linear": `project`): on CPU,
+    outside `torch.compile`, with no gradient needed, the kernel built here, and at most
+    `PRODUCT_KERNEL_ROWS[kind, dtype]` rows."""
     return (
         not torch.compiler.is_compiling()
         and x.device.type == "cpu"
-        and x.dtype == w.dtype == torch.bfloat16
-        and x.shape[0] * x.shape[1] <= HEAD_PRODUCT_MAX_ROWS
+        and x.dtype == w.dtype
+        and rows <= PRODUCT_KERNEL_ROWS.get((kind, w.dtype), 0)
         and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
         and kernel_status().available
     )
+
+
+def project(linear: nn.Linear, x: Tensor, fused: bool = True) -> Tensor:
+    """`linear(x)` for `x: [..., in]`; by the head-product CPU kernel (one head) for the few rows of a
+    decode step where it serves (`fused` and `head_products_serve`)."""
+    weight = linear.weight
+    if not (fused and head_products_serve(x, weight, "linear", x.numel() // max(x.shape[-1], 1))):
+        return linear(x)
+    bias = None if linear.bias is None else linear.bias[None]
+    y = fused_head_products(x.reshape(-1, 1, x.shape[-1]), weight[None], transposed=True, bias=bias)
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 def fused_latent_attention(
@@ -370,7 +390,8 @@ class MLA(nn.Module):
         self.recompute_kv = recompute_kv
         """Training: keep only the latent for backward and recompute per-head K/V (naive path)."""
         self.fused_kernel = fused_kernel
-        """Absorbed path over a cache: use the fused CPU kernel where it serves (`fused_kernel_serves`)."""
+        """Use the CPU kernels where they serve: decode over a cache (`fused_kernel_serves`), the
+        projections and absorbed products of a few rows (`head_products_serve`)."""
         factory = {"device": device, "dtype": dtype, "bias": False}
         biased = {**factory, "bias": c.bias}
         q_width = c.n_heads * c.qk_head_dim
@@ -449,19 +470,24 @@ class MLA(nn.Module):
             o = checkpoint(self.attend_naive, q_nope, q_pe, keys.full(), mask, use_reentrant=False)
         else:
             o = self.attend_naive(q_nope, q_pe, keys.full(), mask)
-        return self.w_o(o.flatten(2))
+        return project(self.w_o, o.flatten(2), self.fused_kernel)
 
     def queries(self, x: Tensor, positions: Tensor, memo: dict | None = None) -> tuple[Tensor, Tensor]:
         """`q_nope: [B, T, H, N]` and RoPE'd `q_pe: [B, T, H, R]` (`memo`: the step's, for RoPE)."""
         c = self.config
-        q = self.w_q(x) if c.q_lora_rank is None else self.w_uq(self.q_norm(self.w_dq(x)))
+        fused = self.fused_kernel
+        if c.q_lora_rank is None:
+            q = project(self.w_q, x, fused)
+        else:
+            q = project(self.w_uq, self.q_norm(project(self.w_dq, x, fused)), fused)
         q = q.view(*x.shape[:2], c.n_heads, c.qk_head_dim)  # [B, T, H, N + R]
         q_nope, q_pe = q.split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
         return q_nope, self.rope(q_pe, positions, memo)
 
     def latent(self, x: Tensor, positions: Tensor, memo: dict | None = None) -> Tensor:
         """What the cache stores: `[RMSNorm(c_KV) | RoPE(k_pe)]`, shape [B, T, C + R]."""
-        c_kv, k_pe = self.w_dkv(x).split([self.config.kv_lora_rank, self.config.qk_rope_head_dim], dim=-1)
+        latent = project(self.w_dkv, x, self.fused_kernel)
+        c_kv, k_pe = latent.split([self.config.kv_lora_rank, self.config.qk_rope_head_dim], dim=-1)
         k_pe = self.rope(k_pe[:, :, None, :], positions, memo)[:, :, 0, :]  # one RoPE key for all heads
         return torch.cat([self.kv_norm(c_kv), k_pe], dim=-1)
 
@@ -516,7 +542,7 @@ class MLA(nn.Module):
     def absorb_query(self, q_nope: Tensor, w_uk: Tensor) -> Tensor:
         """`q_lat = q_nope · W_UK` per head: `[B, T, H, N]`, `[H, N, C]` → `[B, T, H, C]`; by the
         head-product CPU kernel for a few rows (`head_products_serve`, with `fused_kernel` on)."""
-        if self.fused_kernel and head_products_serve(q_nope, w_uk):
+        if self.fused_kernel and head_products_serve(q_nope, w_uk, "absorb", q_nope.shape[:2].numel()):
             return fused_head_products(q_nope.flatten(0, 1), w_uk).unflatten(0, q_nope.shape[:2])
         return torch.einsum("bthn,hnc->bthc", q_nope, w_uk)
 
@@ -524,7 +550,7 @@ class MLA(nn.Module):
         """`o = o_lat · W_UVᵀ` per head: `[B, T, H, C]`, `[H, V, C]` → `[B, T, H, V]`; by the
         head-product CPU kernel for a few rows, else as `W_UV · o_latᵀ`, which reads W_UV where it lies
         (an einsum copies the strided view transposed every step, slowly in bf16)."""
-        if self.fused_kernel and head_products_serve(o_lat, w_uv):
+        if self.fused_kernel and head_products_serve(o_lat, w_uv, "absorb", o_lat.shape[:2].numel()):
             o = fused_head_products(o_lat.flatten(0, 1), w_uv, transposed=True)
             return o.unflatten(0, o_lat.shape[:2])
         o = torch.matmul(w_uv, o_lat.flatten(0, 1).permute(1, 2, 0))  # [H, V, B·T]
@@ -563,7 +589,8 @@ class GQAAttention(nn.Module):
         super().__init__()
         self.config = c = config
         self.fused_kernel = fused_kernel
-        """GQA/MQA over a cache: use the fused CPU kernel where it serves (`fused_kernel_serves`)."""
+        """Use the CPU kernels where they serve: GQA/MQA chunks over a cache (`fused_kernel_serves`),
+        the projections of a few rows (`head_products_serve`)."""
         factory = {"device": device, "dtype": dtype}
         self.w_q = nn.Linear(c.d_model, c.n_heads * c.head_dim, bias=c.qkv_bias, **factory)
         self.w_k = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=c.qkv_bias, **factory)
@@ -624,19 +651,20 @@ class GQAAttention(nn.Module):
         c = self.config
         batch, n_tokens = x.shape[:2]
         positions, memo = _positions(x, step), None if step is None else step.memo
-        q = self.w_q(x).view(batch, n_tokens, c.n_heads, c.head_dim)  # [B, T, H, D]
-        k = self.w_k(x).view(batch, n_tokens, c.n_kv_heads, c.head_dim)  # [B, T, G, D]
+        fused = self.fused_kernel
+        q = project(self.w_q, x, fused).view(batch, n_tokens, c.n_heads, c.head_dim)  # [B, T, H, D]
+        k = project(self.w_k, x, fused).view(batch, n_tokens, c.n_kv_heads, c.head_dim)  # [B, T, G, D]
         q, k = self.rope(q, positions, memo), self.rope(k, positions, memo)
-        v = self.w_v(x).view(batch, n_tokens, c.n_kv_heads, c.head_dim)
+        v = project(self.w_v, x, fused).view(batch, n_tokens, c.n_kv_heads, c.head_dim)
         rows, mask = (None, None) if cache is None else cache.update(k, v, step=step)  # mask [B, T, S]
         if rows is not None and self.fused_kernel:
             o = fused_grouped_attention(q, rows, step.lengths, c.softmax_scale)  # [B, T, H, D]
             if o is not None:
-                return self.w_o(o.flatten(2))
+                return project(self.w_o, o.flatten(2), fused)
         if rows is not None and rows.copies and n_tokens == 1 and x.device.type == "cpu":
             # Decode over gathered pages: cache-sized blocks, merged by their log-sum-exp.
             o = decode_in_blocks(q.view(batch, c.n_kv_heads, -1, c.head_dim), rows, mask, c.softmax_scale)
-            return self.w_o(o.reshape(batch, 1, -1))
+            return project(self.w_o, o.reshape(batch, 1, -1), fused)
         if rows is not None:
             k, v = rows.full()  # [B, S, G, D] each
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, G, S, D]
@@ -654,7 +682,9 @@ class GQAAttention(nn.Module):
             o = _sdpa(
                 q.transpose(1, 2), k, v, mask, c.softmax_scale, c.n_kv_heads != c.n_heads
             )  # [B, H, T, D]
-        return self.w_o(o.reshape(batch, c.n_heads, n_tokens, c.head_dim).transpose(1, 2).flatten(2))
+        return project(
+            self.w_o, o.reshape(batch, c.n_heads, n_tokens, c.head_dim).transpose(1, 2).flatten(2), fused
+        )
 
 
 KV_BLOCK_BYTES = 8 * 2**20

@@ -1,11 +1,12 @@
 """Per-head products of absorbed MLA decode by the CPU kernel (`csrc/head_products.cpp`):
 
-    fused_head_products(x, w, *, transposed=False, threads=None) -> y
+    fused_head_products(x, w, *, transposed=False, bias=None, threads=None) -> y
 
-`y[m, h] = x[m, h] · w[h]` for `w: [H, K, N]`, or `x[m, h] · w[h]ᵀ` for `w: [H, N, K]` (transposed),
-with `x: [M, H, K]` → `y: [M, H, N]`: the query absorbing W_UK (`q_lat = q_nope · W_UK`) and the output
-absorbing W_UV (`o = o_lat · W_UVᵀ`) for the few rows of a decode step. Each weight row is read once
-where it lies (strided views of `w_ukv` are fine), in fp32, bf16 or fp64; accumulation in fp32 (fp64).
+`y[m, h] = x[m, h] · w[h] + bias[h]` for `w: [H, K, N]`, or `x[m, h] · w[h]ᵀ + bias[h]` for
+`w: [H, N, K]` (transposed), with `x: [M, H, K]` → `y: [M, H, N]`: the query absorbing W_UK
+(`q_lat = q_nope · W_UK`), the output absorbing W_UV (`o = o_lat · W_UVᵀ`) and, with H = 1, a linear
+layer, for the few rows of a decode step. Each weight row is read once where it lies (strided views of
+`w_ukv` are fine), in fp32, bf16 or fp64; accumulation in fp32 (fp64).
 
 Notation: M rows (B·T), H heads, K reduction width, N output width.
 """
@@ -38,13 +39,19 @@ class _HeadProductArgs(ctypes.Structure):
         ("w", ctypes.c_void_p),
         ("head_stride", ctypes.c_int64),
         ("row_stride", ctypes.c_int64),
+        ("bias", ctypes.c_void_p),
         ("y", ctypes.c_void_p),
         ("threads", ctypes.c_int32),
     )
 
 
 def fused_head_products(
-    x: Tensor, w: Tensor, *, transposed: bool = False, threads: int | None = None
+    x: Tensor,
+    w: Tensor,
+    *,
+    transposed: bool = False,
+    bias: Tensor | None = None,
+    threads: int | None = None,
 ) -> Tensor:
     """`y: [M, H, N]` in x's dtype (see the module docstring) on `threads` threads (default: torch's).
     Raises ValueError naming a bad argument, RuntimeError if the kernel is unavailable."""
@@ -63,6 +70,13 @@ def fused_head_products(
     if w.shape[0] != heads or (w.shape[2] if transposed else w.shape[1]) != reduce:
         layout = "[H, N, K]" if transposed else "[H, K, N]"
         raise ValueError(f"w must be {layout} for x [M={rows}, H={heads}, K={reduce}], got {tuple(w.shape)}")
+    if bias is not None and (
+        bias.dtype != w.dtype or bias.shape != (heads, width) or not bias.is_contiguous()
+    ):
+        raise ValueError(
+            f"bias must be a contiguous [H={heads}, N={width}] in w's dtype {w.dtype}, got {bias.dtype} "
+            f"{tuple(bias.shape)}"
+        )
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
     double = w.dtype == torch.float64
@@ -81,6 +95,7 @@ def fused_head_products(
         w=w.data_ptr(),
         head_stride=w.stride(0),
         row_stride=w.stride(1),
+        bias=None if bias is None else bias.data_ptr(),
         y=y.data_ptr(),
         threads=threads or torch.get_num_threads(),
     )

@@ -1,6 +1,6 @@
 // Portable vector types (GCC/Clang vector extensions) sized to the widest registers this build
 // targets, shared by the kernels: Vec<T> holds LANES<T> values of T; load/store copy unaligned;
-// bf16_to_float widens one bf16 value.
+// sum_lanes adds a vector's lanes; bf16_to_float widens one bf16 value.
 #pragma once
 
 #include <cstdint>
@@ -26,6 +26,15 @@ template <typename T> inline Vec<T> load(const T* p) {
   return v;
 }
 template <typename T> inline void store(T* p, Vec<T> v) { std::memcpy(p, &v, sizeof v); }
+
+// The sum of v's lanes, pairwise (log2(lanes) dependent adds instead of one chain through every lane).
+template <typename T> inline T sum_lanes(Vec<T> v) {
+  T lanes[LANES<T>];
+  std::memcpy(lanes, &v, sizeof v);
+  for (int width = LANES<T> / 2; width > 0; width /= 2)
+    for (int i = 0; i < width; ++i) lanes[i] += lanes[i + width];
+  return lanes[0];
+}
 
 // A bf16 value (its bits) as fp32: the bits shifted to the upper half.
 inline float bf16_to_float(uint16_t bits) {
