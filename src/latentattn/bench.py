@@ -157,15 +157,15 @@ def time_ms(
     return times
 
 
-def gemm_peak_gflops(dtype: torch.dtype, device: str, repeats: int = 5) -> float:
-    """The fastest of square GEMMs of side 256, 512, ... 2048, growing while one GEMM takes under
+def gemm_peak_gflops(dtype: torch.dtype, device: str, repeats: int = 7) -> float:
+    """The fastest run of square GEMMs of side 256, 512, ... 2048, growing while one GEMM takes under
     `GEMM_MIN_MS` (a CPU without native bf16 runs bf16 GEMMs far slower than fp32, where the largest
     one would take too long; measured figures: README)."""
     peak, n = 0.0, 256
     while n <= 2048:
         a = torch.randn(n, n, device=device).to(dtype)
         b = torch.randn(n, n, device=device).to(dtype)
-        gemm_ms = statistics.median(time_ms(lambda a=a, b=b: a @ b, 1, repeats, device=device))
+        gemm_ms = min(time_ms(lambda a=a, b=b: a @ b, 1, repeats, device=device))
         peak = max(peak, 2 * n**3 / (gemm_ms * 1e-3) / 1e9)
         if gemm_ms >= GEMM_MIN_MS:
             break
@@ -173,13 +173,15 @@ def gemm_peak_gflops(dtype: torch.dtype, device: str, repeats: int = 5) -> float
     return peak
 
 
-def measure_roofline(dtypes: tuple[str, ...], device: str, repeats: int = 5) -> Roofline:
-    """Bandwidth: copy 256 MiB (bytes read + written). Peak per dtype: the faster of a GEMM in that
-    dtype and one in the dtype the absorbed path multiplies it in (`absorbed_gemm_dtype`: fp32 for bf16 on a
-    CPU, exact for bf16 products) — the fastest this machine multiplies such data."""
+def measure_roofline(dtypes: tuple[str, ...], device: str, repeats: int = 7) -> Roofline:
+    """Bandwidth: the fastest of `repeats` copies of 256 MiB (bytes read + written). Peak per dtype: the
+    faster of a GEMM in that dtype and one in the dtype the absorbed path multiplies it in
+    (`absorbed_gemm_dtype`: fp32 for bf16 on a CPU, exact for bf16 products) — the fastest this machine
+    multiplies such data. Fastest runs, not medians: a busy moment only ever slows a run down, and a low
+    bound would flatter every ratio against it."""
     source = torch.ones(64 * 2**20, device=device)  # 256 MiB of fp32
     target = torch.empty_like(source)
-    copy_ms = statistics.median(time_ms(lambda: target.copy_(source), 1, repeats, device=device))
+    copy_ms = min(time_ms(lambda: target.copy_(source), 1, repeats, device=device))
     bandwidth = 2 * source.nbytes / (copy_ms * 1e-3) / 1e9
     measured: dict[torch.dtype, float] = {}
     peaks = {}
