@@ -33,8 +33,10 @@
 
 #include "vectors.h"
 
-#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #define LATENT_DOT_ENGINE 1
 #endif
 
@@ -83,6 +85,22 @@ inline float fp8_e4m3_to_float(uint8_t byte) {
   bits = (0x7FC00000u & is_nan) | (bits & ~is_nan);
   return __builtin_bit_cast(float, bits | uint32_t(byte & 0x80) << 24);
 }
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define LATENT_FP8_VECTORS 1
+// 16 e4m3fn values → fp32, times `scale`: as fp16 S.EEEEE.MMMMMMMMMM the bits S.0EEEE.MMM0000000 are
+// the value · 2^-8 (fp16's exponent bias is 15, e4m3's 7; subnormals land on fp16 subnormals alike),
+// widened by vcvtph2ps and scaled by 2^8 · scale; S.1111.111 becomes NaN.
+inline __m512 fp8_e4m3_to_float16(const uint8_t* in, float scale) {
+  const __m256i x = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in)));
+  const __m256i magnitude = _mm256_and_si256(x, _mm256_set1_epi16(0x7F));
+  const __m256i half = _mm256_or_si256(_mm256_slli_epi16(magnitude, 7),
+                                       _mm256_slli_epi16(_mm256_and_si256(x, _mm256_set1_epi16(0x80)), 8));
+  const __m512 value = _mm512_mul_ps(_mm512_cvtph_ps(half), _mm512_set1_ps(256.0f * scale));
+  const __mmask16 nan = _mm256_cmpeq_epi16_mask(magnitude, _mm256_set1_epi16(0x7F));
+  return _mm512_mask_mov_ps(value, nan, _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN()));
+}
+#endif
 
 enum StorageKind : int32_t { SAME = 0, BF16 = 1, INT8 = 2, FP8_E4M3 = 3 };
 
@@ -300,7 +318,13 @@ template <typename A, StorageKind S> class FmaEngine {
         const float* scales = locate.template at<float>(a.scales, place);
         for (int64_t g = 0; g < a.latent_width / a.group_size; ++g) {
           const A group_scale = A(scales[g]);
-          for (int64_t c = g * a.group_size; c < (g + 1) * a.group_size; ++c) {
+          int64_t c = g * a.group_size;
+#ifdef LATENT_FP8_VECTORS
+          if constexpr (S == FP8_E4M3 && std::is_same_v<A, float>)
+            for (; c + 16 <= (g + 1) * a.group_size; c += 16)
+              _mm512_storeu_ps(out + c, fp8_e4m3_to_float16(in + c, group_scale));
+#endif
+          for (; c < (g + 1) * a.group_size; ++c) {
             const A value = S == INT8 ? A(int8_t(in[c])) : A(fp8_e4m3_to_float(in[c]));
             out[c] = value * group_scale;
           }
