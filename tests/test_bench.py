@@ -17,6 +17,7 @@ from latentattn.bench import (
     _fragmented_pages,
     measure_roofline,
     run_bench,
+    time_interleaved,
     time_ms,
 )
 from latentattn.cli import main
@@ -123,6 +124,26 @@ def test_slow_steps_stop_repeating_after_the_time_budget():
     calls.clear()
     assert len(time_ms(step, warmup=2, repeats=2, max_seconds=0.05)) == 2  # never more than asked
     assert len(time_ms(step, warmup=0, repeats=5, max_seconds=60)) == 5
+
+
+def test_steps_are_timed_round_robin_each_to_its_own_budget():
+    """After the warm-ups, one call of every step per round; the slow step leaves after MIN_REPEATS
+    (its budget spent), the fast one stays until it has `repeats` times."""
+    calls = []
+
+    def step(name: str, seconds: float):
+        def call():
+            calls.append(name)
+            time.sleep(seconds)
+
+        return call
+
+    steps = {"fast": step("fast", 0.0), "slow": step("slow", 0.03)}
+    times = time_interleaved(steps, warmup=1, repeats=6, max_seconds=0.05)
+    assert len(times["fast"]) == 6 and len(times["slow"]) == MIN_REPEATS
+    timed = calls[2:]  # after one warm-up call each
+    assert timed[: 2 * MIN_REPEATS] == ["fast", "slow"] * MIN_REPEATS
+    assert timed[2 * MIN_REPEATS :] == ["fast"] * (6 - MIN_REPEATS)
 
 
 def test_bf16_peak_is_the_fastest_way_to_multiply_bf16_on_this_device():

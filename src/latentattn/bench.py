@@ -135,25 +135,48 @@ def time_ms(
     max_seconds: float = math.inf,
     device: torch.device | str = "cpu",
 ) -> list[float]:
-    """Wall-clock milliseconds of `repeats` calls of `step` after `warmup` calls, each waiting for the
-    kernels it queued on `device`; a slow step stops early, once the timed calls took `max_seconds`
-    (after at least `MIN_REPEATS`, or `repeats` if fewer), and skips the rest of its warm-up once one
-    call took a third of that."""
+    """Wall-clock milliseconds of `repeats` calls of `step` after `warmup` calls (see
+    `time_interleaved`, of which this is the one-step case)."""
+    return time_interleaved({"step": step}, warmup, repeats, max_seconds, device)["step"]
+
+
+def time_interleaved(
+    steps: dict[str, Callable[[], object]],
+    warmup: int,
+    repeats: int,
+    max_seconds: float = math.inf,
+    device: torch.device | str = "cpu",
+) -> dict[str, list[float]]:
+    """Wall-clock milliseconds of each step's calls, each waiting for the kernels it queued on
+    `device`, taken round-robin — one timed call of every step per round — so that a busy moment of
+    the machine slows every step alike and their ratios hold. Each step first gets `warmup` calls
+    (skipping the rest once one took a third of `max_seconds`), then stays in the rounds until it has
+    `repeats` times, or, after at least `MIN_REPEATS` (or `repeats` if fewer), until its timed calls
+    took `max_seconds`."""
     device = torch.device(device)
 
-    def timed() -> float:
+    def timed(step: Callable[[], object]) -> float:
         start = time.perf_counter()
         step()
         if device.type != "cpu":  # accelerators run asynchronously
             getattr(torch, device.type).synchronize()
         return (time.perf_counter() - start) * 1e3
 
-    for _ in range(warmup):
-        if timed() > max_seconds * 1e3 / 3:
-            break
-    times: list[float] = []
-    while len(times) < repeats and (len(times) < MIN_REPEATS or sum(times) < max_seconds * 1e3):
-        times.append(timed())
+    for step in steps.values():
+        for _ in range(warmup):
+            if timed(step) > max_seconds * 1e3 / 3:
+                break
+    times: dict[str, list[float]] = {name: [] for name in steps}
+
+    def running(name: str) -> bool:
+        taken = times[name]
+        return len(taken) < repeats and (len(taken) < MIN_REPEATS or sum(taken) < max_seconds * 1e3)
+
+    active = [name for name in steps if running(name)]
+    while active:
+        for name in active:
+            times[name].append(timed(steps[name]))
+        active = [name for name in active if running(name)]
     return times
 
 
@@ -453,8 +476,11 @@ def _bench_group(
     skipped: list[dict[str, Any]],
 ) -> list[Result]:
     """Every implementation at one (dtype, batch, context), over one random cached context; the MLA
-    and HF rows checked against the naive path over the full-precision latent cache. Decompressing
-    rows that would not fit in memory are added to `skipped` instead."""
+    and HF rows checked against the naive path over the full-precision latent cache. Rows are timed
+    together, round-robin (`time_interleaved`), as many at once as memory allows: before building the
+    next row, the rows built so far are timed and freed when less memory is free than twice the
+    largest cache (or decompressed working set) among them and the next one's. Decompressing rows
+    that would not fit even alone are added to `skipped` instead."""
     mla, device, dtype = layers["mla"], config.device, torch_dtype(dtype_name)
     d_model = config.mla.d_model
     x = torch.randn(batch, 1, d_model, device=device, dtype=dtype)
@@ -464,18 +490,30 @@ def _bench_group(
     )
     any_latent = any(impl.startswith(("mla", "hf")) for impl in config.impls)
     reference = _naive_reference(mla, x, latent) if any_latent else None
-    rows = []
-    for impl in config.impls:
-        if impl == "hf-deepseek-v3" and context > config.hf_max_context:
-            continue
+    rows: dict[str, Result] = {}
+    built: dict[str, tuple[_Case, float | None]] = {}
+    largest = 0
+
+    def time_built() -> None:
+        steps = {impl: case.step for impl, (case, _) in built.items()}
+        times = time_interleaved(steps, config.warmup, config.repeats, config.max_seconds, device)
+        for impl, (case, error) in built.items():
+            rows[impl] = _result(impl, dtype_name, batch, context, case, times[impl], roofline, error)
+        built.clear()
+
+    impls = [i for i in config.impls if not (i == "hf-deepseek-v3" and context > config.hf_max_context)]
+    for impl in impls:
         where = f"{impl} {dtype_name} batch {batch} context {context:,}"
-        if impl in DECOMPRESSING:
-            needed, free = decompressed_bytes(config.mla, batch, context, dtype), available_bytes(device)
-            if free is not None and needed > free // 2:
-                reason = f"needs ~{format_bytes(needed)}, {format_bytes(free)} available"
-                skipped.append(dict(impl=impl, dtype=dtype_name, batch=batch, context=context, reason=reason))
-                report(f"skipped {where}: {reason}")
-                continue
+        needed = decompressed_bytes(config.mla, batch, context, dtype) if impl in DECOMPRESSING else 0
+        free = available_bytes(device)
+        if built and free is not None and free < 2 * max(largest, needed):
+            time_built()
+            largest, free = 0, available_bytes(device)
+        if impl in DECOMPRESSING and free is not None and needed > free // 2:
+            reason = f"needs ~{format_bytes(needed)}, {format_bytes(free)} available"
+            skipped.append(dict(impl=impl, dtype=dtype_name, batch=batch, context=context, reason=reason))
+            report(f"skipped {where}: {reason}")
+            continue
         report(where)
         if impl in KV_IMPLS:
             case = _gqa_case(layers[impl], x, context)
@@ -484,11 +522,11 @@ def _bench_group(
         else:
             case = _mla_case(mla, x, latent, impl)
         output = case.step()
-        error = relative_error(output, reference) if impl.startswith(("mla", "hf")) else None
-        times = time_ms(case.step, config.warmup, config.repeats, config.max_seconds, device)
-        rows.append(_result(impl, dtype_name, batch, context, case, times, roofline, error))
-        del case
-    return rows
+        built[impl] = case, relative_error(output, reference) if impl.startswith(("mla", "hf")) else None
+        largest = max(largest, case.cache_bytes, needed)
+    if built:
+        time_built()
+    return [rows[impl] for impl in impls if impl in rows]
 
 
 def _result(
