@@ -33,7 +33,12 @@ from latentattn.rope import rope_inv_freq
 
 HEAD_DIM = 8
 LLAMA3 = Llama3RopeConfig(factor=8.0, original_max_position_embeddings=32)
-LEGACY = {"rope_frequencies": "highest", "rope_residual": "drop", "balance_kv": False}
+LEGACY = {
+    "rope_frequencies": "highest",
+    "rope_residual": "drop",
+    "balance_kv": False,
+    "kv_objective": "activations",
+}
 """The study's conversion (`study.study_conversion`)."""
 
 

@@ -6,7 +6,9 @@
 Calibrates once (the built-in corpus, as `latentattn convert` does), converts the model at every cache
 size, RoPE width and option combination, and reports the validation loss right after conversion (no
 healing) against the source's, with the kv-head merging baseline where its cache sizes allow. Writes
-`options.json` and prints a Markdown summary.
+`options.json` and prints a Markdown summary. `--held-out` measures on measure_smollm2's two held-out
+texts (Python and English, 512-token windows) instead, the loss being their mean, with each text's
+perplexity recorded.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import statistics
 import time
 from dataclasses import fields
@@ -32,6 +35,8 @@ OPTIONS = {
     "rope_frequencies": ("highest", "score"),
     "rope_residual": ("drop", "nope"),
     "balance_kv": (False, True),
+    "kv_objective": ("activations", "attention"),
+    "key_weight": (1.0, 0.25, 4.0),
 }
 
 
@@ -56,6 +61,9 @@ def main() -> None:
         default="all",
         help="every option combination, or the defaults and each option changed alone",
     )
+    parser.add_argument(
+        "--held-out", action="store_true", help="measure on measure_smollm2's Python and English texts"
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     args = parser.parse_args()
     if args.threads:
@@ -64,10 +72,21 @@ def main() -> None:
     started = time.perf_counter()
     loaded = load_checkpoint(args.checkpoint)
     model, context = loaded.model, window_length(loaded)
-    rows = windows(validation_tokens(loaded), context, args.windows)
+    if args.held_out:
+        from measure_smollm2 import held_out_texts  # this script's folder is on sys.path
 
-    def loss(candidate: torch.nn.Module) -> float:
-        return window_loss(candidate, rows, cache_format="none", chunk=context)[0]
+        texts = held_out_texts(loaded.tokenizer, args.windows)
+    else:
+        texts = {"validation": windows(validation_tokens(loaded), context, args.windows)}
+
+    def measure(candidate: torch.nn.Module) -> dict:
+        """`candidate`'s loss (the mean over the texts) and each text's perplexity."""
+        losses = {
+            text: window_loss(candidate, rows, cache_format="none", chunk=context)[0]
+            for text, rows in texts.items()
+        }
+        perplexity = {text: math.exp(value) for text, value in losses.items()}
+        return {"val_loss": statistics.fmean(losses.values()), "perplexity": perplexity}
 
     tokens = calibration_windows(
         loaded.tokenizer, n_tokens=args.calibration_tokens, window=min(CALIBRATION_WINDOW, context)
@@ -76,9 +95,9 @@ def main() -> None:
     source = loaded.config.attention
     results = {
         "checkpoint": str(loaded.directory),
-        "source": {"kind": source.kind, "cache_width": source.cache_width, "val_loss": loss(model)},
+        "source": {"kind": source.kind, "cache_width": source.cache_width, **measure(model)},
         "calibration_tokens": tokens.numel(),
-        "validation_tokens": rows[:, 1:].numel(),
+        "validation_tokens": {text: rows[:, 1:].numel() for text, rows in texts.items()},
         "conversions": [],
         "merges": [],
     }
@@ -86,9 +105,7 @@ def main() -> None:
         if source.n_kv_heads % kv_heads == 0:
             merged = merge_kv_heads(model, kv_heads)
             cache_width = merged.config.attention.cache_width
-            results["merges"].append(
-                {"kv_heads": kv_heads, "cache_width": cache_width, "val_loss": loss(merged)}
-            )
+            results["merges"].append({"kv_heads": kv_heads, "cache_width": cache_width, **measure(merged)})
     for cache, qk_rope_head_dim in itertools.product(args.caches, args.rope_dims):
         if cache - qk_rope_head_dim <= 0:
             continue
@@ -106,7 +123,7 @@ def main() -> None:
                     "cache_width": cache,
                     "qk_rope_head_dim": qk_rope_head_dim,
                     **options,
-                    "val_loss": loss(converted),
+                    **measure(converted),
                 }
             )
         print(f"cache {cache}, R {qk_rope_head_dim}: {time.perf_counter() - started:.0f} s", flush=True)
@@ -135,7 +152,7 @@ def main() -> None:
                     "calibration_tokens": count,
                     "cache_width": cache,
                     "qk_rope_head_dim": qk_rope_head_dim,
-                    "val_loss": loss(model_to_mla(model, config, swept)),
+                    **measure(model_to_mla(model, config, swept)),
                 }
             )
         print(f"calibration {count}: {time.perf_counter() - started:.0f} s", flush=True)
@@ -146,12 +163,17 @@ def main() -> None:
 
 
 def option_sets(vary: str) -> list[dict]:
-    """Every combination of `OPTIONS` ("all"), or the defaults and each option changed alone ("one")."""
-    if vary == "all":
-        return [dict(zip(OPTIONS, values, strict=True)) for values in itertools.product(*OPTIONS.values())]
+    """Every combination of `OPTIONS` ("all"), or the defaults and each option changed alone ("one");
+    without the combinations that repeat another: balance_kv is read by the activation objective only,
+    key_weight by the attention objective only (the other keeps its default)."""
     defaults = {field.name: field.default for field in fields(ConversionConfig) if field.name in OPTIONS}
-    changed = [{**defaults, name: value} for name, values in OPTIONS.items() for value in values]
-    return [defaults, *(options for options in changed if options != defaults)]
+    if vary == "all":
+        sets = [dict(zip(OPTIONS, values, strict=True)) for values in itertools.product(*OPTIONS.values())]
+    else:
+        changed = [{**defaults, name: value} for name, values in OPTIONS.items() for value in values]
+        sets = [defaults, *(options for options in changed if options != defaults)]
+    unread = {"activations": "key_weight", "attention": "balance_kv"}
+    return [o for o in sets if o[unread[o["kv_objective"]]] == defaults[unread[o["kv_objective"]]]]
 
 
 def summary(results: dict) -> str:
@@ -160,7 +182,8 @@ def summary(results: dict) -> str:
     rows = results["conversions"]
     lines = [
         f"source {results['source']['kind']}: {results['source']['cache_width']} values per layer, "
-        f"val loss {base:.3f} ({results['validation_tokens']:,} tokens); "
+        f"val loss {base:.3f} ({', '.join(f'{t} {n:,}' for t, n in results['validation_tokens'].items())} "
+        "tokens); "
         f"calibration {results['calibration_tokens']:,} tokens",
         "",
         "| option | value | mean loss added | wins (paired) |",
@@ -176,15 +199,17 @@ def summary(results: dict) -> str:
                 for other in others
                 for twin in rows
                 if twin[name] == other
-                and all(twin[k] == r[k] for k in r if k not in (name, "val_loss"))
+                and all(twin[k] == r[k] for k in r if k not in (name, "val_loss", "perplexity"))
                 and r["val_loss"] < twin["val_loss"]
             )
+            if not chosen:
+                continue
             mean = statistics.fmean(r["val_loss"] - base for r in chosen)
             lines.append(f"| {name} | {value} | {mean:+.3f} | {wins}/{len(chosen)} |")
     lines += [
         "",
-        "| cache (C + R) | best R | best options | loss added | merge baseline |",
-        "|---|---|---|---|---|",
+        "| cache (C + R) | best R | best options | loss added | perplexity | merge baseline |",
+        "|---|---|---|---|---|---|",
     ]
     merges = {m["cache_width"]: m["val_loss"] - base for m in results["merges"]}
     for cache in sorted({r["cache_width"] for r in rows}, reverse=True):
@@ -192,8 +217,15 @@ def summary(results: dict) -> str:
         options = ", ".join(f"{k}={best[k]}" for k in OPTIONS)
         merge = f"{merges[cache]:+.3f}" if cache in merges else "—"
         lines.append(
-            f"| {cache} | {best['qk_rope_head_dim']} | {options} | {best['val_loss'] - base:+.3f} | {merge} |"
+            f"| {cache} | {best['qk_rope_head_dim']} | {options} | {best['val_loss'] - base:+.3f} | "
+            f"{perplexities(best, results['source'])} | {merge} |"
         )
+    lines += ["", "Each conversion (perplexity, relative to the source's):", ""]
+    lines += ["| cache | R | options | perplexity |", "|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (-r["cache_width"], r["qk_rope_head_dim"], r["val_loss"])):
+        options = ", ".join(f"{k}={r[k]}" for k in OPTIONS)
+        measured = perplexities(r, results["source"])
+        lines.append(f"| {r['cache_width']} | {r['qk_rope_head_dim']} | {options} | {measured} |")
     sweep = results["calibration_sweep"]
     if sweep:
         counts = sorted({r["calibration_tokens"] for r in sweep} | {results["calibration_tokens"]})
@@ -219,6 +251,14 @@ def summary(results: dict) -> str:
                 + " |"
             )
     return "\n".join(lines)
+
+
+def perplexities(row: dict, source: dict) -> str:
+    """Each text's perplexity in `row`, with its change relative to the source's."""
+    return ", ".join(
+        f"{text} {value:.2f} ({value / source['perplexity'][text] - 1:+.0%})"
+        for text, value in row["perplexity"].items()
+    )
 
 
 if __name__ == "__main__":
