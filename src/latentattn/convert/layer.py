@@ -139,7 +139,8 @@ def factorise_kv(
     """`[W_K,nope; W_V] ≈ W_up · W_down` at rank C, minimising E‖A (y − ŷ)‖² for y = [k_nope; v] per
     group, A = `metric`^½ (`[G, N + D, N + D]`, positive definite; default: the K/V balance, diagonal):
     `w_k_nope: [G, N, d]`, `w_v: [G, D, d]`, E[x xᵀ] `[d, d]` → W_up `[G, N + D, C]`, W_down `[C, d]`.
-    "pca": the top C eigenvectors U of E[z zᵀ], z = A y; "svd": of A W (E[x xᵀ] = I). W_down = Uᵀ A W.
+    "pca": the top C eigenvectors U of E[z zᵀ], z = A y, within A W's column space (a direction
+    outside it reads nothing); "svd": of A W (E[x xᵀ] = I). W_down = Uᵀ A W.
 
     With the inputs' `mean` E[x] `[d]`, a constant error in the keys is free (it moves every score of
     a query alike, which softmax ignores): z's key rows are centred, A y's key rows are fitted to the
@@ -160,7 +161,9 @@ def factorise_kv(
         key_mean[:, :nope] = target[:, :nope] @ mean
     rows, key_mean = target.reshape(-1, d_model), key_mean.reshape(-1)
     moment = rows @ second_moment @ rows.T - key_mean[:, None] * key_mean[None, :]  # E[z zᵀ]
-    directions = torch.linalg.eigh(moment).eigenvectors[:, -rank:].flip(-1)  # U
+    span = torch.linalg.svd(rows, full_matrices=False).U  # A W's column space (what W_down can read)
+    within = torch.linalg.eigh(span.T @ moment @ span).eigenvectors[:, -rank:].flip(-1)
+    directions = span @ within  # U
     w_down = directions.T @ rows  # [C, d]
     if mean is None:
         return inverse_root @ directions.view(groups, -1, rank), w_down
