@@ -134,48 +134,27 @@ def factorise_kv(
     second_moment: Tensor,
     config: ConversionConfig,
     metric: Tensor | None = None,
-    mean: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`[W_K,nope; W_V] ≈ W_up · W_down` at rank C, minimising E‖A (y − ŷ)‖² for y = [k_nope; v] per
     group, A = `metric`^½ (`[G, N + D, N + D]`, positive definite; default: the K/V balance, diagonal):
     `w_k_nope: [G, N, d]`, `w_v: [G, D, d]`, E[x xᵀ] `[d, d]` → W_up `[G, N + D, C]`, W_down `[C, d]`.
-    "pca": the top C eigenvectors U of E[z zᵀ], z = A y, within A W's column space (a direction
-    outside it reads nothing); "svd": of A W (E[x xᵀ] = I). W_down = Uᵀ A W.
-
-    With the inputs' `mean` E[x] `[d]`, a constant error in the keys is free (it moves every score of
-    a query alike, which softmax ignores): z's key rows are centred, A y's key rows are fitted to the
-    latent under the covariance and the value rows under E[x xᵀ] (least squares), else W_up = A⁻¹ U."""
-    groups, nope, d_model = w_k_nope.shape
+    "pca": the top C eigenvectors U of E[A y (A y)ᵀ]; "svd": of A W (E[x xᵀ] = I); then
+    W_up = A⁻¹ U, W_down = Uᵀ A W."""
+    groups, _, d_model = w_k_nope.shape
     rank = config.kv_lora_rank
     if metric is None:
         metric = torch.diag_embed(_balance_weights(w_k_nope, w_v, second_moment, config))
     eigenvalues, basis = torch.linalg.eigh(metric)  # [G, n], [G, n, n]
     root = basis @ torch.diag_embed(eigenvalues.sqrt()) @ basis.mT  # A per group
     inverse_root = basis @ torch.diag_embed(eigenvalues.rsqrt()) @ basis.mT
-    target = root @ torch.cat([w_k_nope, w_v], dim=1)  # A W: [G, N + D, d]
+    target = (root @ torch.cat([w_k_nope, w_v], dim=1)).reshape(-1, d_model)  # A W: [G·(N + D), d]
     if config.method == "svd":
-        directions = torch.linalg.svd(target.reshape(-1, d_model), full_matrices=False).U[:, :rank]
-        return inverse_root @ directions.view(groups, -1, rank), directions.T @ target.reshape(-1, d_model)
-    key_mean = torch.zeros_like(target[..., 0])  # E[z] on the key rows, 0 on the value rows
-    if mean is not None:
-        key_mean[:, :nope] = target[:, :nope] @ mean
-    rows, key_mean = target.reshape(-1, d_model), key_mean.reshape(-1)
-    moment = rows @ second_moment @ rows.T - key_mean[:, None] * key_mean[None, :]  # E[z zᵀ]
-    span = torch.linalg.svd(rows, full_matrices=False).U  # A W's column space (what W_down can read)
-    within = torch.linalg.eigh(span.T @ moment @ span).eigenvectors[:, -rank:].flip(-1)
-    directions = span @ within  # U
-    w_down = directions.T @ rows  # [C, d]
-    if mean is None:
-        return inverse_root @ directions.view(groups, -1, rank), w_down
-    fitted = torch.empty_like(target[..., :rank])  # least squares of A W's rows on the latent
-
-    def fit(block: slice, moment_x: Tensor) -> None:
-        gram = torch.linalg.pinv(w_down @ moment_x @ w_down.T, hermitian=True)
-        fitted[:, block] = target[:, block] @ moment_x @ w_down.T @ gram
-
-    fit(slice(nope, None), second_moment)
-    fit(slice(0, nope), second_moment - mean[:, None] * mean[None, :])
-    return inverse_root @ fitted, w_down
+        directions = torch.linalg.svd(target, full_matrices=False).U[:, :rank]
+    else:
+        weighted_cov = target @ second_moment @ target.T  # E[A y (A y)ᵀ]
+        directions = torch.linalg.eigh(weighted_cov).eigenvectors[:, -rank:].flip(-1)
+    w_up = inverse_root @ directions.view(groups, -1, rank)
+    return w_up, directions.T @ target
 
 
 def _balance_weights(
@@ -246,10 +225,7 @@ def gqa_to_mla(
             score_scale = source.softmax_scale * layer.rope.amplitude**2
             w_o = layer.w_o.weight.double()
             metric = attention_metric(split.q_nope, w_v, w_o, sigma, score_scale, config.key_weight)
-        mean = None if metric is None else sigma[:-1, -1]  # attention ignores a constant key error
-        w_up, w_down = factorise_kv(
-            split.k_nope[..., :-1], w_v[..., :-1], sigma[:-1, :-1], config, metric, mean
-        )
+        w_up, w_down = factorise_kv(split.k_nope[..., :-1], w_v[..., :-1], sigma[:-1, :-1], config, metric)
 
         # 3. kv_norm in its linear regime.
         latent_power = (
