@@ -42,8 +42,8 @@ OPTIONS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("checkpoint", nargs="?", help="the model to convert (not with --summary-of)")
+    parser.add_argument("--out", type=Path, help="where options.json goes")
     parser.add_argument("--caches", type=int, nargs="+", default=[144, 96, 64, 48], help="C + R per layer")
     parser.add_argument("--rope-dims", type=int, nargs="+", default=[8, 16, 24, 48])
     parser.add_argument("--calibration-tokens", type=int, default=8192)
@@ -65,7 +65,15 @@ def main() -> None:
         "--held-out", action="store_true", help="measure on measure_smollm2's Python and English texts"
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument(
+        "--summary-of", type=Path, metavar="JSON", help="print an options.json's summary, no run"
+    )
     args = parser.parse_args()
+    if args.summary_of:
+        print(summary(json.loads(args.summary_of.read_text())))
+        return
+    if args.checkpoint is None or args.out is None:
+        parser.error("a run needs the checkpoint to convert and --out")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -186,26 +194,27 @@ def summary(results: dict) -> str:
         "tokens); "
         f"calibration {results['calibration_tokens']:,} tokens",
         "",
-        "| option | value | mean loss added | wins (paired) |",
-        "|---|---|---|---|",
+        "Each option value against the same conversion with another value of that option (everything",
+        "else equal): the conversions so paired, their mean loss added, and how often the value wins.",
+        "",
+        "| option | value | pairs | mean loss added | wins |",
+        "|---|---|---|---|---|",
     ]
     for name, values in OPTIONS.items():
         for value in values:
-            others = [v for v in values if v != value]
-            chosen = [r for r in rows if r[name] == value]
-            wins = sum(
-                1
-                for r in chosen
-                for other in others
+            pairs = [
+                (r, twin)
+                for r in rows
+                if r[name] == value
                 for twin in rows
-                if twin[name] == other
+                if twin[name] != value
                 and all(twin[k] == r[k] for k in r if k not in (name, "val_loss", "perplexity"))
-                and r["val_loss"] < twin["val_loss"]
-            )
-            if not chosen:
+            ]
+            if not pairs:
                 continue
-            mean = statistics.fmean(r["val_loss"] - base for r in chosen)
-            lines.append(f"| {name} | {value} | {mean:+.3f} | {wins}/{len(chosen)} |")
+            mean = statistics.fmean(r["val_loss"] - base for r, _ in pairs)
+            wins = sum(r["val_loss"] < twin["val_loss"] for r, twin in pairs)
+            lines.append(f"| {name} | {value} | {len(pairs)} | {mean:+.3f} | {wins} |")
     lines += [
         "",
         "| cache (C + R) | best R | best options | loss added | perplexity | merge baseline |",
