@@ -229,12 +229,7 @@ def summary(results: dict) -> str:
             f"| {cache} | {best['qk_rope_head_dim']} | {options} | {best['val_loss'] - base:+.3f} | "
             f"{perplexities(best, results['source'])} | {merge} |"
         )
-    lines += ["", "Each conversion (perplexity, relative to the source's):", ""]
-    lines += ["| cache | R | options | perplexity |", "|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (-r["cache_width"], r["qk_rope_head_dim"], r["val_loss"])):
-        options = ", ".join(f"{k}={r[k]}" for k in OPTIONS)
-        measured = perplexities(r, results["source"])
-        lines.append(f"| {r['cache_width']} | {r['qk_rope_head_dim']} | {options} | {measured} |")
+    lines += ["", *one_at_a_time(results)]
     sweep = results["calibration_sweep"]
     if sweep:
         counts = sorted({r["calibration_tokens"] for r in sweep} | {results["calibration_tokens"]})
@@ -260,6 +255,42 @@ def summary(results: dict) -> str:
                 + " |"
             )
     return "\n".join(lines)
+
+
+def one_at_a_time(results: dict) -> list[str]:
+    """Markdown: per cache size and R, the defaults and each option changed alone (each text's
+    perplexity; "—" where a conversion was not possible)."""
+    defaults = results["defaults"]
+    changes = [{}] + [{name: value} for name, values in OPTIONS.items() for value in values]
+    by_setting = {
+        (r["cache_width"], r["qk_rope_head_dim"], *(r[k] for k in OPTIONS)): r for r in results["conversions"]
+    }
+    settings = sorted(
+        {(r["cache_width"], r["qk_rope_head_dim"]) for r in by_setting.values()}, key=lambda k: (-k[0], k[1])
+    )
+    columns = {}  # label: the cells of each setting
+    for change in changes:
+        if change and not change.items() - defaults.items():
+            continue
+        rows = [
+            by_setting.get((*setting, *({**defaults, **change}[k] for k in OPTIONS))) for setting in settings
+        ]
+        if any(rows):
+            label = "defaults" if not change else ", ".join(f"{k}={v}" for k, v in change.items())
+            columns[label] = [
+                "—" if row is None else " / ".join(f"{p:.2f}" for p in row["perplexity"].values())
+                for row in rows
+            ]
+    texts = " / ".join(results["source"]["perplexity"])
+    lines = [
+        f"The defaults and each option changed alone ({texts} perplexity):",
+        "",
+        "| cache | R | " + " | ".join(columns) + " |",
+        "|---" * (len(columns) + 2) + "|",
+    ]
+    for index, (cache, rope) in enumerate(settings):
+        lines.append(f"| {cache} | {rope} | " + " | ".join(cells[index] for cells in columns.values()) + " |")
+    return lines
 
 
 def perplexities(row: dict, source: dict) -> str:
