@@ -17,7 +17,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
+from torch import Tensor, nn
 
 from latentattn import GQAAttention, GQAConfig, RopeConfig, YarnConfig
 from latentattn.checkpoint import model_config_from_dict, model_config_to_dict
@@ -301,49 +301,57 @@ def test_the_attention_metric_prices_errors_as_the_heads_see_them():
         assert block[:nope, nope:].abs().max() == 0
 
 
-@settings(max_examples=12, deadline=None)
-@given(
-    n_kv_heads=st.sampled_from([1, 2, 4]),
-    keys=st.sampled_from(["rope", "nope"]),
-    rank_fraction=st.floats(0.55, 0.85),
-    seed=st.integers(0, 2**16),
-)
-def test_the_attention_objective_loses_less_output_than_activation_pca(n_kv_heads, keys, rank_fraction, seed):
-    """At a truncated rank, on held-out inputs from the calibration's distribution (anisotropic, not
-    centred): weighting keys by their queries and values by W_O gives a lower error of the layer's
-    output. "rope": every key keeps its rotation (k_pe holds them all), the latent holds the values;
-    "nope": frequencies ≈ 0, so the keys outside k_pe's one slot stay exact as NoPE dims and the latent
-    holds keys and values. (The weights are first-order: at much lower ranks they may lose.)"""
+def random_layer_and_inputs(n_kv_heads: int, keys: str, seed: int) -> tuple[GQAAttention, Tensor, Tensor]:
+    """A GQA layer with weights far from uniform attention, and calibration and held-out inputs `[8, 32,
+    48]` from one anisotropic, not centred distribution. `keys` "rope": plain RoPE; "nope": every
+    frequency ≈ 0, so keys outside k_pe are exact as NoPE dims."""
     torch.manual_seed(seed)
     frequencies = (1e-9,) * 8 if keys == "nope" else None
-    layer = GQAAttention(
-        GQAConfig(
-            d_model=48,
-            n_heads=4,
-            n_kv_heads=n_kv_heads,
-            head_dim=16,
-            rope=RopeConfig(interleave=False, frequencies=frequencies),
-        ),
-        dtype=torch.float64,
-    ).eval()
+    config = GQAConfig(
+        d_model=48,
+        n_heads=4,
+        n_kv_heads=n_kv_heads,
+        head_dim=16,
+        rope=RopeConfig(interleave=False, frequencies=frequencies),
+    )
+    layer = GQAAttention(config, dtype=torch.float64).eval()
     with torch.no_grad():
         for parameter in layer.parameters():
             parameter.normal_(0, 0.3)
     scale = torch.logspace(-1, 1, 48, dtype=torch.float64)[torch.randperm(48)]
     mean = 2 * torch.randn(48, dtype=torch.float64)
     calibration, held_out = (torch.randn(8, 32, 48, dtype=torch.float64) * scale + mean for _ in range(2))
+    return layer, calibration, held_out
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    n_kv_heads=st.sampled_from([1, 2, 4]),
+    keys=st.sampled_from(["rope", "nope"]),
+    rank_fraction=st.floats(0.55, 0.85),
+    seed=st.integers(0, 2**14),
+)
+def test_the_attention_objective_loses_less_output_than_activation_pca(n_kv_heads, keys, rank_fraction, seed):
+    """At a truncated rank, on held-out inputs: weighting keys by their queries and values by W_O gives
+    a lower error of the layers' outputs, summed over four random layers. "rope": k_pe holds every key
+    with its rotation, the latent holds the values; "nope": k_pe holds one slot, the other keys are NoPE
+    dims in the latent with the values. The weights are first-order (and ignore how heads' errors
+    add up in the output): single layers lose in about 1% of cases (11 of 1,440 in a sweep of these
+    shapes), sums of four never did (worst ratio 0.99 over 360 sums)."""
     rope_dim = 16 * n_kv_heads if keys == "rope" else 2
     nope = 0 if keys == "rope" else 16
     rank = max(1, int(rank_fraction * min(n_kv_heads * (nope + 16), 48)))
-
-    def output_error(kv_objective: str) -> float:
-        config = ConversionConfig(
-            kv_lora_rank=rank, qk_rope_head_dim=rope_dim, rope_residual="nope", kv_objective=kv_objective
-        )
-        with torch.no_grad():
-            return relative_l2(gqa_to_mla(layer, config, calibration)(held_out), layer(held_out))
-
-    assert output_error("attention") < output_error("activations")
+    errors = {"attention": 0.0, "activations": 0.0}
+    for index in range(4):
+        layer, calibration, held_out = random_layer_and_inputs(n_kv_heads, keys, 4 * seed + index)
+        for kv_objective in errors:
+            config = ConversionConfig(
+                kv_lora_rank=rank, qk_rope_head_dim=rope_dim, rope_residual="nope", kv_objective=kv_objective
+            )
+            with torch.no_grad():
+                mla = gqa_to_mla(layer, config, calibration)
+                errors[kv_objective] += relative_l2(mla(held_out), layer(held_out))
+    assert errors["attention"] < errors["activations"]
 
 
 @pytest.mark.parametrize("method", ["svd", "pca"])

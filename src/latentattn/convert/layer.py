@@ -7,8 +7,10 @@ column the bias) and in fp64.
 1. RoPE: `rope_split` keeps R/2 slots of the kv heads' rotated key pairs in the shared key k_pe.
 2. NoPE keys and values: stacked per kv head, `[W_K,nope; W_V]` (G·(N + D) rows) is factorised
    jointly at rank C: `≈ W_UKV · W_DKV`, c_KV = W_DKV x. "svd": truncated SVD of the weights. "pca":
-   principal directions of the K/V activations on the calibration inputs (optimal for reconstructing
-   them). With `balance_kv`, the NoPE keys are first divided by β = RMS(k_nope) / RMS(v) per dim
+   principal directions on the calibration inputs. `kv_objective` "activations": of the K/V
+   activations (optimal for reconstructing them); "attention": of the K/V activations under the
+   metric of `weighting` (key errors priced by the queries that read them, value errors by W_O).
+   "activations" with `balance_kv`: the NoPE keys are first divided by β = RMS(k_nope) / RMS(v)
    (activation RMS on the calibration inputs; weight norms without calibration, where E[x xᵀ] = I
    makes them equal) and W_UK multiplied by β after, so neither half dominates the factorisation
    (TransMLA's K/V balancing).
@@ -136,42 +138,48 @@ def factorise_kv(
     metric: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`[W_K,nope; W_V] ≈ W_up · W_down` at rank C, minimising E‖A (y − ŷ)‖² for y = [k_nope; v] per
-    group, A = `metric`^½ (`[G, N + D, N + D]`, positive definite; default: the K/V balance, diagonal):
-    `w_k_nope: [G, N, d]`, `w_v: [G, D, d]`, E[x xᵀ] `[d, d]` → W_up `[G, N + D, C]`, W_down `[C, d]`.
-    "pca": the top C eigenvectors U of E[A y (A y)ᵀ]; "svd": of A W (E[x xᵀ] = I); then
-    W_up = A⁻¹ U, W_down = Uᵀ A W."""
+    group: `w_k_nope: [G, N, d]`, `w_v: [G, D, d]`, E[x xᵀ] `[d, d]` → W_up `[G, N + D, C]`, W_down
+    `[C, d]`. A = `metric`^½ (`[G, N + D, N + D]`, positive definite), or without one the K/V balance:
+    the NoPE key rows divided by β (`balance_kv`). "pca": the top C eigenvectors U of E[A y (A y)ᵀ],
+    W_up = A⁻¹ U, W_down = Uᵀ A W; "svd": A W's truncated SVD U S Vᵀ (E[x xᵀ] = I), W_up = A⁻¹ U S,
+    W_down = Vᵀ."""
     groups, _, d_model = w_k_nope.shape
     rank = config.kv_lora_rank
+    w_kv = torch.cat([w_k_nope, w_v], dim=1)  # per group: [k_nope; v]
     if metric is None:
-        metric = torch.diag_embed(_balance_weights(w_k_nope, w_v, second_moment, config))
-    eigenvalues, basis = torch.linalg.eigh(metric)  # [G, n], [G, n, n]
-    root = basis @ torch.diag_embed(eigenvalues.sqrt()) @ basis.mT  # A per group
-    inverse_root = basis @ torch.diag_embed(eigenvalues.rsqrt()) @ basis.mT
-    target = (root @ torch.cat([w_k_nope, w_v], dim=1)).reshape(-1, d_model)  # A W: [G·(N + D), d]
-    if config.method == "svd":
-        directions = torch.linalg.svd(target, full_matrices=False).U[:, :rank]
+        divisor = _balance_divisors(w_k_nope, w_v, second_moment, config)[..., None]  # [G, N + D, 1]
+        target = w_kv / divisor
     else:
-        weighted_cov = target @ second_moment @ target.T  # E[A y (A y)ᵀ]
+        eigenvalues, basis = torch.linalg.eigh(metric)  # [G, n], [G, n, n]
+        target = basis @ torch.diag_embed(eigenvalues.sqrt()) @ basis.mT @ w_kv  # A W
+    rows = target.reshape(-1, d_model)
+    if config.method == "svd":
+        u, singular, v_t = torch.linalg.svd(rows, full_matrices=False)
+        w_up, w_down = u[:, :rank] * singular[:rank], v_t[:rank]
+    else:
+        weighted_cov = rows @ second_moment @ rows.T  # E[A y (A y)ᵀ]
         directions = torch.linalg.eigh(weighted_cov).eigenvectors[:, -rank:].flip(-1)
-    w_up = inverse_root @ directions.view(groups, -1, rank)
-    return w_up, directions.T @ target
+        w_up, w_down = directions, directions.T @ rows  # [rows, C], [C, d]
+    w_up = w_up.reshape(groups, -1, rank)
+    if metric is None:
+        return w_up * divisor, w_down
+    return basis @ torch.diag_embed(eigenvalues.rsqrt()) @ basis.mT @ w_up, w_down  # A⁻¹ W_up
 
 
-def _balance_weights(
+def _balance_divisors(
     w_k_nope: Tensor, w_v: Tensor, second_moment: Tensor, config: ConversionConfig
 ) -> Tensor:
-    """The diagonal metric `[G, N + D]` of the activation objective: 1/β² on the NoPE key rows, 1 on the
-    values, β = RMS(k_nope) / RMS(v) with `balance_kv`, else 1."""
+    """`[G, N + D]`: β = RMS(k_nope) / RMS(v) on the NoPE key rows with `balance_kv` (else 1), 1 on the
+    value rows."""
 
     def rms(w: Tensor) -> float:
         return math.sqrt(torch.einsum("gnd,de,gne->", w, second_moment, w).item() / max(w[..., 0].numel(), 1))
 
-    balance = 1.0
-    if config.balance_kv and w_k_nope.shape[1] and rms(w_k_nope) > 0 and rms(w_v) > 0:
-        balance = rms(w_k_nope) / rms(w_v)
-    weights = torch.ones(*w_v.shape[:1], w_k_nope.shape[1] + w_v.shape[1], dtype=w_v.dtype, device=w_v.device)
-    weights[:, : w_k_nope.shape[1]] = balance**-2
-    return weights
+    nope = w_k_nope.shape[1]
+    divisors = torch.ones(w_v.shape[0], nope + w_v.shape[1], dtype=w_v.dtype, device=w_v.device)
+    if config.balance_kv and nope and rms(w_k_nope) > 0 and rms(w_v) > 0:
+        divisors[:, :nope] = rms(w_k_nope) / rms(w_v)
+    return divisors
 
 
 def _rope_config(
