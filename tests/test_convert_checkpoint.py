@@ -152,8 +152,11 @@ def test_cli_converts_and_the_result_generates(tmp_path, tokenizer, corpus_file,
     source = save_run(tmp_path / "run", tokenizer)
     out = tmp_path / "mla"
     options = ["--kv-lora-rank", "16", "--rope-dim", "8", "--calibration-file", str(corpus_file)]
+    options += ["--kv-objective", "attention", "--key-weight", "2"]
     result = run_cli(str(source), "--out", str(out), "--to", "mla", *options, "--calibration-tokens", "256")
     assert result.returncode == 0, result.stderr
+    record = json.loads((out / "config.json").read_text())["conversion"]
+    assert (record["kv_objective"], record["key_weight"]) == ("attention", 2.0)
     assert result.stdout.splitlines() == [
         f"calibration: 256 tokens (4 windows of 64) from {corpus_file}",
         "KV cache per token (2 layers, bf16): 256 -> 96 bytes (64 -> 24 values per layer, 2.67x smaller)",
@@ -196,6 +199,10 @@ def test_cli_errors_are_one_line_and_write_nothing(tmp_path, tokenizer, capsys):
             "--method merge produces GQA, not --to mla",
         ),
         (["--method", "merge", "--kv-heads", "3"], "kv_heads must be fewer than the source's 2 kv heads"),
+        (
+            ["--kv-lora-rank", "8", "--rope-dim", "4", "--key-weight", "0"],
+            "key_weight must be positive and finite, got 0.0",
+        ),
     ]:
         assert main(["convert", str(source), "--out", str(tmp_path / "out"), *args]) == 2
         err = capsys.readouterr().err
@@ -211,4 +218,7 @@ def test_cli_errors_are_one_line_and_write_nothing(tmp_path, tokenizer, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["convert", str(source), "--out", str(tmp_path / "out"), "--method", "lora"])
     assert exit_info.value.code == 2 and "invalid choice: 'lora'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", str(source), "--out", str(tmp_path / "out"), "--kv-objective", "scores"])
+    assert exit_info.value.code == 2 and "invalid choice: 'scores'" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "mla-run", "run"]

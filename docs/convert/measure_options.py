@@ -6,7 +6,9 @@
 Calibrates once (the built-in corpus, as `latentattn convert` does), converts the model at every cache
 size, RoPE width and option combination, and reports the validation loss right after conversion (no
 healing) against the source's, with the kv-head merging baseline where its cache sizes allow. Writes
-`options.json` and prints a Markdown summary.
+`options.json` and prints a Markdown summary. `--held-out` measures on measure_smollm2's two held-out
+texts (Python and English, 512-token windows) instead, the loss being their mean, with each text's
+perplexity recorded.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import statistics
 import time
 from dataclasses import fields
@@ -32,13 +35,15 @@ OPTIONS = {
     "rope_frequencies": ("highest", "score"),
     "rope_residual": ("drop", "nope"),
     "balance_kv": (False, True),
+    "kv_objective": ("activations", "attention"),
+    "key_weight": (1.0, 0.25, 4.0),
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("checkpoint", nargs="?", help="the model to convert (not with --summary-of)")
+    parser.add_argument("--out", type=Path, help="where options.json goes")
     parser.add_argument("--caches", type=int, nargs="+", default=[144, 96, 64, 48], help="C + R per layer")
     parser.add_argument("--rope-dims", type=int, nargs="+", default=[8, 16, 24, 48])
     parser.add_argument("--calibration-tokens", type=int, default=8192)
@@ -56,18 +61,40 @@ def main() -> None:
         default="all",
         help="every option combination, or the defaults and each option changed alone",
     )
+    parser.add_argument(
+        "--held-out", action="store_true", help="measure on measure_smollm2's Python and English texts"
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument(
+        "--summary-of", type=Path, metavar="JSON", help="print an options.json's summary, no run"
+    )
     args = parser.parse_args()
+    if args.summary_of:
+        print(summary(json.loads(args.summary_of.read_text())))
+        return
+    if args.checkpoint is None or args.out is None:
+        parser.error("a run needs the checkpoint to convert and --out")
     if args.threads:
         torch.set_num_threads(args.threads)
 
     started = time.perf_counter()
     loaded = load_checkpoint(args.checkpoint)
     model, context = loaded.model, window_length(loaded)
-    rows = windows(validation_tokens(loaded), context, args.windows)
+    if args.held_out:
+        from measure_smollm2 import held_out_texts  # this script's folder is on sys.path
 
-    def loss(candidate: torch.nn.Module) -> float:
-        return window_loss(candidate, rows, cache_format="none", chunk=context)[0]
+        texts = held_out_texts(loaded.tokenizer, args.windows)
+    else:
+        texts = {"validation": windows(validation_tokens(loaded), context, args.windows)}
+
+    def measure(candidate: torch.nn.Module) -> dict:
+        """`candidate`'s loss (the mean over the texts) and each text's perplexity."""
+        losses = {
+            text: window_loss(candidate, rows, cache_format="none", chunk=context)[0]
+            for text, rows in texts.items()
+        }
+        perplexity = {text: math.exp(value) for text, value in losses.items()}
+        return {"val_loss": statistics.fmean(losses.values()), "perplexity": perplexity}
 
     tokens = calibration_windows(
         loaded.tokenizer, n_tokens=args.calibration_tokens, window=min(CALIBRATION_WINDOW, context)
@@ -76,9 +103,9 @@ def main() -> None:
     source = loaded.config.attention
     results = {
         "checkpoint": str(loaded.directory),
-        "source": {"kind": source.kind, "cache_width": source.cache_width, "val_loss": loss(model)},
+        "source": {"kind": source.kind, "cache_width": source.cache_width, **measure(model)},
         "calibration_tokens": tokens.numel(),
-        "validation_tokens": rows[:, 1:].numel(),
+        "validation_tokens": {text: rows[:, 1:].numel() for text, rows in texts.items()},
         "conversions": [],
         "merges": [],
     }
@@ -86,9 +113,7 @@ def main() -> None:
         if source.n_kv_heads % kv_heads == 0:
             merged = merge_kv_heads(model, kv_heads)
             cache_width = merged.config.attention.cache_width
-            results["merges"].append(
-                {"kv_heads": kv_heads, "cache_width": cache_width, "val_loss": loss(merged)}
-            )
+            results["merges"].append({"kv_heads": kv_heads, "cache_width": cache_width, **measure(merged)})
     for cache, qk_rope_head_dim in itertools.product(args.caches, args.rope_dims):
         if cache - qk_rope_head_dim <= 0:
             continue
@@ -106,7 +131,7 @@ def main() -> None:
                     "cache_width": cache,
                     "qk_rope_head_dim": qk_rope_head_dim,
                     **options,
-                    "val_loss": loss(converted),
+                    **measure(converted),
                 }
             )
         print(f"cache {cache}, R {qk_rope_head_dim}: {time.perf_counter() - started:.0f} s", flush=True)
@@ -135,7 +160,7 @@ def main() -> None:
                     "calibration_tokens": count,
                     "cache_width": cache,
                     "qk_rope_head_dim": qk_rope_head_dim,
-                    "val_loss": loss(model_to_mla(model, config, swept)),
+                    **measure(model_to_mla(model, config, swept)),
                 }
             )
         print(f"calibration {count}: {time.perf_counter() - started:.0f} s", flush=True)
@@ -146,12 +171,17 @@ def main() -> None:
 
 
 def option_sets(vary: str) -> list[dict]:
-    """Every combination of `OPTIONS` ("all"), or the defaults and each option changed alone ("one")."""
-    if vary == "all":
-        return [dict(zip(OPTIONS, values, strict=True)) for values in itertools.product(*OPTIONS.values())]
+    """Every combination of `OPTIONS` ("all"), or the defaults and each option changed alone ("one");
+    without the combinations that repeat another: balance_kv is read by the activation objective only,
+    key_weight by the attention objective only (the other keeps its default)."""
     defaults = {field.name: field.default for field in fields(ConversionConfig) if field.name in OPTIONS}
-    changed = [{**defaults, name: value} for name, values in OPTIONS.items() for value in values]
-    return [defaults, *(options for options in changed if options != defaults)]
+    if vary == "all":
+        sets = [dict(zip(OPTIONS, values, strict=True)) for values in itertools.product(*OPTIONS.values())]
+    else:
+        changed = [{**defaults, name: value} for name, values in OPTIONS.items() for value in values]
+        sets = [defaults, *(options for options in changed if options != defaults)]
+    unread = {"activations": "key_weight", "attention": "balance_kv"}
+    return [o for o in sets if o[unread[o["kv_objective"]]] == defaults[unread[o["kv_objective"]]]]
 
 
 def summary(results: dict) -> str:
@@ -160,31 +190,35 @@ def summary(results: dict) -> str:
     rows = results["conversions"]
     lines = [
         f"source {results['source']['kind']}: {results['source']['cache_width']} values per layer, "
-        f"val loss {base:.3f} ({results['validation_tokens']:,} tokens); "
+        f"val loss {base:.3f} ({', '.join(f'{t} {n:,}' for t, n in results['validation_tokens'].items())} "
+        "tokens); "
         f"calibration {results['calibration_tokens']:,} tokens",
         "",
-        "| option | value | mean loss added | wins (paired) |",
-        "|---|---|---|---|",
+        "Each option value against the same conversion with another value of that option (everything",
+        "else equal): the conversions so paired, their mean loss added, and how often the value wins.",
+        "",
+        "| option | value | pairs | mean loss added | wins |",
+        "|---|---|---|---|---|",
     ]
     for name, values in OPTIONS.items():
         for value in values:
-            others = [v for v in values if v != value]
-            chosen = [r for r in rows if r[name] == value]
-            wins = sum(
-                1
-                for r in chosen
-                for other in others
+            pairs = [
+                (r, twin)
+                for r in rows
+                if r[name] == value
                 for twin in rows
-                if twin[name] == other
-                and all(twin[k] == r[k] for k in r if k not in (name, "val_loss"))
-                and r["val_loss"] < twin["val_loss"]
-            )
-            mean = statistics.fmean(r["val_loss"] - base for r in chosen)
-            lines.append(f"| {name} | {value} | {mean:+.3f} | {wins}/{len(chosen)} |")
+                if twin[name] != value
+                and all(twin[k] == r[k] for k in r if k not in (name, "val_loss", "perplexity"))
+            ]
+            if not pairs:
+                continue
+            mean = statistics.fmean(r["val_loss"] - base for r, _ in pairs)
+            wins = sum(r["val_loss"] < twin["val_loss"] for r, twin in pairs)
+            lines.append(f"| {name} | {value} | {len(pairs)} | {mean:+.3f} | {wins} |")
     lines += [
         "",
-        "| cache (C + R) | best R | best options | loss added | merge baseline |",
-        "|---|---|---|---|---|",
+        "| cache (C + R) | best R | best options | loss added | perplexity | merge baseline |",
+        "|---|---|---|---|---|---|",
     ]
     merges = {m["cache_width"]: m["val_loss"] - base for m in results["merges"]}
     for cache in sorted({r["cache_width"] for r in rows}, reverse=True):
@@ -192,8 +226,10 @@ def summary(results: dict) -> str:
         options = ", ".join(f"{k}={best[k]}" for k in OPTIONS)
         merge = f"{merges[cache]:+.3f}" if cache in merges else "—"
         lines.append(
-            f"| {cache} | {best['qk_rope_head_dim']} | {options} | {best['val_loss'] - base:+.3f} | {merge} |"
+            f"| {cache} | {best['qk_rope_head_dim']} | {options} | {best['val_loss'] - base:+.3f} | "
+            f"{perplexities(best, results['source'])} | {merge} |"
         )
+    lines += ["", *one_at_a_time(results)]
     sweep = results["calibration_sweep"]
     if sweep:
         counts = sorted({r["calibration_tokens"] for r in sweep} | {results["calibration_tokens"]})
@@ -219,6 +255,50 @@ def summary(results: dict) -> str:
                 + " |"
             )
     return "\n".join(lines)
+
+
+def one_at_a_time(results: dict) -> list[str]:
+    """Markdown: per cache size and R, the defaults and each option changed alone (each text's
+    perplexity; "—" where a conversion was not possible)."""
+    defaults = results["defaults"]
+    changes = [{}] + [{name: value} for name, values in OPTIONS.items() for value in values]
+    by_setting = {
+        (r["cache_width"], r["qk_rope_head_dim"], *(r[k] for k in OPTIONS)): r for r in results["conversions"]
+    }
+    settings = sorted(
+        {(r["cache_width"], r["qk_rope_head_dim"]) for r in by_setting.values()}, key=lambda k: (-k[0], k[1])
+    )
+    columns = {}  # label: the cells of each setting
+    for change in changes:
+        if change and not change.items() - defaults.items():
+            continue
+        rows = [
+            by_setting.get((*setting, *({**defaults, **change}[k] for k in OPTIONS))) for setting in settings
+        ]
+        if any(rows):
+            label = "defaults" if not change else ", ".join(f"{k}={v}" for k, v in change.items())
+            columns[label] = [
+                "—" if row is None else " / ".join(f"{p:.2f}" for p in row["perplexity"].values())
+                for row in rows
+            ]
+    texts = " / ".join(results["source"]["perplexity"])
+    lines = [
+        f"The defaults and each option changed alone ({texts} perplexity):",
+        "",
+        "| cache | R | " + " | ".join(columns) + " |",
+        "|---" * (len(columns) + 2) + "|",
+    ]
+    for index, (cache, rope) in enumerate(settings):
+        lines.append(f"| {cache} | {rope} | " + " | ".join(cells[index] for cells in columns.values()) + " |")
+    return lines
+
+
+def perplexities(row: dict, source: dict) -> str:
+    """Each text's perplexity in `row`, with its change relative to the source's."""
+    return ", ".join(
+        f"{text} {value:.2f} ({value / source['perplexity'][text] - 1:+.0%})"
+        for text, value in row["perplexity"].items()
+    )
 
 
 if __name__ == "__main__":

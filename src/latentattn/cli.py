@@ -710,6 +710,7 @@ def _add_convert(verbs: argparse._SubParsersAction) -> None:
 
     from latentattn.convert import METHODS, ConversionConfig
     from latentattn.convert.checkpoint import DEFAULT_CALIBRATION_TOKENS
+    from latentattn.convert.layer import KV_OBJECTIVES
     from latentattn.convert.rope_split import RESIDUALS, SLOT_RULES
 
     defaults = argparse.Namespace(**{field.name: field.default for field in fields(ConversionConfig)})
@@ -759,6 +760,20 @@ def _add_convert(verbs: argparse._SubParsersAction) -> None:
         default=defaults.balance_kv,
         help="scale NoPE keys to the values' RMS before factorising (default %(default)s)",
     )
+    convert.add_argument(
+        "--kv-objective",
+        choices=KV_OBJECTIVES,
+        default=defaults.kv_objective,
+        help="what the latent keeps: the K/V activations, or their effect on attention scores and "
+        "outputs (default %(default)s)",
+    )
+    convert.add_argument(
+        "--key-weight",
+        type=float,
+        default=defaults.key_weight,
+        metavar="W",
+        help="--kv-objective attention: score errors' weight against value errors (default %(default)s)",
+    )
     convert.set_defaults(run=_run_convert)
 
 
@@ -776,6 +791,8 @@ def _run_convert(args: argparse.Namespace) -> None:
         rope_frequencies=args.rope_frequencies,
         rope_residual=args.rope_residual,
         balance_kv=args.balance_kv,
+        kv_objective=args.kv_objective,
+        key_weight=args.key_weight,
     )
     result = convert_checkpoint(
         args.source,

@@ -7,8 +7,10 @@ column the bias) and in fp64.
 1. RoPE: `rope_split` keeps R/2 slots of the kv heads' rotated key pairs in the shared key k_pe.
 2. NoPE keys and values: stacked per kv head, `[W_K,nope; W_V]` (G·(N + D) rows) is factorised
    jointly at rank C: `≈ W_UKV · W_DKV`, c_KV = W_DKV x. "svd": truncated SVD of the weights. "pca":
-   principal directions of the K/V activations on the calibration inputs (optimal for reconstructing
-   them). With `balance_kv`, the NoPE keys are first divided by β = RMS(k_nope) / RMS(v) per dim
+   principal directions on the calibration inputs. `kv_objective` "activations": of the K/V
+   activations (optimal for reconstructing them); "attention": of the K/V activations under the
+   metric of `weighting` (key errors priced by the queries that read them, value errors by W_O).
+   "activations" with `balance_kv`: the NoPE keys are first divided by β = RMS(k_nope) / RMS(v)
    (activation RMS on the calibration inputs; weight norms without calibration, where E[x xᵀ] = I
    makes them equal) and W_UK multiplied by β after, so neither half dominates the factorisation
    (TransMLA's K/V balancing).
@@ -46,10 +48,13 @@ from latentattn.convert.rope_split import (
     nope_dims,
     split_rope,
 )
+from latentattn.convert.weighting import attention_metric
 from latentattn.rope import rope_inv_freq
 
 Method = Literal["svd", "pca", "merge"]
 METHODS: tuple[Method, ...] = ("svd", "pca", "merge")
+KvObjective = Literal["activations", "attention"]
+KV_OBJECTIVES: tuple[KvObjective, ...] = ("activations", "attention")
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,12 @@ class ConversionConfig:
     rope_residual: Residual = "drop"
     """What becomes of a kept frequency's components outside k_pe: "drop", or "nope" dims."""
     balance_kv: bool = True
-    """Scale the NoPE keys to the values' RMS before the joint factorisation."""
+    """Scale the NoPE keys to the values' RMS before the joint factorisation ("activations" only)."""
+    kv_objective: KvObjective = "attention"
+    """What the joint K/V factorisation keeps: the K/V "activations", or what they do in "attention"
+    (scores weighted by the queries, values by the output projection; see weighting)."""
+    key_weight: float = 1.0
+    """"attention" only: the score errors' weight against the value errors, times weighting's estimate."""
     norm_linearity: float = 1e6
     """kv_norm's eps over the latent's mean power (its linear regime)."""
 
@@ -82,6 +92,12 @@ class ConversionConfig:
             raise ValueError(
                 f"unknown rope_residual {self.rope_residual!r}; choose one of {', '.join(RESIDUALS)}"
             )
+        if self.kv_objective not in KV_OBJECTIVES:
+            raise ValueError(
+                f"unknown kv_objective {self.kv_objective!r}; choose one of {', '.join(KV_OBJECTIVES)}"
+            )
+        if not (self.key_weight > 0 and math.isfinite(self.key_weight)):
+            raise ValueError(f"key_weight must be positive and finite, got {self.key_weight}")
         if self.norm_linearity <= 0:
             raise ValueError(f"norm_linearity must be positive, got {self.norm_linearity}")
         if self.method == "merge":
@@ -115,30 +131,55 @@ def check_widths(config: ConversionConfig, source: GQAConfig, nope: int) -> None
 
 
 def factorise_kv(
-    w_k_nope: Tensor, w_v: Tensor, second_moment: Tensor, config: ConversionConfig
+    w_k_nope: Tensor,
+    w_v: Tensor,
+    second_moment: Tensor,
+    config: ConversionConfig,
+    metric: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """`[W_K,nope; W_V] ≈ W_up · W_down` at rank C: `w_k_nope: [G, N, d]`, `w_v: [G, D, d]`,
-    E[x xᵀ] `[d, d]` → W_up `[G, N + D, C]`, W_down `[C, d]`."""
-    groups, nope, d_model = w_k_nope.shape
+    """`[W_K,nope; W_V] ≈ W_up · W_down` at rank C, minimising E‖A (y − ŷ)‖² for y = [k_nope; v] per
+    group: `w_k_nope: [G, N, d]`, `w_v: [G, D, d]`, E[x xᵀ] `[d, d]` → W_up `[G, N + D, C]`, W_down
+    `[C, d]`. A = `metric`^½ (`[G, N + D, N + D]`, positive definite), or without one the K/V balance:
+    the NoPE key rows divided by β (`balance_kv`). "pca": the top C eigenvectors U of E[A y (A y)ᵀ],
+    W_up = A⁻¹ U, W_down = Uᵀ A W; "svd": A W's truncated SVD U S Vᵀ (E[x xᵀ] = I), W_up = A⁻¹ U S,
+    W_down = Vᵀ."""
+    groups, _, d_model = w_k_nope.shape
     rank = config.kv_lora_rank
+    w_kv = torch.cat([w_k_nope, w_v], dim=1)  # per group: [k_nope; v]
+    if metric is None:
+        divisor = _balance_divisors(w_k_nope, w_v, second_moment, config)[..., None]  # [G, N + D, 1]
+        target = w_kv / divisor
+    else:
+        eigenvalues, basis = torch.linalg.eigh(metric)  # [G, n], [G, n, n]
+        target = basis @ torch.diag_embed(eigenvalues.sqrt()) @ basis.mT @ w_kv  # A W
+    rows = target.reshape(-1, d_model)
+    if config.method == "svd":
+        u, singular, v_t = torch.linalg.svd(rows, full_matrices=False)
+        w_up, w_down = u[:, :rank] * singular[:rank], v_t[:rank]
+    else:
+        weighted_cov = rows @ second_moment @ rows.T  # E[A y (A y)ᵀ]
+        directions = torch.linalg.eigh(weighted_cov).eigenvectors[:, -rank:].flip(-1)
+        w_up, w_down = directions, directions.T @ rows  # [rows, C], [C, d]
+    w_up = w_up.reshape(groups, -1, rank)
+    if metric is None:
+        return w_up * divisor, w_down
+    return basis @ torch.diag_embed(eigenvalues.rsqrt()) @ basis.mT @ w_up, w_down  # A⁻¹ W_up
+
+
+def _balance_divisors(
+    w_k_nope: Tensor, w_v: Tensor, second_moment: Tensor, config: ConversionConfig
+) -> Tensor:
+    """`[G, N + D]`: β = RMS(k_nope) / RMS(v) on the NoPE key rows with `balance_kv` (else 1), 1 on the
+    value rows."""
 
     def rms(w: Tensor) -> float:
         return math.sqrt(torch.einsum("gnd,de,gne->", w, second_moment, w).item() / max(w[..., 0].numel(), 1))
 
-    balance = 1.0
+    nope = w_k_nope.shape[1]
+    divisors = torch.ones(w_v.shape[0], nope + w_v.shape[1], dtype=w_v.dtype, device=w_v.device)
     if config.balance_kv and nope and rms(w_k_nope) > 0 and rms(w_v) > 0:
-        balance = rms(w_k_nope) / rms(w_v)
-    w_kv = torch.cat([w_k_nope / balance, w_v], dim=1).reshape(-1, d_model)  # per group: [k_nope; v]
-    if config.method == "svd":
-        u, singular, v_t = torch.linalg.svd(w_kv, full_matrices=False)
-        w_up, w_down = u[:, :rank] * singular[:rank], v_t[:rank]
-    else:
-        activation_cov = w_kv @ second_moment @ w_kv.T  # E[y yᵀ] of the K/V activations y = W x
-        directions = torch.linalg.eigh(activation_cov).eigenvectors[:, -rank:].flip(-1)
-        w_up, w_down = directions, directions.T @ w_kv  # [rows, C], [C, d]
-    w_up = w_up.reshape(groups, -1, rank).clone()
-    w_up[:, :nope] *= balance
-    return w_up, w_down
+        divisors[:, :nope] = rms(w_k_nope) / rms(w_v)
+    return divisors
 
 
 def _rope_config(
@@ -187,7 +228,12 @@ def gqa_to_mla(
         split = split_rope(keys, w_q, w_k, slots, config.rope_residual, source.rope.interleave)
 
         # 2. Joint low-rank NoPE keys and values (their biases: see the module docstring).
-        w_up, w_down = factorise_kv(split.k_nope[..., :-1], w_v[..., :-1], sigma[:-1, :-1], config)
+        metric = None
+        if config.kv_objective == "attention":
+            score_scale = source.softmax_scale * layer.rope.amplitude**2
+            w_o = layer.w_o.weight.double()
+            metric = attention_metric(split.q_nope, w_v, w_o, sigma, score_scale, config.key_weight)
+        w_up, w_down = factorise_kv(split.k_nope[..., :-1], w_v[..., :-1], sigma[:-1, :-1], config, metric)
 
         # 3. kv_norm in its linear regime.
         latent_power = (

@@ -1,0 +1,65 @@
+"""What an error in the NoPE keys and values costs the attention output: the metric the joint K/V
+factorisation minimises with `kv_objective="attention"`.
+
+Notation: H query heads, G kv heads (head h reads group g(h)), N NoPE width, D head dim (value width),
+d model width; weights augmented (`[..., d + 1]`, see `moments`), Σ = E[x̃ x̃ᵀ], s the source's score
+scale. For query head h, an error δk in its group's NoPE key moves its score by s·q_hᵀδk, an error δv
+in the value moves its output by W_O,h δv. To first order a score error δs_j on key j moves the head's
+output by p_j (δs_j − Σ_i p_i δs_i)(u_j − ū) (u_j = W_O,h v_j, p the attention weights), so with errors
+independent over keys a score error costs about λ_h = E‖u − E u‖² (the spread of the head's value
+outputs) times what it costs in the logits. Summed over the heads of group g:
+
+    M_K,g = Σ_h λ_h s² E[q_h,nope q_h,nopeᵀ]   (`[N, N]`: keys weighted by the queries that read them)
+    M_V,g = Σ_h W_O,hᵀ W_O,h                    (`[D, D]`: values weighted by the output projection)
+
+and E‖δo‖² ≈ E[δkᵀ M_K δk + δvᵀ M_V δv] up to a factor Σ_j p_j² shared by both. `key_weight` scales M_K
+(1 is the estimate above). Each block is regularised by `ridge` times its mean eigenvalue, so the
+square root is invertible: the factorisation stays exact at full rank.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+RIDGE = 1e-3
+"""Each block's regulariser: this times its mean eigenvalue is added to its diagonal."""
+
+
+def _regularised(metric: Tensor, ridge: float) -> Tensor:
+    """`metric: [G, n, n]` plus ridge · its mean eigenvalue per group (at least the smallest normal)."""
+    size = metric.shape[-1]
+    mean = torch.diagonal(metric, dim1=-2, dim2=-1).sum(-1) / size  # [G]
+    floor = mean.clamp_min(torch.finfo(metric.dtype).tiny)
+    return metric + (ridge * floor)[:, None, None] * torch.eye(size, dtype=metric.dtype, device=metric.device)
+
+
+def attention_metric(
+    q_nope: Tensor,
+    w_v: Tensor,
+    w_o: Tensor,
+    second_moment: Tensor,
+    score_scale: float,
+    key_weight: float = 1.0,
+    ridge: float = RIDGE,
+) -> Tensor:
+    """The block-diagonal metric `[G, N + D, N + D]` (M_K,g over the NoPE key rows, M_V,g over the
+    value rows) from `q_nope: [H, N, d+1]`, `w_v: [G, D, d+1]`, `w_o: [d, H·D]`, Σ `[d+1, d+1]`."""
+    heads, nope, _ = q_nope.shape
+    groups, head_dim, _ = w_v.shape
+    group_of = torch.arange(heads, device=q_nope.device) // (heads // groups)
+    mean = second_moment[:, -1]  # E[x̃]
+    covariance = second_moment - mean[:, None] * mean[None, :]
+    w_o_heads = w_o.view(-1, heads, head_dim).transpose(0, 1)  # [H, d, D]
+    head_outputs = torch.einsum("hed,hdf->hef", w_o_heads, w_v[group_of])  # W_O,h W_V,g(h): [H, d, d+1]
+    spread = torch.einsum("hef,fk,hek->h", head_outputs, covariance, head_outputs)  # λ_h
+    query_moment = torch.einsum("hnd,de,hme->hnm", q_nope, second_moment, q_nope)  # E[q qᵀ]: [H, N, N]
+    key_metric = torch.zeros(groups, nope, nope, dtype=q_nope.dtype, device=q_nope.device)
+    key_metric.index_add_(0, group_of, (key_weight * score_scale**2) * spread[:, None, None] * query_moment)
+    value_metric = torch.zeros(groups, head_dim, head_dim, dtype=w_o.dtype, device=w_o.device)
+    value_metric.index_add_(0, group_of, w_o_heads.transpose(1, 2) @ w_o_heads)
+    metric = torch.zeros(groups, nope + head_dim, nope + head_dim, dtype=q_nope.dtype, device=q_nope.device)
+    if nope:
+        metric[:, :nope, :nope] = _regularised(key_metric, ridge)
+    metric[:, nope:, nope:] = _regularised(value_metric, ridge)
+    return metric
