@@ -301,6 +301,38 @@ def test_the_attention_metric_prices_errors_as_the_heads_see_them():
         assert block[:nope, nope:].abs().max() == 0
 
 
+def test_the_group_value_metric_adds_the_heads_errors_before_the_norm():
+    """value_metric "group": δvᵀ M_V δv = ‖Σ_h W_O,h δv‖² over the heads of the group (heads attending
+    alike); the key block is the same as with "heads"."""
+    torch.manual_seed(0)
+    heads, groups, nope, head_dim, d_model = 4, 2, 6, 8, 12
+    x = torch.randn(200, d_model, dtype=torch.float64)
+    q_nope = torch.randn(heads, nope, d_model + 1, dtype=torch.float64)
+    w_v = torch.randn(groups, head_dim, d_model + 1, dtype=torch.float64)
+    w_o = torch.randn(d_model, heads * head_dim, dtype=torch.float64)
+    sigma = Moments.of(x).second_moment
+    apart = attention_metric(q_nope, w_v, w_o, sigma, 0.3, ridge=0.0)
+    together = attention_metric(q_nope, w_v, w_o, sigma, 0.3, value_metric="group", ridge=0.0)
+    delta_v = torch.randn(head_dim, dtype=torch.float64)
+    for group in range(groups):
+        summed = sum(w_o[:, head * head_dim : (head + 1) * head_dim] for head in (2 * group, 2 * group + 1))
+        torch.testing.assert_close(
+            delta_v @ together[group, nope:, nope:] @ delta_v, (summed @ delta_v).square().sum()
+        )
+        torch.testing.assert_close(together[group, :nope, :nope], apart[group, :nope, :nope])
+
+
+def test_the_group_value_metric_converts_exactly_at_full_rank():
+    """GQA with every key and value held (R = C = G·D): the group metric changes no logit."""
+    model = source_model(2)
+    calibration = torch.randint(0, 64, (4, 32))
+    tokens = torch.randint(0, 64, (2, 40))
+    config = full(2, kv_objective="attention", value_metric="group")
+    converted = model_to_mla(model, config, calibration).eval()
+    with torch.no_grad():
+        assert relative_error(converted(tokens), model(tokens)) <= 1e-4
+
+
 def random_layer_and_inputs(n_kv_heads: int, keys: str, seed: int) -> tuple[GQAAttention, Tensor, Tensor]:
     """A GQA layer with weights far from uniform attention, and calibration and held-out inputs `[8, 32,
     48]` from one anisotropic, not centred distribution. `keys` "rope": plain RoPE; "nope": every
@@ -337,7 +369,10 @@ def test_the_attention_objective_loses_less_output_than_activation_pca(n_kv_head
     with its rotation, the latent holds the values; "nope": k_pe holds one slot, the other keys are NoPE
     dims in the latent with the values. The weights are first-order (and ignore how heads' errors
     add up in the output): single layers lose in about 1% of cases (11 of 1,440 in a sweep of these
-    shapes), sums of four never did (worst ratio 0.99 over 360 sums)."""
+    shapes), sums of four never did (worst ratio 0.99 over 360 sums). value_metric "heads", whose
+    derivation assumes independent heads, as these random ones are; the default "group" assumes the
+    heads of a group attend alike, as a trained model's do, and is chosen by measurement there
+    (docs/convert/options.md)."""
     rope_dim = 16 * n_kv_heads if keys == "rope" else 2
     nope = 0 if keys == "rope" else 16
     rank = max(1, int(rank_fraction * min(n_kv_heads * (nope + 16), 48)))
@@ -346,7 +381,11 @@ def test_the_attention_objective_loses_less_output_than_activation_pca(n_kv_head
         layer, calibration, held_out = random_layer_and_inputs(n_kv_heads, keys, 4 * seed + index)
         for kv_objective in errors:
             config = ConversionConfig(
-                kv_lora_rank=rank, qk_rope_head_dim=rope_dim, rope_residual="nope", kv_objective=kv_objective
+                kv_lora_rank=rank,
+                qk_rope_head_dim=rope_dim,
+                rope_residual="nope",
+                kv_objective=kv_objective,
+                value_metric="heads",
             )
             with torch.no_grad():
                 mla = gqa_to_mla(layer, config, calibration)
@@ -452,6 +491,8 @@ def test_bad_requests_are_named():
         ValueError, match="unknown kv_objective 'scores'; choose one of activations, attention"
     ):
         ConversionConfig(kv_lora_rank=8, qk_rope_head_dim=4, kv_objective="scores")
+    with pytest.raises(ValueError, match="unknown value_metric 'all'; choose one of heads, group"):
+        ConversionConfig(kv_lora_rank=8, qk_rope_head_dim=4, value_metric="all")
     for weight in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match=f"key_weight must be positive and finite, got {weight}"):
             ConversionConfig(kv_lora_rank=8, qk_rope_head_dim=4, kv_objective="attention", key_weight=weight)

@@ -37,6 +37,7 @@ OPTIONS = {
     "balance_kv": (False, True),
     "kv_objective": ("activations", "attention"),
     "key_weight": (1.0, 0.25, 4.0),
+    "value_metric": ("group", "heads"),
 }
 
 
@@ -173,15 +174,15 @@ def main() -> None:
 def option_sets(vary: str) -> list[dict]:
     """Every combination of `OPTIONS` ("all"), or the defaults and each option changed alone ("one");
     without the combinations that repeat another: balance_kv is read by the activation objective only,
-    key_weight by the attention objective only (the other keeps its default)."""
+    key_weight and value_metric by the attention objective only (the other keeps its default)."""
     defaults = {field.name: field.default for field in fields(ConversionConfig) if field.name in OPTIONS}
     if vary == "all":
         sets = [dict(zip(OPTIONS, values, strict=True)) for values in itertools.product(*OPTIONS.values())]
     else:
         changed = [{**defaults, name: value} for name, values in OPTIONS.items() for value in values]
         sets = [defaults, *(options for options in changed if options != defaults)]
-    unread = {"activations": "key_weight", "attention": "balance_kv"}
-    return [o for o in sets if o[unread[o["kv_objective"]]] == defaults[unread[o["kv_objective"]]]]
+    unread = {"activations": ("key_weight", "value_metric"), "attention": ("balance_kv",)}
+    return [o for o in sets if all(o[name] == defaults[name] for name in unread[o["kv_objective"]])]
 
 
 def summary(results: dict) -> str:

@@ -710,7 +710,7 @@ def _add_convert(verbs: argparse._SubParsersAction) -> None:
 
     from latentattn.convert import METHODS, ConversionConfig
     from latentattn.convert.checkpoint import DEFAULT_CALIBRATION_TOKENS
-    from latentattn.convert.layer import KV_OBJECTIVES
+    from latentattn.convert.layer import KV_OBJECTIVES, VALUE_METRICS
     from latentattn.convert.rope_split import RESIDUALS, SLOT_RULES
 
     defaults = argparse.Namespace(**{field.name: field.default for field in fields(ConversionConfig)})
@@ -774,6 +774,13 @@ def _add_convert(verbs: argparse._SubParsersAction) -> None:
         metavar="W",
         help="--kv-objective attention: score errors' weight against value errors (default %(default)s)",
     )
+    convert.add_argument(
+        "--value-metric",
+        choices=VALUE_METRICS,
+        default=defaults.value_metric,
+        help="--kv-objective attention: value errors seen by each head apart, or by a group's heads "
+        "together (default %(default)s)",
+    )
     convert.set_defaults(run=_run_convert)
 
 
@@ -793,6 +800,7 @@ def _run_convert(args: argparse.Namespace) -> None:
         balance_kv=args.balance_kv,
         kv_objective=args.kv_objective,
         key_weight=args.key_weight,
+        value_metric=args.value_metric,
     )
     result = convert_checkpoint(
         args.source,

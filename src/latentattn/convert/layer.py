@@ -55,6 +55,8 @@ Method = Literal["svd", "pca", "merge"]
 METHODS: tuple[Method, ...] = ("svd", "pca", "merge")
 KvObjective = Literal["activations", "attention"]
 KV_OBJECTIVES: tuple[KvObjective, ...] = ("activations", "attention")
+ValueMetric = Literal["heads", "group"]
+VALUE_METRICS: tuple[ValueMetric, ...] = ("heads", "group")
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,9 @@ class ConversionConfig:
     (scores weighted by the queries, values by the output projection; see weighting)."""
     key_weight: float = 1.0
     """"attention" only: the score errors' weight against the value errors, times weighting's estimate."""
+    value_metric: ValueMetric = "group"
+    """"attention" only: value errors seen by each head apart ("heads"), or by the heads of a group
+    together ("group": their output projections summed; see weighting)."""
     norm_linearity: float = 1e6
     """kv_norm's eps over the latent's mean power (its linear regime)."""
 
@@ -95,6 +100,10 @@ class ConversionConfig:
         if self.kv_objective not in KV_OBJECTIVES:
             raise ValueError(
                 f"unknown kv_objective {self.kv_objective!r}; choose one of {', '.join(KV_OBJECTIVES)}"
+            )
+        if self.value_metric not in VALUE_METRICS:
+            raise ValueError(
+                f"unknown value_metric {self.value_metric!r}; choose one of {', '.join(VALUE_METRICS)}"
             )
         if not (self.key_weight > 0 and math.isfinite(self.key_weight)):
             raise ValueError(f"key_weight must be positive and finite, got {self.key_weight}")
@@ -232,7 +241,9 @@ def gqa_to_mla(
         if config.kv_objective == "attention":
             score_scale = source.softmax_scale * layer.rope.amplitude**2
             w_o = layer.w_o.weight.double()
-            metric = attention_metric(split.q_nope, w_v, w_o, sigma, score_scale, config.key_weight)
+            metric = attention_metric(
+                split.q_nope, w_v, w_o, sigma, score_scale, config.key_weight, config.value_metric
+            )
         w_up, w_down = factorise_kv(split.k_nope[..., :-1], w_v[..., :-1], sigma[:-1, :-1], config, metric)
 
         # 3. kv_norm in its linear regime.

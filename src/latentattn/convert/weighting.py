@@ -12,6 +12,10 @@ outputs) times what it costs in the logits. Summed over the heads of group g:
     M_K,g = Σ_h λ_h s² E[q_h,nope q_h,nopeᵀ]   (`[N, N]`: keys weighted by the queries that read them)
     M_V,g = Σ_h W_O,hᵀ W_O,h                    (`[D, D]`: values weighted by the output projection)
 
+An error in a shared value moves every head of its group, by p_h,j W_O,h δv_j for head h: M_V,g above
+("heads") is E‖δo‖² when the heads' attention weights are uncorrelated; when they attend alike the
+errors add before the norm, M_V,g = (Σ_h W_O,h)ᵀ (Σ_h W_O,h) ("group", `value_metric`).
+
 and E‖δo‖² ≈ E[δkᵀ M_K δk + δvᵀ M_V δv] up to a factor Σ_j p_j² shared by both. `key_weight` scales M_K
 (1 is the estimate above). Each block is regularised by `ridge` times its mean eigenvalue, so the
 square root is invertible: the factorisation stays exact at full rank.
@@ -41,6 +45,7 @@ def attention_metric(
     second_moment: Tensor,
     score_scale: float,
     key_weight: float = 1.0,
+    value_metric: str = "heads",
     ridge: float = RIDGE,
 ) -> Tensor:
     """The block-diagonal metric `[G, N + D, N + D]` (M_K,g over the NoPE key rows, M_V,g over the
@@ -56,10 +61,15 @@ def attention_metric(
     query_moment = torch.einsum("hnd,de,hme->hnm", q_nope, second_moment, q_nope)  # E[q qᵀ]: [H, N, N]
     key_metric = torch.zeros(groups, nope, nope, dtype=q_nope.dtype, device=q_nope.device)
     key_metric.index_add_(0, group_of, (key_weight * score_scale**2) * spread[:, None, None] * query_moment)
-    value_metric = torch.zeros(groups, head_dim, head_dim, dtype=w_o.dtype, device=w_o.device)
-    value_metric.index_add_(0, group_of, w_o_heads.transpose(1, 2) @ w_o_heads)
+    if value_metric == "group":
+        group_outputs = torch.zeros(groups, *w_o_heads.shape[1:], dtype=w_o.dtype, device=w_o.device)
+        group_outputs.index_add_(0, group_of, w_o_heads)  # Σ_h W_O,h: [G, d, D]
+        values = group_outputs.transpose(1, 2) @ group_outputs
+    else:
+        values = torch.zeros(groups, head_dim, head_dim, dtype=w_o.dtype, device=w_o.device)
+        values.index_add_(0, group_of, w_o_heads.transpose(1, 2) @ w_o_heads)
     metric = torch.zeros(groups, nope + head_dim, nope + head_dim, dtype=q_nope.dtype, device=q_nope.device)
     if nope:
         metric[:, :nope, :nope] = _regularised(key_metric, ridge)
-    metric[:, nope:, nope:] = _regularised(value_metric, ridge)
+    metric[:, nope:, nope:] = _regularised(values, ridge)
     return metric
