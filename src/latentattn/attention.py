@@ -267,10 +267,19 @@ def fused_kernel_serves(q: Tensor, storage: Storage) -> bool:
         rows //= groups
     tensors = [q, *storage.entries.values()]
     return (
-        not torch.compiler.is_compiling()  # a ctypes call dynamo cannot trace: compiled graphs keep torch
-        and q.device.type == "cpu"
-        and q.dtype in (torch.float32, torch.bfloat16, torch.float64)
+        q.dtype in (torch.float32, torch.bfloat16, torch.float64)
         and rows <= FUSED_MAX_ROWS
+        and _cpu_kernels_may_run(tensors)
+    )
+
+
+def _cpu_kernels_may_run(tensors: list[Tensor]) -> bool:
+    """What every CPU kernel needs: not being traced by `torch.compile` (a ctypes call dynamo cannot
+    trace: compiled graphs keep torch), all `tensors` on CPU, no gradient needed through them, and the
+    kernels built here."""
+    return (
+        not torch.compiler.is_compiling()
+        and all(tensor.device.type == "cpu" for tensor in tensors)
         and not (torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors))
         and kernel_status().available
     )
@@ -296,12 +305,9 @@ def head_products_serve(x: Tensor, w: Tensor, kind: str, rows: int) -> bool:
     outside `torch.compile`, with no gradient needed, the kernel built here, and at most
     `PRODUCT_KERNEL_ROWS[kind, dtype]` rows."""
     return (
-        not torch.compiler.is_compiling()
-        and x.device.type == "cpu"
-        and x.dtype == w.dtype
+        x.dtype == w.dtype
         and rows <= PRODUCT_KERNEL_ROWS.get((kind, w.dtype), 0)
-        and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-        and kernel_status().available
+        and _cpu_kernels_may_run([x, w])
     )
 
 
