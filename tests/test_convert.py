@@ -38,6 +38,7 @@ LEGACY = {
     "rope_residual": "drop",
     "balance_kv": False,
     "kv_objective": "activations",
+    "refit": "none",
 }
 """The study's conversion (`study.study_conversion`)."""
 
@@ -119,25 +120,27 @@ def test_every_rope_layout_converts_exactly(rope, rule):
 def test_k_pe_frequencies_repeat_per_kv_head_or_reduce_to_a_theta():
     """The config marks what DeepSeek-V3's format cannot hold: a list of frequencies (here each of the
     source's, once per kv head); the R highest frequencies of one kv head are a theta, as before."""
-    gqa = model_to_mla(source_model(2), full(2, method="svd")).config.attention.rope
+    gqa = model_to_mla(source_model(2), full(2, method="svd", refit="none")).config.attention.rope
     source = rope_inv_freq(HEAD_DIM, 10000.0)
     assert gqa.frequencies == tuple(source.repeat_interleave(2).tolist())
     mqa = model_to_mla(
         source_model(1),
-        ConversionConfig(method="svd", kv_lora_rank=8, qk_rope_head_dim=4, rope_frequencies="highest"),
+        ConversionConfig(
+            method="svd", kv_lora_rank=8, qk_rope_head_dim=4, rope_frequencies="highest", refit="none"
+        ),
     )
     mqa = mqa.config.attention.rope
     assert mqa.frequencies is None and mqa.theta == pytest.approx(10000.0**0.5)
 
 
 def test_a_converted_config_survives_the_checkpoint_json():
-    converted = model_to_mla(source_model(2), full(2, method="svd")).config
+    converted = model_to_mla(source_model(2), full(2, method="svd", refit="none")).config
     converted = replace(converted, attention=replace(converted.attention, bias=True))
     assert model_config_from_dict(json.loads(json.dumps(model_config_to_dict(converted)))) == converted
 
 
 def test_the_hf_mapping_refuses_what_deepseek_v3_cannot_hold():
-    frequency_list = model_to_mla(source_model(2), full(2, method="svd")).config.attention
+    frequency_list = model_to_mla(source_model(2), full(2, method="svd", refit="none")).config.attention
     with pytest.raises(ValueError, match="list of frequencies .* has no HF form"):
         mla_config_to_hf(frequency_list)
     with pytest.raises(ValueError, match="MLA with biases .* has no DeepSeek-V3 form"):
@@ -181,7 +184,7 @@ def test_biases_are_carried_exactly(output_bias, kv_objective):
         layer.w_o = nn.Linear(linear.in_features, linear.out_features, dtype=torch.float64)
         layer.w_o.weight.data.copy_(linear.weight)
     x = torch.randn(2, 24, 48, dtype=torch.float64)
-    calibration = torch.randn(256, 48, dtype=torch.float64)
+    calibration = torch.randn(8, 32, 48, dtype=torch.float64)
     config = ConversionConfig(
         kv_lora_rank=32, qk_rope_head_dim=32, norm_linearity=1e14, kv_objective=kv_objective
     )
@@ -200,7 +203,7 @@ def test_residual_nope_keeps_what_a_slow_rotation_leaves(residual):
         d_model=48, n_heads=4, n_kv_heads=2, head_dim=16, rope=RopeConfig(frequencies=(1e-12,) * 8)
     )
     layer = GQAAttention(source, dtype=torch.float64).eval()
-    calibration = torch.randn(256, 48, dtype=torch.float64)
+    calibration = torch.randn(8, 32, 48, dtype=torch.float64)
     rank = 48 if residual == "nope" else 32  # the full rank of the stacked NoPE keys and values
     config = ConversionConfig(
         kv_lora_rank=rank,
@@ -226,7 +229,7 @@ def test_mqa_converts_exactly_where_no_rope_is_dropped(method, interleave, qk_ro
     positions when the queries ignore the NoPE dims, whose rotation conversion drops (checks RoRoPE and
     the frequency mapping)."""
     layer = source_layer(n_kv_heads=1, interleave=interleave)
-    calibration = torch.randn(256, 48, dtype=torch.float64)
+    calibration = torch.randn(8, 32, 48, dtype=torch.float64)
     full_rank = min(2 * 16 - qk_rope_head_dim, 48)
     config = ConversionConfig(
         method=method,
@@ -386,6 +389,7 @@ def test_the_attention_objective_loses_less_output_than_activation_pca(n_kv_head
                 rope_residual="nope",
                 kv_objective=kv_objective,
                 value_metric="heads",
+                refit="none",
             )
             with torch.no_grad():
                 mla = gqa_to_mla(layer, config, calibration)
@@ -480,7 +484,9 @@ def test_bad_requests_are_named():
         gqa_to_mla(layer, ConversionConfig(method="svd", kv_lora_rank=8, qk_rope_head_dim=34))
     with pytest.raises(ValueError, match=r"kv_lora_rank must be at most 48"):
         gqa_to_mla(layer, ConversionConfig(method="svd", kv_lora_rank=49, qk_rope_head_dim=4))
-    highest = ConversionConfig(method="svd", kv_lora_rank=41, qk_rope_head_dim=12, rope_frequencies="highest")
+    highest = ConversionConfig(
+        method="svd", kv_lora_rank=41, qk_rope_head_dim=12, rope_frequencies="highest", rope_residual="drop"
+    )
     with pytest.raises(ValueError, match=r"kv_lora_rank must be at most 40, .* \(2 kv heads x \(4 \+ 16\)"):
         gqa_to_mla(layer, highest)
     with pytest.raises(ValueError, match=r"calibration inputs must have width d_model=48, got 47"):

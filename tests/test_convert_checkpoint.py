@@ -152,11 +152,11 @@ def test_cli_converts_and_the_result_generates(tmp_path, tokenizer, corpus_file,
     source = save_run(tmp_path / "run", tokenizer)
     out = tmp_path / "mla"
     options = ["--kv-lora-rank", "16", "--rope-dim", "8", "--calibration-file", str(corpus_file)]
-    options += ["--kv-objective", "attention", "--key-weight", "2"]
+    options += ["--kv-objective", "attention", "--key-weight", "2", "--refit", "none"]
     result = run_cli(str(source), "--out", str(out), "--to", "mla", *options, "--calibration-tokens", "256")
     assert result.returncode == 0, result.stderr
     record = json.loads((out / "config.json").read_text())["conversion"]
-    assert (record["kv_objective"], record["key_weight"]) == ("attention", 2.0)
+    assert (record["kv_objective"], record["key_weight"], record["refit"]) == ("attention", 2.0, "none")
     assert result.stdout.splitlines() == [
         f"calibration: 256 tokens (4 windows of 64) from {corpus_file}",
         "KV cache per token (2 layers, bf16): 256 -> 96 bytes (64 -> 24 values per layer, 2.67x smaller)",
@@ -188,7 +188,7 @@ def test_cli_errors_are_one_line_and_write_nothing(tmp_path, tokenizer, capsys):
         result.stderr == f"latentattn convert: error: calibration file '{tmp_path / 'empty.txt'}' is empty\n"
     )
     for args, message in [
-        (["--kv-lora-rank", "80", "--rope-dim", "4"], "kv_lora_rank must be at most 60, the rank of"),
+        (["--kv-lora-rank", "80", "--rope-dim", "4"], "kv_lora_rank must be at most 64, the rank of"),
         (["--kv-lora-rank", "8", "--rope-dim", "5"], "qk_rope_head_dim must be even and positive, got 5"),
         (
             ["--kv-lora-rank", "8", "--rope-dim", "34"],

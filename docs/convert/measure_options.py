@@ -38,6 +38,7 @@ OPTIONS = {
     "kv_objective": ("activations", "attention"),
     "key_weight": (1.0, 0.25, 4.0),
     "value_metric": ("group", "heads"),
+    "refit": ("attention", "none"),
 }
 
 
@@ -123,7 +124,7 @@ def main() -> None:
                 kv_lora_rank=cache - qk_rope_head_dim, qk_rope_head_dim=qk_rope_head_dim, **options
             )
             try:
-                converted = model_to_mla(model, config, moments).eval()
+                converted = model_to_mla(model, config, tokens, moments=moments).eval()
             except ValueError as error:
                 print(f"skip C {cache - qk_rope_head_dim} R {qk_rope_head_dim} {options}: {error}")
                 continue
@@ -140,10 +141,10 @@ def main() -> None:
     results["defaults"] = chosen
     results["calibration_sweep"] = []
     for count in args.calibration_sweep:
-        swept = layer_input_moments(
-            model,
-            calibration_windows(loaded.tokenizer, n_tokens=count, window=min(CALIBRATION_WINDOW, context)),
+        swept_tokens = calibration_windows(
+            loaded.tokenizer, n_tokens=count, window=min(CALIBRATION_WINDOW, context)
         )
+        swept = layer_input_moments(model, swept_tokens)
         for cache in args.caches:
             rows_at = [
                 r
@@ -161,7 +162,7 @@ def main() -> None:
                     "calibration_tokens": count,
                     "cache_width": cache,
                     "qk_rope_head_dim": qk_rope_head_dim,
-                    **measure(model_to_mla(model, config, swept)),
+                    **measure(model_to_mla(model, config, swept_tokens, moments=swept)),
                 }
             )
         print(f"calibration {count}: {time.perf_counter() - started:.0f} s", flush=True)
@@ -174,15 +175,23 @@ def main() -> None:
 def option_sets(vary: str) -> list[dict]:
     """Every combination of `OPTIONS` ("all"), or the defaults and each option changed alone ("one");
     without the combinations that repeat another: balance_kv is read by the activation objective only,
-    key_weight and value_metric by the attention objective only (the other keeps its default)."""
+    key_weight and value_metric by the attention objective or the refit only (the other keeps its
+    default)."""
     defaults = {field.name: field.default for field in fields(ConversionConfig) if field.name in OPTIONS}
     if vary == "all":
         sets = [dict(zip(OPTIONS, values, strict=True)) for values in itertools.product(*OPTIONS.values())]
     else:
         changed = [{**defaults, name: value} for name, values in OPTIONS.items() for value in values]
         sets = [defaults, *(options for options in changed if options != defaults)]
-    unread = {"activations": ("key_weight", "value_metric"), "attention": ("balance_kv",)}
-    return [o for o in sets if all(o[name] == defaults[name] for name in unread[o["kv_objective"]])]
+
+    def repeats_another(options: dict) -> bool:
+        """Whether an option the conversion does not read is set away from its default."""
+        unread = {"balance_kv"} if options["kv_objective"] == "attention" else set()
+        if options["kv_objective"] == "activations" and options["refit"] == "none":
+            unread |= {"key_weight", "value_metric"}
+        return any(options[name] != defaults[name] for name in unread)
+
+    return [o for o in sets if not repeats_another(o)]
 
 
 def summary(results: dict) -> str:

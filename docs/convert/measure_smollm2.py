@@ -74,8 +74,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True, help="imported, converted and healed models")
     parser.add_argument("--out", type=Path, required=True, help="results.json, report.md, the plot")
-    parser.add_argument("--caches", type=int, nargs="+", default=[320, 192, 128, 64])
-    parser.add_argument("--rope-dims", type=int, nargs="+", default=[32, 64, 128, 160, 192])
+    parser.add_argument("--caches", type=int, nargs="+", default=[320, 216, 192, 128, 64])
+    parser.add_argument("--rope-dims", type=int, nargs="+", default=[32, 64, 96, 128, 160, 192])
     parser.add_argument("--calibration-tokens", type=int, default=4096)
     parser.add_argument("--eval-windows", type=int, default=2, help="windows of 512 tokens per text")
     parser.add_argument("--heal-methods", nargs="*", default=["pca"], help="conversions to heal")
@@ -158,7 +158,8 @@ class Measurement:
         rows = []
         for cache in args.caches:
             rope_dim = self.part(
-                f"rope_dim/{cache}", lambda cache=cache: self.best_rope_dim(source, moments, selection, cache)
+                f"rope_dim/{cache}",
+                lambda cache=cache: self.best_rope_dim(source, calibration, moments, selection, cache),
             )
             for method in ("svd", "pca"):
                 key = f"mla/{method}/{cache}"
@@ -214,16 +215,22 @@ class Measurement:
         return self.journal["seconds"]
 
     def best_rope_dim(
-        self, source: Any, moments: Callable[[], list], selection: torch.Tensor, cache: int
+        self,
+        source: Any,
+        calibration: torch.Tensor,
+        moments: Callable[[], list],
+        selection: torch.Tensor,
+        cache: int,
     ) -> int:
-        """The R of `--rope-dims` whose pca conversion at `cache` loses least on `selection`."""
+        """The R of `--rope-dims` whose pca conversion at `cache` loses least on `selection` (without the
+        refit, which would take a minute per R)."""
         losses = {}
         for rope_dim in self.args.rope_dims:
             if rope_dim >= cache:
                 continue
-            config = ConversionConfig(kv_lora_rank=cache - rope_dim, qk_rope_head_dim=rope_dim)
+            config = ConversionConfig(kv_lora_rank=cache - rope_dim, qk_rope_head_dim=rope_dim, refit="none")
             try:
-                converted = model_to_mla(source.model, config, moments()).eval()
+                converted = model_to_mla(source.model, config, calibration, moments=moments()).eval()
             except ValueError as error:
                 self.say(f"cache {cache}, R {rope_dim}: {error}")
                 continue
@@ -476,8 +483,10 @@ def report(results: dict[str, Any]) -> str:
         "healing use its training split), and **english**, CPython's `pydoc_data.topics` (the Language "
         "Reference text `help()` shows; not in the built-in corpus). Calibration: "
         f"{settings['calibration_tokens']:,} tokens of the training split. R (the shared RoPE key) is "
-        f"chosen per cache size among {settings['rope_dims']} by the loss of the pca conversion on one "
-        "calibration window; svd uses the same R. Healing: `latentattn heal`'s run (distillation from the "
+        f"chosen per cache size among {settings['rope_dims']} by the loss of the pca conversion (without "
+        "the refit) on one calibration window; svd uses the same R. Both convert with `latentattn "
+        "convert`'s defaults otherwise (the attention objective and refit). Healing: `latentattn heal`'s "
+        "run (distillation from the "
         f"source, KL at τ 1), {settings['heal_steps']} steps of {settings['heal_batch']} window of "
         f"{settings['heal_context']} tokens ({settings['heal_train']} parameters, "
         f"lr {settings['heal_lr']:g}), "

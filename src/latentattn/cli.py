@@ -710,7 +710,7 @@ def _add_convert(verbs: argparse._SubParsersAction) -> None:
 
     from latentattn.convert import METHODS, ConversionConfig
     from latentattn.convert.checkpoint import DEFAULT_CALIBRATION_TOKENS
-    from latentattn.convert.layer import KV_OBJECTIVES, VALUE_METRICS
+    from latentattn.convert.layer import KV_OBJECTIVES, REFITS, VALUE_METRICS
     from latentattn.convert.rope_split import RESIDUALS, SLOT_RULES
 
     defaults = argparse.Namespace(**{field.name: field.default for field in fields(ConversionConfig)})
@@ -781,6 +781,13 @@ def _add_convert(verbs: argparse._SubParsersAction) -> None:
         help="--kv-objective attention: value errors seen by each head apart, or by a group's heads "
         "together (default %(default)s)",
     )
+    convert.add_argument(
+        "--refit",
+        choices=REFITS,
+        default=defaults.refit,
+        help="svd/pca: fit the latent and each head's up-projections to the source's attention on the "
+        "calibration windows, or keep the factorisation's (default %(default)s)",
+    )
     convert.set_defaults(run=_run_convert)
 
 
@@ -801,6 +808,7 @@ def _run_convert(args: argparse.Namespace) -> None:
         kv_objective=args.kv_objective,
         key_weight=args.key_weight,
         value_metric=args.value_metric,
+        refit=args.refit,
     )
     result = convert_checkpoint(
         args.source,

@@ -638,7 +638,7 @@ def _convert(config: StudyConfig, corpus: Corpus, run: dict[str, Any], method: M
 
 def study_conversion(method: Method, target: Variant) -> ConversionConfig:
     """The study's conversion, as first published: the highest frequencies' main RoRoPE components in
-    k_pe, the rest of those frequencies dropped, the K/V activations factorised unbalanced."""
+    k_pe, the rest of those frequencies dropped, the K/V activations factorised unbalanced, no refit."""
     return ConversionConfig(
         method=method,
         kv_lora_rank=target.kv_lora_rank,
@@ -647,6 +647,7 @@ def study_conversion(method: Method, target: Variant) -> ConversionConfig:
         rope_residual="drop",
         balance_kv=False,
         kv_objective="activations",
+        refit="none",
     )
 
 

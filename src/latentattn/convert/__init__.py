@@ -4,6 +4,9 @@ kv-head merging baseline.
     layer.py        one attention layer → MLA: shared RoPE key, joint low-rank K/V, scales, biases
     rope_split.py   which key dims keep RoPE in the shared k_pe (RoRoPE), which lose it
     moments.py      second moments of a layer's inputs, accumulated in chunks
+    weighting.py    the attention objective's metric: what K/V errors cost the attention output
+    attention_moments.py  what the source's attention does with its inputs on calibration
+    refit.py        the latent and each head's up-projections fitted to that attention
     model.py        whole models, calibrated block by block with bounded memory
     merge.py        the baseline: fewer kv heads by averaging
     calibration.py  calibration tokens from a text file or the built-in corpus
@@ -15,6 +18,7 @@ from a llama3/YaRN source), `attention.norm_eps` far above 1e-6 (kv_norm in its 
 healed), `attention.bias` (the source's q/k/v biases), `attention.qk_nope_head_dim == 0`.
 """
 
+from latentattn.convert.attention_moments import AttentionMoments
 from latentattn.convert.checkpoint import ConversionResult, convert_checkpoint, convert_model
 from latentattn.convert.layer import METHODS, ConversionConfig, Method, gqa_to_mla
 from latentattn.convert.merge import merge_kv_heads
@@ -23,6 +27,7 @@ from latentattn.convert.moments import Moments
 
 __all__ = [
     "METHODS",
+    "AttentionMoments",
     "ConversionConfig",
     "ConversionResult",
     "Method",

@@ -61,14 +61,15 @@ def cache_bytes_per_token(config: ModelConfig, dtype: torch.dtype = torch.bfloat
 def convert_model(
     model: LanguageModel,
     config: ConversionConfig,
-    calibration: Tensor | list[Moments] | None = None,
+    calibration: Tensor | None = None,
     *,
+    moments: list[Moments] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> LanguageModel:
     """`model` converted by `config.method`: MLA by "svd"/"pca" (`model_to_mla`), GQA by "merge"."""
     if config.method == "merge":
         return merge_kv_heads(model, config.kv_heads)
-    return model_to_mla(model, config, calibration, progress=progress)
+    return model_to_mla(model, config, calibration, moments=moments, progress=progress)
 
 
 def _copy_extra_files(source: Path, directory: Path) -> None:
@@ -92,8 +93,8 @@ def convert_checkpoint(
     """Convert the checkpoint `source` (a run or checkpoint directory) into the checkpoint directory
     `out` (new or empty; `force` replaces a non-empty one). "svd"/"pca" calibrate on up to
     `calibration_tokens` tokens of `calibration_file` (default: the built-in corpus) in the
-    checkpoint's own tokenizer, or take the source's `layer_input_moments` on those tokens, computed
-    once to convert one model several ways."""
+    checkpoint's own tokenizer; `moments`: the source's `layer_input_moments` on those tokens, if
+    computed once to convert one model several ways."""
     check_output_dir(out, force=force, keep=Path(source))
     loaded = load_checkpoint(source)
     require_unconverted(loaded.model)
@@ -101,13 +102,12 @@ def convert_checkpoint(
     if config.method != "merge":
         check_sizes(loaded.model, config)
         window = min(CALIBRATION_WINDOW, loaded.config.max_seq_len)
-        if moments is None:
-            tokens = calibration_windows(
-                loaded.tokenizer, n_tokens=calibration_tokens, window=window, file=calibration_file
-            )
-    converted = convert_model(loaded.model, config, tokens if moments is None else moments, progress=progress)
+        tokens = calibration_windows(
+            loaded.tokenizer, n_tokens=calibration_tokens, window=window, file=calibration_file
+        )
+    converted = convert_model(loaded.model, config, tokens, moments=moments, progress=progress)
 
-    calibrated = 0 if config.method == "merge" else calibration_tokens if tokens is None else tokens.numel()
+    calibrated = 0 if tokens is None else tokens.numel()
     metadata = {key: value for key, value in read_metadata(loaded.directory).items() if key != "model"}
     metadata["conversion"] = {
         "source": str(loaded.directory.resolve()),

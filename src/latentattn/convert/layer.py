@@ -19,7 +19,9 @@ column the bias) and in fp64.
    RMSNorm(c) ≈ c up to a relative 1 / (2 · norm_linearity); fine-tuning then starts from there.
 4. Scores: the source's softmax scale and RoPE amplitude (YaRN) are folded into W_Q, since MLA's scale
    is (N + R)^-½ and its k_pe rotation has amplitude 1.
-5. Biases (Qwen2's q/k/v): the query bias stays on w_q; the k_pe part of the key bias goes to w_dkv;
+5. `refit="attention"` (see refit): W_DKV, each head's W_UK and W_UV, and W_O fitted to the source's
+   attention on the calibration windows.
+6. Biases (Qwen2's q/k/v): the query bias stays on w_q; the k_pe part of the key bias goes to w_dkv;
    the NoPE part of the key bias is dropped (it adds the same score to every key of a query, which
    softmax ignores); the value bias moves to w_o's bias (softmax weights sum to 1): exact.
 """
@@ -35,7 +37,9 @@ from torch import Tensor
 
 from latentattn.attention import MLA, GQAAttention
 from latentattn.config import GQAConfig, MLAConfig, RopeConfig
+from latentattn.convert.attention_moments import AttentionMoments
 from latentattn.convert.moments import Moments, augmented
+from latentattn.convert.refit import fit_output_projection, fit_to_attention
 from latentattn.convert.rope_split import (
     RESIDUALS,
     SLOT_RULES,
@@ -57,6 +61,8 @@ KvObjective = Literal["activations", "attention"]
 KV_OBJECTIVES: tuple[KvObjective, ...] = ("activations", "attention")
 ValueMetric = Literal["heads", "group"]
 VALUE_METRICS: tuple[ValueMetric, ...] = ("heads", "group")
+Refit = Literal["none", "attention"]
+REFITS: tuple[Refit, ...] = ("none", "attention")
 
 
 @dataclass(frozen=True)
@@ -71,7 +77,7 @@ class ConversionConfig:
     kv_heads: int | None = None
     rope_frequencies: SlotRule = "score"
     """Which rotated key slots keep RoPE: "highest" frequency first, or by "score" (see rope_split)."""
-    rope_residual: Residual = "drop"
+    rope_residual: Residual = "nope"
     """What becomes of a kept frequency's components outside k_pe: "drop", or "nope" dims."""
     balance_kv: bool = True
     """Scale the NoPE keys to the values' RMS before the joint factorisation ("activations" only)."""
@@ -83,6 +89,11 @@ class ConversionConfig:
     value_metric: ValueMetric = "group"
     """"attention" only: value errors seen by each head apart ("heads"), or by the heads of a group
     together ("group": their output projections summed; see weighting)."""
+    refit: Refit = "attention"
+    """svd/pca: fit the layer to what the source's attention does on the calibration windows
+    ("attention", see refit: W_DKV refined from the factorisation's, each query head's W_UK and W_UV,
+    then W_O by least squares against the source's output), or keep the factorisation's weights and
+    the source's W_O ("none")."""
     norm_linearity: float = 1e6
     """kv_norm's eps over the latent's mean power (its linear regime)."""
 
@@ -105,6 +116,8 @@ class ConversionConfig:
             raise ValueError(
                 f"unknown value_metric {self.value_metric!r}; choose one of {', '.join(VALUE_METRICS)}"
             )
+        if self.refit not in REFITS:
+            raise ValueError(f"unknown refit {self.refit!r}; choose one of {', '.join(REFITS)}")
         if not (self.key_weight > 0 and math.isfinite(self.key_weight)):
             raise ValueError(f"key_weight must be positive and finite, got {self.key_weight}")
         if self.norm_linearity <= 0:
@@ -209,13 +222,15 @@ def gqa_to_mla(
     calibration: Tensor | Moments | None = None,
     *,
     slots: list[Slot] | None = None,
+    windows: list[Tensor] | None = None,
 ) -> MLA:
     """An `MLA` layer approximating `layer` (exactly when R = G·D and C = G·D).
 
     `calibration`: the inputs the layer sees (`[..., d]`, or their `Moments`), required for "pca"; it
     also sets the RoRoPE bases, the K/V balance and kv_norm's scale (without it, unit-variance inputs
-    are assumed). `slots` imposes k_pe's slots (a model converts all layers alike); default: the
-    layer's own by `config.rope_frequencies`.
+    are assumed). `refit="attention"` also needs them as windows, sequences the layer attends over:
+    `windows` (`[b, T, d]` each), by default `calibration` if it is `[B, T, d]`. `slots` imposes k_pe's
+    slots (a model converts all layers alike); default: the layer's own by `config.rope_frequencies`.
     """
     source = layer.config
     heads, groups, head_dim, d_model = source.n_heads, source.n_kv_heads, source.head_dim, source.d_model
@@ -234,17 +249,33 @@ def gqa_to_mla(
             )
         nope = len(nope_dims(slots, head_dim, groups, config.rope_residual, source.rope.interleave))
         check_widths(config, source, nope)
+        windows = _refit_windows(config, calibration, windows)
+        attention = None if windows is None else AttentionMoments.of(layer, windows)
         split = split_rope(keys, w_q, w_k, slots, config.rope_residual, source.rope.interleave)
 
         # 2. Joint low-rank NoPE keys and values (their biases: see the module docstring).
         metric = None
+        score_scale = source.softmax_scale * layer.rope.amplitude**2
+        w_o = layer.w_o.weight.double()
         if config.kv_objective == "attention":
-            score_scale = source.softmax_scale * layer.rope.amplitude**2
-            w_o = layer.w_o.weight.double()
             metric = attention_metric(
                 split.q_nope, w_v, w_o, sigma, score_scale, config.key_weight, config.value_metric
             )
         w_up, w_down = factorise_kv(split.k_nope[..., :-1], w_v[..., :-1], sigma[:-1, :-1], config, metric)
+        group_of = torch.arange(heads, device=w_up.device) // (heads // groups)
+        w_up = w_up[group_of]  # each query head's [W_UK; W_UV]: [H, N + D, C]
+        if attention is not None:
+            w_up, w_down = fit_to_attention(
+                w_down,
+                split.k_nope[..., :-1],
+                split.q_nope,
+                w_v[..., :-1],
+                w_o,
+                attention,
+                score_scale,
+                config.key_weight,
+                config.value_metric,
+            )
 
         # 3. kv_norm in its linear regime.
         latent_power = (
@@ -268,7 +299,26 @@ def gqa_to_mla(
         weight = layer.w_q.weight
         mla = MLA(mla_config, device=weight.device, dtype=weight.dtype)
         _set_weights(mla, layer, split, w_up, w_down, w_v)
+    if windows is not None:
+        fit_output_projection(mla, layer, windows)
     return mla
+
+
+def _refit_windows(
+    config: ConversionConfig, calibration: Tensor | Moments | None, windows: list[Tensor] | None
+) -> list[Tensor] | None:
+    """The calibration windows `refit="attention"` fits to: `windows`, else `calibration` if it is
+    `[B, T, d]`; None for `refit="none"`."""
+    if config.refit == "none":
+        return None
+    if windows is not None:
+        return windows
+    if isinstance(calibration, Tensor) and calibration.dim() == 3:
+        return [calibration]
+    raise ValueError(
+        "refit 'attention' needs calibration windows [batch, tokens, d_model] to see the source's "
+        "attention; pass refit='none' to keep the factorisation's projections"
+    )
 
 
 def _input_moments(config: ConversionConfig, calibration: Tensor | Moments | None, d_model: int) -> Moments:
@@ -288,7 +338,7 @@ def _input_moments(config: ConversionConfig, calibration: Tensor | Moments | Non
 def _set_weights(
     mla: MLA, layer: GQAAttention, split: RopeSplit, w_up: Tensor, w_down: Tensor, w_v: Tensor
 ) -> None:
-    """Steps 4-5 of `gqa_to_mla`: queries carrying the source's score scale, the factorised K/V, kv_norm
+    """Steps 4 and 6 of `gqa_to_mla`: queries carrying the source's score scale, the factorised K/V, kv_norm
     at its linear regime's scale, the output projection; biases as the module docstring describes.
     `w_v`: the source's augmented `[G, D, d + 1]`."""
     source, c = layer.config, mla.config
@@ -300,7 +350,7 @@ def _set_weights(
     mla.w_q.weight.copy_(w_q_mla[:, :-1])
     mla.w_dkv.weight.copy_(torch.cat([w_down, split.k_pe[:, :-1]]))
     mla.kv_norm.weight.fill_(math.sqrt(c.norm_eps))
-    mla.w_ukv.weight.copy_(w_up[group_of].reshape(-1, c.kv_lora_rank))
+    mla.w_ukv.weight.copy_(w_up.reshape(-1, c.kv_lora_rank))
     mla.w_o.weight.copy_(w_o)
     if c.bias:
         mla.w_q.bias.copy_(w_q_mla[:, -1])

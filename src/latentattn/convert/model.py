@@ -3,7 +3,8 @@
 Calibration runs the source model one block at a time over all calibration windows, keeping only the
 current hidden states (`[n, d]` for n calibration tokens) and each layer's input moments
 (`[d + 1, d + 1]`), never every layer's activations. Every layer is calibrated on the unconverted
-model's hidden states.
+model's hidden states. `refit="attention"` then runs the source block by block once more, converting
+each block as it goes from its `AttentionMoments` (one layer's in memory at a time).
 
 `ModelConfig` holds one attention config for all layers, so all layers share k_pe's slots (hence its
 frequencies and N; "score" ranks slots by their scores summed over the layers, each layer's scores
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 import torch
@@ -26,7 +27,7 @@ from latentattn.config import AttentionConfig, MLAConfig
 from latentattn.convert.layer import ConversionConfig, check_widths, gqa_to_mla
 from latentattn.convert.moments import Moments, augmented
 from latentattn.convert.rope_split import RotaryKeys, Slot, choose_slots, largest_nope_width, nope_dims
-from latentattn.model import LanguageModel
+from latentattn.model import Block, LanguageModel
 
 CALIBRATION_BATCH_TOKENS = 4096
 """Tokens per forward pass of a block during calibration."""
@@ -55,24 +56,34 @@ def check_sizes(model: LanguageModel, config: ConversionConfig) -> None:
     check_widths(config, source, nope)
 
 
-@torch.no_grad()
-def layer_input_moments(
-    model: LanguageModel, tokens: Tensor, *, progress: Callable[[str], None] | None = None
-) -> list[Moments]:
-    """The moments of what each block's attention sees (its post-norm hidden states) on `tokens: [B, T]`,
-    computed block by block."""
+def _attention_inputs(model: LanguageModel, tokens: Tensor) -> Iterator[tuple[Block, list[Tensor]]]:
+    """Each block with what its attention sees on `tokens: [B, T]` (its post-norm hidden states, in
+    batches of windows `[b, T, d]`), block by block."""
     if tokens.dim() != 2 or tokens.numel() == 0:
         raise ValueError(
             f"calibration tokens must be a non-empty [batch, tokens] tensor, got {tuple(tokens.shape)}"
         )
     batch = max(1, CALIBRATION_BATCH_TOKENS // tokens.shape[1])
-    hidden = [model.embed(chunk.to(model.embed.weight.device)) for chunk in tokens.split(batch)]  # [b, T, d]
+    with torch.no_grad():
+        hidden = [model.embed(chunk.to(model.embed.weight.device)) for chunk in tokens.split(batch)]
+    for block in model.blocks:
+        with torch.no_grad():
+            inputs = [block.attn_norm(states) for states in hidden]
+        yield block, inputs
+        with torch.no_grad():
+            hidden = [block(states, None, None, "auto") for states in hidden]
+
+
+def layer_input_moments(
+    model: LanguageModel, tokens: Tensor, *, progress: Callable[[str], None] | None = None
+) -> list[Moments]:
+    """The moments of what each block's attention sees (its post-norm hidden states) on `tokens: [B, T]`,
+    computed block by block."""
     result = []
-    for index, block in enumerate(model.blocks):
+    for index, (_, inputs) in enumerate(_attention_inputs(model, tokens)):
         moments = Moments.zeros(model.config.d_model, model.embed.weight.device)
-        for i, states in enumerate(hidden):
-            moments.add(block.attn_norm(states))
-            hidden[i] = block(states, None, None, "auto")
+        for x in inputs:
+            moments.add(x)
         result.append(moments)
         if progress:
             progress(f"calibrated layer {index + 1}/{len(model.blocks)}")
@@ -109,30 +120,36 @@ def assemble(model: LanguageModel, layers: list[nn.Module], attention: Attention
 def model_to_mla(
     model: LanguageModel,
     config: ConversionConfig,
-    calibration: Tensor | list[Moments] | None = None,
+    calibration: Tensor | None = None,
     *,
+    moments: list[Moments] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> LanguageModel:
     """`model` (MHA/GQA/MQA) with every block's attention converted by `gqa_to_mla` from the block's
-    inputs on the calibration tokens `[B, T]` (required for "pca"), or from their `layer_input_moments`
-    (to calibrate once and convert several ways); all other weights are copied."""
+    inputs on the calibration tokens `[B, T]` (required for "pca" and `refit="attention"`); `moments`:
+    their `layer_input_moments` if already computed (to calibrate once and convert several ways). All
+    other weights are copied."""
     check_sizes(model, config)
-    if config.method == "pca" and calibration is None:
-        raise ValueError("method 'pca' needs calibration tokens [batch, tokens]")
-    if calibration is None:
-        moments = [Moments.isotropic(model.config.d_model) for _ in model.blocks]
-    elif isinstance(calibration, Tensor):
-        moments = layer_input_moments(model, calibration, progress=progress)
-    elif len(calibration) == len(model.blocks):
-        moments = calibration
-    else:
+    if calibration is None and (config.method == "pca" or config.refit == "attention"):
         raise ValueError(
-            f"calibration moments for {len(calibration)} layers, the model has {len(model.blocks)}"
+            f"method {config.method!r} with refit {config.refit!r} needs calibration tokens [batch, tokens]"
         )
+    if moments is None:
+        if calibration is None:
+            moments = [Moments.isotropic(model.config.d_model) for _ in model.blocks]
+        else:
+            moments = layer_input_moments(model, calibration, progress=progress)
+    elif len(moments) != len(model.blocks):
+        raise ValueError(f"calibration moments for {len(moments)} layers, the model has {len(model.blocks)}")
     slots = shared_slots(model, config, moments)
+    windows: Iterator[list[Tensor] | None] = iter([None] * len(moments))
+    if config.refit == "attention":
+        windows = (inputs for _, inputs in _attention_inputs(model, calibration))
     layers = []
-    for index, (block, layer_moments) in enumerate(zip(model.blocks, moments, strict=True)):
-        layers.append(gqa_to_mla(block.attn, config, layer_moments, slots=slots))
+    for index, (block, layer_moments, layer_windows) in enumerate(
+        zip(model.blocks, moments, windows, strict=True)
+    ):
+        layers.append(gqa_to_mla(block.attn, config, layer_moments, slots=slots, windows=layer_windows))
         if progress:
             progress(f"converted layer {index + 1}/{len(model.blocks)}")
     shared = replace(layers[0].config, norm_eps=max(layer.config.norm_eps for layer in layers))

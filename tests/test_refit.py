@@ -1,0 +1,214 @@
+"""The attention refit of conversion (`refit="attention"`): the source's attention moments, the fitted
+latent and up-projections.
+
+Oracles: the source layer's own outputs (the attended moments must reproduce what its heads return), a
+direct double loop over queries and keys (the key weights), least squares on explicit data (the
+up-projections), the objective's value before and after refining, and the source layer itself (full
+rank is exact; at low rank the refit loses less of the layer's output than the factorisation alone).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import replace
+
+import pytest
+import torch
+
+from latentattn import GQAAttention, GQAConfig, RopeConfig
+from latentattn.convert import AttentionMoments, ConversionConfig, gqa_to_mla, model_to_mla
+from latentattn.convert import refit as refit_module
+from latentattn.convert.refit import (
+    GroupTerms,
+    fit_output_projection,
+    fit_up_projections,
+    refine_down_projection,
+)
+from latentattn.metrics import relative_error
+from latentattn.model import LanguageModel, ModelConfig
+from latentattn.rope import RotaryEmbedding
+
+
+def peaked_layer(n_kv_heads: int = 2, seed: int = 0, bias: bool = False) -> GQAAttention:
+    """A fp64 layer whose attention is far from uniform (weights larger than the default init)."""
+    torch.manual_seed(seed)
+    config = GQAConfig(d_model=48, n_heads=4, n_kv_heads=n_kv_heads, head_dim=16, qkv_bias=bias)
+    layer = GQAAttention(config, dtype=torch.float64).eval()
+    for weight in (layer.w_q.weight, layer.w_k.weight):
+        weight.data.mul_(3)
+    return layer
+
+
+def windows(batch: int = 4, tokens: int = 24, seed: int = 1) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return torch.randn(batch, tokens, 48, dtype=torch.float64)
+
+
+def test_attended_moments_reproduce_what_each_head_returns():
+    """Head h returns W̃_V,g x̄_i, so Σ_i o_i o_iᵀ = W̃_V,g (Σ_i x̄_i x̄_iᵀ) W̃_V,gᵀ."""
+    layer, x = peaked_layer(bias=True), windows()
+    seen = []
+    layer.w_o.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    with torch.no_grad():
+        layer(x)
+    heads = seen[0].reshape(-1, 4, 16)  # [B·T, H, D]
+    moments = AttentionMoments.of(layer, [x])
+    w_v = torch.cat([layer.w_v.weight, layer.w_v.bias[:, None]], dim=1).view(2, 16, 49)
+    for head in range(4):
+        expected = heads[:, head].T @ heads[:, head]
+        got = w_v[head // 2] @ moments.attended[head] @ w_v[head // 2].T
+        assert relative_error(got, expected) <= 1e-10
+    assert moments.count == 4 * 24
+
+
+def test_key_weights_equal_a_direct_double_loop():
+    """w_ij = p_ij² ‖u_j − ū_i‖² summed into the keys' and the queries' moments, query by query."""
+    layer, x = peaked_layer(), windows(batch=1, tokens=6)
+    moments = AttentionMoments.of(layer, [x])
+    c = layer.config
+    positions = torch.arange(6)[None]
+    with torch.no_grad():
+        q = layer.rope(layer.w_q(x).view(1, 6, 4, 16), positions)[0]
+        k = layer.rope(layer.w_k(x).view(1, 6, 2, 16), positions)[0]
+        v = layer.w_v(x).view(6, 2, 16)
+    x_aug = torch.cat([x[0], torch.ones(6, 1, dtype=torch.float64)], dim=1)
+    for head in range(4):
+        group = head // 2
+        w_o = layer.w_o.weight.detach()[:, head * 16 : (head + 1) * 16]
+        keys = torch.zeros(49, 49, dtype=torch.float64)
+        queries, total = torch.zeros_like(keys), 0.0
+        for i in range(6):
+            scores = [float(q[i, head] @ k[j, group]) * c.softmax_scale for j in range(i + 1)]
+            top = max(scores)
+            p = [math.exp(s - top) for s in scores]
+            p = [value / sum(p) for value in p]
+            u = [w_o @ v[j, group] for j in range(i + 1)]
+            u_bar = sum(pj * uj for pj, uj in zip(p, u, strict=True))
+            for j in range(i + 1):
+                w = p[j] ** 2 * (u[j] - u_bar).square().sum().item()
+                keys += w * torch.outer(x_aug[j], x_aug[j])
+                queries += w * torch.outer(x_aug[i], x_aug[i])
+                total += w
+        assert relative_error(moments.keys[head], keys) <= 1e-10
+        assert relative_error(moments.queries[head], queries) <= 1e-10
+        assert moments.key_weight[head].item() == pytest.approx(total, rel=1e-10)
+
+
+def test_up_projections_are_least_squares_fits_on_the_data():
+    """With S = Xᵀ X / n, Y S Wᵀ (W S Wᵀ)⁻¹ is the least-squares map from the latents X Wᵀ to X Yᵀ."""
+    torch.manual_seed(0)
+    data = torch.randn(3, 200, 10, dtype=torch.float64)  # [H, n, d]
+    w_down, target = torch.randn(4, 10, dtype=torch.float64), torch.randn(3, 5, 10, dtype=torch.float64)
+    moments = data.mT @ data / 200
+    fitted = fit_up_projections(w_down, [target], [moments])  # [H, 5, 4]
+    for head in range(3):
+        latents, outputs = data[head] @ w_down.T, data[head] @ target[head].T
+        expected = torch.linalg.lstsq(latents, outputs).solution.T
+        assert relative_error(fitted[head], expected) <= 1e-6
+
+
+def test_refining_keeps_more_of_the_cost_than_the_start():
+    """Two blocks whose moments differ: the L-BFGS W_DKV keeps more than the first block's PCA."""
+    torch.manual_seed(0)
+    d, rank = 12, 3
+    scales = [torch.logspace(-1, 1, d, dtype=torch.float64), torch.logspace(1, -1, d, dtype=torch.float64)]
+    moments = [torch.diag(s)[None].repeat(2, 1, 1) for s in scales]  # [H = 2, d, d]
+    targets = [torch.randn(1, 6, d, dtype=torch.float64).repeat(2, 1, 1) for _ in scales]
+    metrics = [torch.eye(6, dtype=torch.float64)[None].repeat(2, 1, 1) for _ in scales]
+    terms = GroupTerms.of(targets, metrics, moments, groups=1)
+    start = torch.linalg.eigh(terms.gains[0][0]).eigenvectors[:, -rank:].T  # the first block's best
+    refined = refine_down_projection(start, terms)
+    assert terms.kept(refined) > terms.kept(start) + 0.01
+    assert terms.kept(refined) <= 1 + 1e-9
+    assert terms.kept(torch.eye(d, dtype=torch.float64)).item() == pytest.approx(1, abs=1e-6)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_full_rank_with_the_refit_reproduces_the_layer(bias):
+    layer = peaked_layer(bias=bias)
+    config = ConversionConfig(kv_lora_rank=32, qk_rope_head_dim=32, norm_linearity=1e14)
+    mla = gqa_to_mla(layer, config, windows())
+    x = windows(batch=2, tokens=20, seed=5)
+    with torch.no_grad():
+        for mode in ("naive", "absorbed"):
+            assert relative_error(mla(x, mode=mode), layer(x)) <= 1e-9
+
+
+def test_the_refit_loses_less_of_the_layer_output():
+    """At low rank, on held-out windows from the calibration's distribution, on average over layers (it
+    can lose on one: a fit to calibration, first order in the score errors). RoPE turns by ~0 here, so
+    the latent, not k_pe, carries the error."""
+    errors: dict[str, list[float]] = {"none": [], "attention": []}
+    for seed in range(4):
+        layer = peaked_layer(seed=seed)
+        layer.config = replace(layer.config, rope=RopeConfig(frequencies=(1e-12,) * 8))
+        layer.rope = RotaryEmbedding(16, layer.config.rope)
+        calibration, held_out = windows(batch=128, seed=seed), windows(batch=4, seed=seed + 100)
+        for refit in errors:
+            config = ConversionConfig(kv_lora_rank=24, qk_rope_head_dim=2, rope_residual="nope", refit=refit)
+            with torch.no_grad():
+                output = gqa_to_mla(layer, config, calibration)(held_out)
+                errors[refit].append(relative_error(output, layer(held_out)))
+    assert statistics.fmean(errors["attention"]) < 0.95 * statistics.fmean(errors["none"])
+
+
+def test_a_model_refits_every_layer_from_its_own_windows():
+    """model_to_mla's block-by-block attention moments give what each layer's own conversion gives."""
+    torch.manual_seed(0)
+    attention = GQAConfig(d_model=48, n_heads=4, n_kv_heads=2, head_dim=8, rope=RopeConfig(interleave=False))
+    config = ModelConfig(vocab_size=64, n_layers=2, d_model=48, d_ff=64, attention=attention, max_seq_len=64)
+    model = LanguageModel(config).eval()
+    tokens = torch.randint(0, 64, (4, 32))
+    conversion = ConversionConfig(kv_lora_rank=6, qk_rope_head_dim=4, rope_frequencies="highest")
+    converted = model_to_mla(model, conversion, tokens)
+    with torch.no_grad():
+        hidden = model.embed(tokens)
+        for block, mla in zip(model.blocks, converted.blocks, strict=True):
+            inputs = block.attn_norm(hidden)
+            alone = gqa_to_mla(block.attn, conversion, inputs)
+            for name in ("w_dkv", "w_ukv", "w_o"):
+                assert relative_error(getattr(mla.attn, name).weight, getattr(alone, name).weight) <= 1e-5
+            hidden = block(hidden, None, None, "auto")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_output_projection_is_the_least_squares_fit_of_the_source_output(bias, monkeypatch):
+    """Unregularised, w_o (with its bias) is torch's lstsq of the source's outputs on the converted heads'
+    outputs (C 24 ≥ V: the heads' outputs have full rank); regularised, the fit on the windows is still
+    no worse than the W_O it started from."""
+    layer, calibration = peaked_layer(bias=bias), windows(batch=8)
+    config = ConversionConfig(kv_lora_rank=24, qk_rope_head_dim=8, refit="none")
+    mla = gqa_to_mla(layer, config, calibration)
+    seen = []
+    mla.w_o.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    with torch.no_grad():
+        before = relative_error(mla(calibration), layer(calibration))
+        heads = seen[-1].reshape(-1, mla.w_o.in_features)
+        if bias:
+            heads = torch.cat([heads, torch.ones(len(heads), 1, dtype=heads.dtype)], dim=1)
+        expected = torch.linalg.lstsq(heads, layer(calibration).reshape(len(heads), -1)).solution.T
+    regularised = gqa_to_mla(layer, config, calibration)
+    fit_output_projection(regularised, layer, [calibration])
+    with torch.no_grad():
+        assert relative_error(regularised(calibration), layer(calibration)) < before
+    monkeypatch.setattr(refit_module, "OUTPUT_RIDGE", 0.0)
+    fit_output_projection(mla, layer, [calibration])
+    assert relative_error(mla.w_o.weight, expected[:, : mla.w_o.in_features]) <= 1e-8
+    if bias:
+        assert relative_error(mla.w_o.bias, expected[:, -1]) <= 1e-8
+
+
+def test_the_refit_needs_windows():
+    layer = peaked_layer()
+    with pytest.raises(ValueError, match="refit 'attention' needs calibration windows"):
+        gqa_to_mla(layer, ConversionConfig(kv_lora_rank=8, qk_rope_head_dim=8), torch.randn(64, 48))
+    with pytest.raises(ValueError, match="unknown refit 'lstsq'"):
+        ConversionConfig(kv_lora_rank=8, qk_rope_head_dim=8, refit="lstsq")
+    config = ModelConfig(
+        vocab_size=64, n_layers=1, d_model=48, d_ff=64, attention=layer.config, max_seq_len=64
+    )
+    with pytest.raises(ValueError, match="needs calibration tokens"):
+        model_to_mla(
+            LanguageModel(config), ConversionConfig(method="svd", kv_lora_rank=8, qk_rope_head_dim=8)
+        )
