@@ -9,6 +9,7 @@ rank is exact; at low rank the refit loses less of the layer's output than the f
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from dataclasses import replace
@@ -64,31 +65,31 @@ def test_attended_moments_reproduce_what_each_head_returns():
 
 def test_key_weights_equal_a_direct_double_loop():
     """w_ij = p_ij² ‖u_j − ū_i‖² summed into the keys' and the queries' moments, query by query."""
-    layer, x = peaked_layer(), windows(batch=1, tokens=6)
-    moments = AttentionMoments.of(layer, [x])
+    layer, x = peaked_layer(), windows(batch=2, tokens=6)
+    moments = AttentionMoments.of(layer, [x[:1], x[1:]])
     c = layer.config
-    positions = torch.arange(6)[None]
+    positions = torch.arange(6).expand(2, 6)
     with torch.no_grad():
-        q = layer.rope(layer.w_q(x).view(1, 6, 4, 16), positions)[0]
-        k = layer.rope(layer.w_k(x).view(1, 6, 2, 16), positions)[0]
-        v = layer.w_v(x).view(6, 2, 16)
-    x_aug = torch.cat([x[0], torch.ones(6, 1, dtype=torch.float64)], dim=1)
+        q = layer.rope(layer.w_q(x).view(2, 6, 4, 16), positions)
+        k = layer.rope(layer.w_k(x).view(2, 6, 2, 16), positions)
+        v = layer.w_v(x).view(2, 6, 2, 16)
+    x_aug = torch.cat([x, torch.ones(2, 6, 1, dtype=torch.float64)], dim=2)
     for head in range(4):
         group = head // 2
         w_o = layer.w_o.weight.detach()[:, head * 16 : (head + 1) * 16]
         keys = torch.zeros(49, 49, dtype=torch.float64)
         queries, total = torch.zeros_like(keys), 0.0
-        for i in range(6):
-            scores = [float(q[i, head] @ k[j, group]) * c.softmax_scale for j in range(i + 1)]
+        for b, i in itertools.product(range(2), range(6)):
+            scores = [float(q[b, i, head] @ k[b, j, group]) * c.softmax_scale for j in range(i + 1)]
             top = max(scores)
             p = [math.exp(s - top) for s in scores]
             p = [value / sum(p) for value in p]
-            u = [w_o @ v[j, group] for j in range(i + 1)]
+            u = [w_o @ v[b, j, group] for j in range(i + 1)]
             u_bar = sum(pj * uj for pj, uj in zip(p, u, strict=True))
             for j in range(i + 1):
                 w = p[j] ** 2 * (u[j] - u_bar).square().sum().item()
-                keys += w * torch.outer(x_aug[j], x_aug[j])
-                queries += w * torch.outer(x_aug[i], x_aug[i])
+                keys += w * torch.outer(x_aug[b, j], x_aug[b, j])
+                queries += w * torch.outer(x_aug[b, i], x_aug[b, i])
                 total += w
         assert relative_error(moments.keys[head], keys) <= 1e-10
         assert relative_error(moments.queries[head], queries) <= 1e-10
@@ -199,15 +200,48 @@ def test_the_output_projection_is_the_least_squares_fit_of_the_source_output(bia
         assert relative_error(mla.w_o.bias, expected[:, -1]) <= 1e-8
 
 
+def test_short_windows_and_a_bf16_layer_refit_too():
+    """Windows of a few tokens (the decode-sized projections take the CPU kernel) and bf16 weights
+    (attention moments in fp32) convert; in bf16 the conversion loses about what it loses in fp64."""
+    layer, calibration = peaked_layer(), windows(batch=6, tokens=2)
+    config = ConversionConfig(kv_lora_rank=8, qk_rope_head_dim=8)
+    x = windows(batch=2, tokens=5, seed=9)
+    with torch.no_grad():
+        exact = relative_error(gqa_to_mla(layer, config, calibration)(x), layer(x))
+        layer = layer.to(torch.bfloat16)
+        halved = gqa_to_mla(layer, config, calibration.to(torch.bfloat16))
+        assert relative_error(halved(x.bfloat16()).double(), layer(x.bfloat16()).double()) <= 1.5 * exact
+
+
+def test_key_weight_and_value_metric_reach_the_refit():
+    layer, calibration = peaked_layer(), windows(batch=8)
+    base = ConversionConfig(kv_lora_rank=8, qk_rope_head_dim=2)
+    reference = gqa_to_mla(layer, base, calibration).w_ukv.weight
+    for changed in (replace(base, key_weight=4.0), replace(base, value_metric="heads")):
+        assert relative_error(gqa_to_mla(layer, changed, calibration).w_ukv.weight, reference) > 1e-3
+
+
 def test_the_refit_needs_windows():
     layer = peaked_layer()
     with pytest.raises(ValueError, match="refit 'attention' needs calibration windows"):
         gqa_to_mla(layer, ConversionConfig(kv_lora_rank=8, qk_rope_head_dim=8), torch.randn(64, 48))
+    with pytest.raises(
+        ValueError, match=r"calibration windows must be \[batch, tokens, 48\], got \(2, 5, 47\)"
+    ):
+        gqa_to_mla(
+            layer,
+            ConversionConfig(kv_lora_rank=8, qk_rope_head_dim=8),
+            windows(),
+            windows=[torch.zeros(2, 5, 47)],
+        )
     with pytest.raises(ValueError, match="unknown refit 'lstsq'"):
         ConversionConfig(kv_lora_rank=8, qk_rope_head_dim=8, refit="lstsq")
     config = ModelConfig(
         vocab_size=64, n_layers=1, d_model=48, d_ff=64, attention=layer.config, max_seq_len=64
     )
+    model = LanguageModel(config)
+    with pytest.raises(ValueError, match="their moments as `moments=`"):
+        model_to_mla(model, ConversionConfig(kv_lora_rank=8, qk_rope_head_dim=8), [torch.zeros(1)])
     with pytest.raises(ValueError, match="needs calibration tokens"):
         model_to_mla(
             LanguageModel(config), ConversionConfig(method="svd", kv_lora_rank=8, qk_rope_head_dim=8)

@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--heal-steps", type=int, default=6)
     parser.add_argument("--heal-batch", type=int, default=1)
     parser.add_argument("--heal-context", type=int, default=128)
-    parser.add_argument("--heal-lr", type=float, default=2e-4)
+    parser.add_argument("--heal-lr", type=float, default=2e-5)
     parser.add_argument("--heal-train", choices=("all", "attention"), default="attention")
     parser.add_argument("--decode-context", type=int, default=2048)
     parser.add_argument(

@@ -710,8 +710,9 @@ def _add_convert(verbs: argparse._SubParsersAction) -> None:
 
     from latentattn.convert import METHODS, ConversionConfig
     from latentattn.convert.checkpoint import DEFAULT_CALIBRATION_TOKENS
-    from latentattn.convert.layer import KV_OBJECTIVES, REFITS, VALUE_METRICS
+    from latentattn.convert.layer import KV_OBJECTIVES, REFITS
     from latentattn.convert.rope_split import RESIDUALS, SLOT_RULES
+    from latentattn.convert.weighting import VALUE_METRICS
 
     defaults = argparse.Namespace(**{field.name: field.default for field in fields(ConversionConfig)})
     convert = verbs.add_parser(
@@ -772,14 +773,15 @@ def _add_convert(verbs: argparse._SubParsersAction) -> None:
         type=float,
         default=defaults.key_weight,
         metavar="W",
-        help="--kv-objective attention: score errors' weight against value errors (default %(default)s)",
+        help="the attention objective and the refit: score errors' weight against value errors "
+        "(default %(default)s)",
     )
     convert.add_argument(
         "--value-metric",
         choices=VALUE_METRICS,
         default=defaults.value_metric,
-        help="--kv-objective attention: value errors seen by each head apart, or by a group's heads "
-        "together (default %(default)s)",
+        help="the attention objective and the refit: value errors seen by each head apart, or by a "
+        "group's heads together (default %(default)s)",
     )
     convert.add_argument(
         "--refit",

@@ -23,9 +23,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from latentattn.attention import GQAAttention
+from latentattn.layers import fp32_or_wider
+
+WORK_ELEMENTS = 2**26
+"""Elements of the largest work tensor (`[b, H, T, max(T, d + 1)]`) `AttentionMoments.of` batches
+windows to (256 MiB in fp32)."""
 
 
 @dataclass
@@ -48,23 +54,33 @@ class AttentionMoments:
 
     @classmethod
     def of(cls, layer: GQAAttention, windows: list[Tensor]) -> AttentionMoments:
-        """The moments of `layer` on `windows` (`[b, T, d]` each)."""
-        weight = layer.w_q.weight
-        moments = cls.zeros(layer.config.n_heads, layer.config.d_model, weight.device)
+        """The moments of `layer` on `windows` (`[b, T, d]` each), a few windows at a time."""
+        c, weight = layer.config, layer.w_q.weight
+        moments = cls.zeros(c.n_heads, c.d_model, weight.device)
         for x in windows:
-            moments.add(layer, x.to(weight.dtype))
+            per_window = c.n_heads * x.shape[1] * max(x.shape[1], c.d_model + 1)  # largest work tensor
+            for part in x.split(max(1, WORK_ELEMENTS // per_window)):
+                moments.add(layer, part.to(weight.device))
         return moments
 
     @torch.no_grad()
     def add(self, layer: GQAAttention, x: Tensor) -> None:
-        """Accumulate `layer`'s attention over the windows `x: [B, T, d]` (in `x`'s dtype, summed in fp64)."""
+        """Accumulate `layer`'s attention over the windows `x: [B, T, d]` (computed in fp32 or wider,
+        summed in fp64)."""
         c = layer.config
+        dtype = fp32_or_wider(layer.w_q.weight.dtype)
+        x = x.to(dtype)
         batch, n_tokens, _ = x.shape
         positions = torch.arange(n_tokens, device=x.device).expand(batch, n_tokens)
-        q = layer.rope(layer.w_q(x).view(batch, n_tokens, c.n_heads, c.head_dim), positions)
+
+        def project(linear: nn.Linear) -> Tensor:
+            bias = None if linear.bias is None else linear.bias.to(dtype)
+            return F.linear(x, linear.weight.to(dtype), bias)
+
+        q = layer.rope(project(layer.w_q).view(batch, n_tokens, c.n_heads, c.head_dim), positions)
         q = q.view(batch, n_tokens, c.n_kv_heads, -1, c.head_dim)  # [B, T, G, H/G, D]
-        k = layer.rope(layer.w_k(x).view(batch, n_tokens, c.n_kv_heads, c.head_dim), positions)
-        v = layer.w_v(x).view(batch, n_tokens, c.n_kv_heads, c.head_dim)
+        k = layer.rope(project(layer.w_k).view(batch, n_tokens, c.n_kv_heads, c.head_dim), positions)
+        v = project(layer.w_v).view(batch, n_tokens, c.n_kv_heads, c.head_dim)
         scores = torch.einsum("btgrd,bsgd->bgrts", q, k).flatten(1, 2) * c.softmax_scale  # [B, H, T, S]
         future = torch.ones(n_tokens, n_tokens, dtype=torch.bool, device=x.device).triu(1)
         p = scores.masked_fill(future, float("-inf")).softmax(-1)
@@ -72,7 +88,7 @@ class AttentionMoments:
         attended = p @ x_aug[:, None]  # x̄: [B, H, T, d+1]
         self.attended += torch.einsum("bhti,bhtj->hij", attended, attended).double()
 
-        w_o = layer.w_o.weight.view(c.d_model, c.n_heads, c.head_dim)
+        w_o = layer.w_o.weight.to(dtype).view(c.d_model, c.n_heads, c.head_dim)
         metric = torch.einsum("ehd,ehf->hdf", w_o, w_o)  # W_O,hᵀ W_O,h: [H, D, D]
         values = (
             v[:, :, :, None].expand(-1, -1, -1, c.n_heads // c.n_kv_heads, -1).flatten(2, 3)

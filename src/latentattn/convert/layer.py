@@ -52,15 +52,13 @@ from latentattn.convert.rope_split import (
     nope_dims,
     split_rope,
 )
-from latentattn.convert.weighting import attention_metric
+from latentattn.convert.weighting import VALUE_METRICS, ValueMetric, attention_metric, group_index
 from latentattn.rope import rope_inv_freq
 
 Method = Literal["svd", "pca", "merge"]
 METHODS: tuple[Method, ...] = ("svd", "pca", "merge")
 KvObjective = Literal["activations", "attention"]
 KV_OBJECTIVES: tuple[KvObjective, ...] = ("activations", "attention")
-ValueMetric = Literal["heads", "group"]
-VALUE_METRICS: tuple[ValueMetric, ...] = ("heads", "group")
 Refit = Literal["none", "attention"]
 REFITS: tuple[Refit, ...] = ("none", "attention")
 
@@ -85,10 +83,11 @@ class ConversionConfig:
     """What the joint K/V factorisation keeps: the K/V "activations", or what they do in "attention"
     (scores weighted by the queries, values by the output projection; see weighting)."""
     key_weight: float = 1.0
-    """"attention" only: the score errors' weight against the value errors, times weighting's estimate."""
+    """The attention objective and the refit: the score errors' weight against the value errors, times
+    their estimate (weighting, attention_moments)."""
     value_metric: ValueMetric = "group"
-    """"attention" only: value errors seen by each head apart ("heads"), or by the heads of a group
-    together ("group": their output projections summed; see weighting)."""
+    """The attention objective and the refit: value errors seen by each head apart ("heads"), or by the
+    heads of a group together ("group": their output projections summed; see weighting)."""
     refit: Refit = "attention"
     """svd/pca: fit the layer to what the source's attention does on the calibration windows
     ("attention", see refit: W_DKV refined from the factorisation's, each query head's W_UK and W_UV,
@@ -249,7 +248,7 @@ def gqa_to_mla(
             )
         nope = len(nope_dims(slots, head_dim, groups, config.rope_residual, source.rope.interleave))
         check_widths(config, source, nope)
-        windows = _refit_windows(config, calibration, windows)
+        windows = _refit_windows(config, calibration, windows, d_model)
         attention = None if windows is None else AttentionMoments.of(layer, windows)
         split = split_rope(keys, w_q, w_k, slots, config.rope_residual, source.rope.interleave)
 
@@ -262,8 +261,7 @@ def gqa_to_mla(
                 split.q_nope, w_v, w_o, sigma, score_scale, config.key_weight, config.value_metric
             )
         w_up, w_down = factorise_kv(split.k_nope[..., :-1], w_v[..., :-1], sigma[:-1, :-1], config, metric)
-        group_of = torch.arange(heads, device=w_up.device) // (heads // groups)
-        w_up = w_up[group_of]  # each query head's [W_UK; W_UV]: [H, N + D, C]
+        w_up = w_up[group_index(heads, groups, w_up.device)]  # each query head's [W_UK; W_UV]: [H, N + D, C]
         if attention is not None:
             w_up, w_down = fit_to_attention(
                 w_down,
@@ -305,20 +303,23 @@ def gqa_to_mla(
 
 
 def _refit_windows(
-    config: ConversionConfig, calibration: Tensor | Moments | None, windows: list[Tensor] | None
+    config: ConversionConfig, calibration: Tensor | Moments | None, windows: list[Tensor] | None, d_model: int
 ) -> list[Tensor] | None:
-    """The calibration windows `refit="attention"` fits to: `windows`, else `calibration` if it is
-    `[B, T, d]`; None for `refit="none"`."""
+    """The calibration windows `refit="attention"` fits to (`[b, T, d]` each): `windows`, else
+    `calibration` if it is `[B, T, d]`; None for `refit="none"`."""
     if config.refit == "none":
         return None
-    if windows is not None:
-        return windows
-    if isinstance(calibration, Tensor) and calibration.dim() == 3:
-        return [calibration]
-    raise ValueError(
-        "refit 'attention' needs calibration windows [batch, tokens, d_model] to see the source's "
-        "attention; pass refit='none' to keep the factorisation's projections"
-    )
+    if windows is None and isinstance(calibration, Tensor) and calibration.dim() == 3:
+        windows = [calibration]
+    if windows is None:
+        raise ValueError(
+            "refit 'attention' needs calibration windows [batch, tokens, d_model] to see the source's "
+            "attention; pass refit='none' to keep the factorisation's projections"
+        )
+    for x in windows:
+        if x.dim() != 3 or x.shape[-1] != d_model or x.shape[1] == 0:
+            raise ValueError(f"calibration windows must be [batch, tokens, {d_model}], got {tuple(x.shape)}")
+    return windows
 
 
 def _input_moments(config: ConversionConfig, calibration: Tensor | Moments | None, d_model: int) -> Moments:
@@ -345,7 +346,7 @@ def _set_weights(
     heads, groups = source.n_heads, source.n_kv_heads
     score_scale = source.softmax_scale * layer.rope.amplitude**2 / c.softmax_scale
     w_q_mla = torch.cat([split.q_nope, split.q_pe], dim=1).reshape(-1, c.d_model + 1) * score_scale
-    group_of = torch.arange(heads) // (heads // groups)
+    group_of = group_index(heads, groups)
     w_o = layer.w_o.weight.double()
     mla.w_q.weight.copy_(w_q_mla[:, :-1])
     mla.w_dkv.weight.copy_(torch.cat([w_down, split.k_pe[:, :-1]]))

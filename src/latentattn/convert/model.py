@@ -130,10 +130,14 @@ def model_to_mla(
     their `layer_input_moments` if already computed (to calibrate once and convert several ways). All
     other weights are copied."""
     check_sizes(model, config)
-    if calibration is None and (config.method == "pca" or config.refit == "attention"):
+    if isinstance(calibration, list):
         raise ValueError(
-            f"method {config.method!r} with refit {config.refit!r} needs calibration tokens [batch, tokens]"
+            "pass calibration tokens [batch, tokens] as `calibration` and their moments as `moments=`"
         )
+    if calibration is None and config.refit == "attention":
+        raise ValueError("refit 'attention' needs calibration tokens [batch, tokens]; or pass refit='none'")
+    if calibration is None and moments is None and config.method == "pca":
+        raise ValueError("method 'pca' needs calibration tokens [batch, tokens]")
     if moments is None:
         if calibration is None:
             moments = [Moments.isotropic(model.config.d_model) for _ in model.blocks]

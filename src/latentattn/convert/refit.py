@@ -31,22 +31,16 @@ from torch import Tensor
 
 from latentattn.attention import MLA, GQAAttention
 from latentattn.convert.attention_moments import AttentionMoments
+from latentattn.convert.weighting import ValueMetric, group_index, regularised, ridge_of
 
 RIDGE = 1e-12
-"""Regulariser of G: this times its mean diagonal is added to its diagonal."""
+"""Regulariser of G = W_DKV S W_DKVᵀ, relative to its mean eigenvalue (see weighting.regularised)."""
 
 REFINE_STEPS = 20
 """L-BFGS iterations of `refine_down_projection`."""
 
 OUTPUT_RIDGE = 1.0
 """`fit_output_projection`'s regulariser toward the current W_O, relative to the heads' mean power."""
-
-
-def _ridged(gram: Tensor) -> Tensor:
-    """`gram: [n, C, C]` plus RIDGE times its mean diagonal per block."""
-    diagonal = torch.diagonal(gram, dim1=-2, dim2=-1)
-    scale = RIDGE * diagonal.mean(-1, keepdim=True).clamp_min(torch.finfo(gram.dtype).tiny)
-    return gram + torch.diag_embed(scale.expand_as(diagonal))
 
 
 def _blocks(
@@ -57,14 +51,14 @@ def _blocks(
     attention: AttentionMoments,
     score_scale: float,
     key_weight: float,
-    value_metric: str,
+    value_metric: ValueMetric,
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """Targets Y, metrics M and moments S of the key blocks and the value blocks, each `[H, ...]`:
     `w_k_nope: [G, N, d]`, `q_nope: [H, N, d+1]`, `w_v: [G, D, d]`, `w_o: [d, H·D]`. `key_weight` scales
     the key metrics; with `value_metric="group"` head h's value metric is W_O,hᵀ Σ_{h' in g(h)} W_O,h',
     so that a group's metrics sum to (Σ_h W_O,h)ᵀ (Σ_h W_O,h) (see weighting)."""
     heads, groups = q_nope.shape[0], w_v.shape[0]
-    group_of = torch.arange(heads, device=w_v.device) // (heads // groups)
+    group_of = group_index(heads, groups, w_v.device)
     key_moment = attention.key_moment
     mean = key_moment[:, :-1, -1]  # E_w[x] over keys: [H, d]
     key_covariance = key_moment[:, :-1, :-1] - mean[:, :, None] * mean[:, None, :]
@@ -108,7 +102,7 @@ class GroupTerms:
         """Σ_blocks tr(G⁻¹ W_DKV T W_DKVᵀ) / cost (1 at full rank): the share of the cost that
         `w_down: [C, d]` keeps, each block with its least-squares up-projection."""
         captured = sum(
-            torch.linalg.solve(_ridged(w_down @ s @ w_down.T), w_down @ t @ w_down.T)
+            torch.linalg.solve(regularised(w_down @ s @ w_down.T, RIDGE), w_down @ t @ w_down.T)
             .diagonal(dim1=-2, dim2=-1)
             .sum()
             for t, s in zip(self.gains, self.moments, strict=True)
@@ -137,7 +131,7 @@ def fit_up_projections(w_down: Tensor, targets: list[Tensor], moments: list[Tens
     """Each head's `[W_UK,h; W_UV,h]` `[H, N + D, C]`: the least-squares fit Y S W_DKVᵀ G⁻¹ of every
     block."""
     fitted = [
-        torch.linalg.solve(_ridged(w_down @ s @ w_down.T), (y @ s @ w_down.T).mT).mT
+        torch.linalg.solve(regularised(w_down @ s @ w_down.T, RIDGE), (y @ s @ w_down.T).mT).mT
         for y, s in zip(targets, moments, strict=True)
     ]
     return torch.cat(fitted, dim=1)
@@ -152,7 +146,7 @@ def fit_to_attention(
     attention: AttentionMoments,
     score_scale: float,
     key_weight: float = 1.0,
-    value_metric: str = "group",
+    value_metric: ValueMetric = "group",
 ) -> tuple[Tensor, Tensor]:
     """(W_UKV per head `[H, N + D, C]`, W_DKV `[C, d]`) fitted to `attention`, from the factorisation's
     `w_down` (shapes and options: see `_blocks`)."""
@@ -160,7 +154,17 @@ def fit_to_attention(
         w_k_nope, q_nope, w_v, w_o, attention, score_scale, key_weight, value_metric
     )
     w_down = refine_down_projection(w_down, GroupTerms.of(targets, metrics, moments, w_v.shape[0]))
-    return fit_up_projections(w_down, targets, moments), w_down
+    return balanced(fit_up_projections(w_down, targets, moments), w_down)
+
+
+def balanced(w_up: Tensor, w_down: Tensor) -> tuple[Tensor, Tensor]:
+    """The same product W_UKV W_DKV with each latent component k scaled so that W_DKV's row k and
+    W_UKV's column k have equal RMS entries (`w_up: [H, N + D, C]`, `w_down: [C, d]`): a step of the
+    same size on every weight, as Adam takes, then moves both factors by the same relative amount."""
+    rms_up = w_up.square().mean((0, 1)).sqrt()  # [C]
+    rms_down = w_down.square().mean(1).sqrt()
+    scale = (rms_up / rms_down.clamp_min(torch.finfo(w_down.dtype).tiny)).sqrt()
+    return w_up / scale, w_down * scale[:, None]
 
 
 @torch.no_grad()
@@ -170,27 +174,25 @@ def fit_output_projection(mla: MLA, layer: GQAAttention, windows: list[Tensor]) 
     W = (Σ y õᵀ + λ W_O)(Σ õ õᵀ + λ I)⁻¹, õ the converted heads' outputs (w_o's input, with a 1 when
     w_o has a bias), λ = OUTPUT_RIDGE × the mean of diag(Σ õ õᵀ). This sees what the latent's errors do
     after attention, where they add up across heads."""
-    seen: list[Tensor] = []
-    hook = mla.w_o.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
-    try:
-        heads_moment, cross = 0.0, 0.0
-        for x in windows:
-            seen.clear()
-            mla(x, mode="naive")
-            heads = seen[0].reshape(-1, seen[0].shape[-1]).double()  # õ: [n, H·V]
-            if mla.w_o.bias is not None:
-                heads = torch.cat([heads, heads.new_ones(len(heads), 1)], dim=1)
-            target = layer(x).reshape(len(heads), -1).double()  # y: [n, d]
-            heads_moment = heads_moment + heads.T @ heads
-            cross = cross + target.T @ heads
-    finally:
-        hook.remove()
-    current = mla.w_o.weight.double()
+    weight = mla.w_o.weight
+    heads_moment = cross = None
+    for x in windows:
+        x = x.to(device=weight.device, dtype=weight.dtype)
+        positions = torch.arange(x.shape[1], device=x.device).expand(*x.shape[:2])
+        q_nope, q_pe = mla.queries(x, positions)
+        heads = mla.attend_naive(q_nope, q_pe, mla.latent(x, positions), None).flatten(2)  # õ: [b, T, H·V]
+        heads = heads.reshape(-1, heads.shape[-1]).double()
+        if mla.w_o.bias is not None:
+            heads = torch.cat([heads, heads.new_ones(len(heads), 1)], dim=1)
+        target = layer(x).reshape(len(heads), -1).double()  # y: [n, d]
+        heads_moment = heads.T @ heads if heads_moment is None else heads_moment + heads.T @ heads
+        cross = target.T @ heads if cross is None else cross + target.T @ heads
+    current = weight.double()
     if mla.w_o.bias is not None:
         current = torch.cat([current, mla.w_o.bias.double()[:, None]], dim=1)
-    ridge = OUTPUT_RIDGE * torch.diagonal(heads_moment).mean().clamp_min(torch.finfo(torch.float64).tiny)
-    eye = torch.eye(len(heads_moment), dtype=torch.float64, device=current.device)
-    fitted = torch.linalg.solve(heads_moment + ridge * eye, (cross + ridge * current).T).T
+    fitted = torch.linalg.solve(
+        regularised(heads_moment, OUTPUT_RIDGE), (cross + ridge_of(heads_moment, OUTPUT_RIDGE) * current).T
+    ).T
     mla.w_o.weight.copy_(fitted[:, : mla.w_o.in_features])
     if mla.w_o.bias is not None:
         mla.w_o.bias.copy_(fitted[:, -1])

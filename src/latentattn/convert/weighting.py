@@ -23,19 +23,34 @@ square root is invertible: the factorisation stays exact at full rank.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
+
+ValueMetric = Literal["heads", "group"]
+VALUE_METRICS: tuple[ValueMetric, ...] = ("heads", "group")
 
 RIDGE = 1e-3
 """Each block's regulariser: this times its mean eigenvalue is added to its diagonal."""
 
 
-def _regularised(metric: Tensor, ridge: float) -> Tensor:
-    """`metric: [G, n, n]` plus ridge · its mean eigenvalue per group (at least the smallest normal)."""
-    size = metric.shape[-1]
-    mean = torch.diagonal(metric, dim1=-2, dim2=-1).sum(-1) / size  # [G]
-    floor = mean.clamp_min(torch.finfo(metric.dtype).tiny)
-    return metric + (ridge * floor)[:, None, None] * torch.eye(size, dtype=metric.dtype, device=metric.device)
+def group_index(heads: int, groups: int, device: torch.device | str | None = None) -> Tensor:
+    """g(h) for each query head h: `[H]` (head h reads kv group h // (H/G))."""
+    return torch.arange(heads, device=device) // (heads // groups)
+
+
+def ridge_of(matrix: Tensor, ridge: float) -> Tensor:
+    """`ridge` times the mean eigenvalue (mean diagonal) of each `[..., n, n]` block, at least the
+    smallest normal: `[...]`."""
+    mean = torch.diagonal(matrix, dim1=-2, dim2=-1).mean(-1)
+    return ridge * mean.clamp_min(torch.finfo(matrix.dtype).tiny)
+
+
+def regularised(matrix: Tensor, ridge: float) -> Tensor:
+    """`matrix: [..., n, n]` plus `ridge_of(matrix, ridge)` on its diagonal."""
+    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+    return matrix + ridge_of(matrix, ridge)[..., None, None] * eye
 
 
 def attention_metric(
@@ -45,14 +60,14 @@ def attention_metric(
     second_moment: Tensor,
     score_scale: float,
     key_weight: float = 1.0,
-    value_metric: str = "heads",
+    value_metric: ValueMetric = "heads",
     ridge: float = RIDGE,
 ) -> Tensor:
     """The block-diagonal metric `[G, N + D, N + D]` (M_K,g over the NoPE key rows, M_V,g over the
     value rows) from `q_nope: [H, N, d+1]`, `w_v: [G, D, d+1]`, `w_o: [d, H·D]`, Σ `[d+1, d+1]`."""
     heads, nope, _ = q_nope.shape
     groups, head_dim, _ = w_v.shape
-    group_of = torch.arange(heads, device=q_nope.device) // (heads // groups)
+    group_of = group_index(heads, groups, q_nope.device)
     mean = second_moment[:, -1]  # E[x̃]
     covariance = second_moment - mean[:, None] * mean[None, :]
     w_o_heads = w_o.view(-1, heads, head_dim).transpose(0, 1)  # [H, d, D]
@@ -70,6 +85,6 @@ def attention_metric(
         values.index_add_(0, group_of, w_o_heads.transpose(1, 2) @ w_o_heads)
     metric = torch.zeros(groups, nope + head_dim, nope + head_dim, dtype=q_nope.dtype, device=q_nope.device)
     if nope:
-        metric[:, :nope, :nope] = _regularised(key_metric, ridge)
-    metric[:, nope:, nope:] = _regularised(values, ridge)
+        metric[:, :nope, :nope] = regularised(key_metric, ridge)
+    metric[:, nope:, nope:] = regularised(values, ridge)
     return metric
