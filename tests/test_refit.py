@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from latentattn import GQAAttention, GQAConfig, RopeConfig
-from latentattn.convert import AttentionMoments, ConversionConfig, gqa_to_mla, model_to_mla
+from latentattn.convert import AttentionMoments, ConversionConfig, attention_moments, gqa_to_mla, model_to_mla
 from latentattn.convert import refit as refit_module
 from latentattn.convert.refit import (
     GroupTerms,
@@ -61,6 +61,16 @@ def test_attended_moments_reproduce_what_each_head_returns():
         got = w_v[head // 2] @ moments.attended[head] @ w_v[head // 2].T
         assert relative_error(got, expected) <= 1e-10
     assert moments.count == 4 * 24
+
+
+def test_moments_do_not_depend_on_how_windows_are_batched(monkeypatch):
+    layer, x = peaked_layer(), windows(batch=6)
+    whole = AttentionMoments.of(layer, [x])
+    monkeypatch.setattr(attention_moments, "WORK_ELEMENTS", 1)  # one window at a time
+    split = AttentionMoments.of(layer, [x[:4], x[4:]])
+    for name in ("attended", "keys", "queries", "key_weight"):
+        assert relative_error(getattr(split, name), getattr(whole, name)) <= 1e-12
+    assert split.count == whole.count == 6 * 24
 
 
 def test_key_weights_equal_a_direct_double_loop():
@@ -110,7 +120,8 @@ def test_up_projections_are_least_squares_fits_on_the_data():
 
 
 def test_refining_keeps_more_of_the_cost_than_the_start():
-    """Two blocks whose moments differ: the L-BFGS W_DKV keeps more than the first block's PCA."""
+    """Two blocks whose moments differ: the L-BFGS W_DKV keeps more than the top eigenvectors of the
+    first block's gain."""
     torch.manual_seed(0)
     d, rank = 12, 3
     scales = [torch.logspace(-1, 1, d, dtype=torch.float64), torch.logspace(1, -1, d, dtype=torch.float64)]
@@ -118,7 +129,7 @@ def test_refining_keeps_more_of_the_cost_than_the_start():
     targets = [torch.randn(1, 6, d, dtype=torch.float64).repeat(2, 1, 1) for _ in scales]
     metrics = [torch.eye(6, dtype=torch.float64)[None].repeat(2, 1, 1) for _ in scales]
     terms = GroupTerms.of(targets, metrics, moments, groups=1)
-    start = torch.linalg.eigh(terms.gains[0][0]).eigenvectors[:, -rank:].T  # the first block's best
+    start = torch.linalg.eigh(terms.gains[0][0]).eigenvectors[:, -rank:].T
     refined = refine_down_projection(start, terms)
     assert terms.kept(refined) > terms.kept(start) + 0.01
     assert terms.kept(refined) <= 1 + 1e-9

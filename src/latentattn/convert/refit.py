@@ -16,7 +16,7 @@ For a fixed W_DKV each head's best up-projection is a least-squares fit (`W = Y 
 G = W_DKV S W_DKVᵀ), and a block (Y, M, S) then keeps tr(G⁻¹ W_DKV T W_DKVᵀ) of its cost, T = S Yᵀ M Y S.
 `refine_down_projection` raises the kept cost summed over all blocks (`GroupTerms.kept`) by L-BFGS
 from the factorisation's W_DKV (a generalised Rayleigh quotient for one block, which PCA solves; the
-blocks' moments differ);
+blocks' moments differ), with the heads of a kv group pooled: a proxy for the per-head fits that follow;
 `fit_up_projections` then fits every head's W_UK,h and W_UV,h (free in MLA, shared in the source).
 Last, `fit_output_projection` refits W_O on the converted layer's own head outputs, by least squares
 against the source layer's output: it sees the errors as they add up across heads, beyond first order.
