@@ -74,7 +74,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True, help="imported, converted and healed models")
     parser.add_argument("--out", type=Path, required=True, help="results.json, report.md, the plot")
-    parser.add_argument("--caches", type=int, nargs="+", default=[320, 216, 192, 128, 64])
+    parser.add_argument("--caches", type=int, nargs="+", default=[320, 216, 192, 128])
     parser.add_argument("--rope-dims", type=int, nargs="+", default=[32, 64, 96, 128, 160, 192])
     parser.add_argument("--calibration-tokens", type=int, default=4096)
     parser.add_argument("--eval-windows", type=int, default=2, help="windows of 512 tokens per text")
@@ -153,7 +153,11 @@ class Measurement:
                 self.say(f"calibrated on {calibration.numel():,} tokens")
             return calibrated
 
-        selection = calibration[:1]  # [1, 512]: R is chosen on calibration text, not the held-out texts
+        # [1, 512]: R is chosen on the training split's next window after the calibration tokens, not on
+        # the held-out texts
+        selection = calibration_windows(
+            source.tokenizer, n_tokens=calibration.numel() + CALIBRATION_WINDOW, window=CALIBRATION_WINDOW
+        )[-1:]
 
         rows = []
         for cache in args.caches:
@@ -222,23 +226,25 @@ class Measurement:
         selection: torch.Tensor,
         cache: int,
     ) -> int:
-        """The R of `--rope-dims` whose pca conversion at `cache` loses least on `selection` (without the
-        refit, which would take a minute per R)."""
-        losses = {}
-        for rope_dim in self.args.rope_dims:
-            if rope_dim >= cache:
-                continue
-            config = ConversionConfig(kv_lora_rank=cache - rope_dim, qk_rope_head_dim=rope_dim, refit="none")
+        """The R of `--rope-dims` whose pca conversion at `cache` loses least on `selection`: the
+        conversion without the refit ranks every R (seconds each), the refit decides between the best
+        `REFIT_CANDIDATES` (a minute each)."""
+
+        def loss(rope_dim: int, refit: str) -> float | None:
+            config = ConversionConfig(kv_lora_rank=cache - rope_dim, qk_rope_head_dim=rope_dim, refit=refit)
             try:
                 converted = model_to_mla(source.model, config, calibration, moments=moments()).eval()
             except ValueError as error:
                 self.say(f"cache {cache}, R {rope_dim}: {error}")
-                continue
-            losses[rope_dim] = window_loss(
-                converted, selection, cache_format="none", chunk=selection.shape[1]
-            )[0]
-        self.say(f"cache {cache}: loss on calibration text by R {losses}")
-        return min(losses, key=losses.get)
+                return None
+            return window_loss(converted, selection, cache_format="none", chunk=selection.shape[1])[0]
+
+        quick = {r: loss(r, "none") for r in self.args.rope_dims if r < cache}
+        quick = {r: value for r, value in quick.items() if value is not None}
+        candidates = sorted(quick, key=quick.get)[:REFIT_CANDIDATES]
+        refitted = {r: loss(r, "attention") for r in candidates}
+        self.say(f"cache {cache}: selection loss by R without the refit {quick}, with it {refitted}")
+        return min(refitted, key=refitted.get)
 
     def convert(
         self,
@@ -454,6 +460,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
+REFIT_CANDIDATES = 2
+"""R values per cache size that the selection converts with the refit."""
+
 COMMAND = (
     "python docs/convert/measure_smollm2.py --work /tmp/smollm2-measure --out docs/convert --threads 2 "
     "--long-heal 192 40"
@@ -483,8 +492,9 @@ def report(results: dict[str, Any]) -> str:
         "healing use its training split), and **english**, CPython's `pydoc_data.topics` (the Language "
         "Reference text `help()` shows; not in the built-in corpus). Calibration: "
         f"{settings['calibration_tokens']:,} tokens of the training split. R (the shared RoPE key) is "
-        f"chosen per cache size among {settings['rope_dims']} by the loss of the pca conversion (without "
-        "the refit) on one calibration window; svd uses the same R. Both convert with `latentattn "
+        f"chosen per cache size among {settings['rope_dims']} by the loss of the pca conversion on the "
+        "training split's next window after the calibration tokens (all R ranked without the refit, the "
+        f"best {REFIT_CANDIDATES} decided with it); svd uses the same R. Both convert with `latentattn "
         "convert`'s defaults otherwise (the attention objective and refit). Healing: `latentattn heal`'s "
         "run (distillation from the "
         f"source, KL at τ 1), {settings['heal_steps']} steps of {settings['heal_batch']} window of "
