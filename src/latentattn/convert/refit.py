@@ -24,6 +24,8 @@ against the source layer's output: it sees the errors as they add up across head
 
 from __future__ import annotations
 
+import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -111,20 +113,24 @@ class GroupTerms:
 
 
 def refine_down_projection(w_down: Tensor, terms: GroupTerms) -> Tensor:
-    """W_DKV `[C, d]` raising `terms.kept`, by L-BFGS from `w_down`."""
+    """W_DKV `[C, d]` raising `terms.kept`, by L-BFGS from `w_down`: the best point it evaluated (a
+    line-search trial that leaves a Gram matrix singular ends the search there)."""
     scale = w_down.norm()
     variable = (w_down / scale).clone(memory_format=torch.contiguous_format).requires_grad_(True)
     optimizer = torch.optim.LBFGS([variable], max_iter=REFINE_STEPS, line_search_fn="strong_wolfe")
+    best = {"loss": math.inf, "point": variable.detach().clone()}
 
     def lost() -> Tensor:
         optimizer.zero_grad()
         loss = 1 - terms.kept(variable)
+        if torch.isfinite(loss) and loss.item() < best["loss"]:
+            best.update(loss=loss.item(), point=variable.detach().clone())
         loss.backward()
         return loss
 
-    with torch.enable_grad():
+    with torch.enable_grad(), contextlib.suppress(RuntimeError):
         optimizer.step(lost)
-    return variable.detach() * scale
+    return best["point"] * scale
 
 
 def fit_up_projections(w_down: Tensor, targets: list[Tensor], moments: list[Tensor]) -> Tensor:
