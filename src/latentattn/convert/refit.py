@@ -93,6 +93,8 @@ class GroupTerms:
     ) -> GroupTerms:
         gains, shared, cost = [], [], 0
         for y, m, s in zip(targets, metrics, moments, strict=True):
+            if y.shape[1] == 0:  # no NoPE keys (N = 0): nothing to keep
+                continue
             s_group = s.unflatten(0, (groups, -1)).mean(1)
             y_group, m_group = y.unflatten(0, (groups, -1))[:, 0], m.unflatten(0, (groups, -1)).sum(1)
             gains.append(s_group @ y_group.mT @ m_group @ y_group @ s_group)
@@ -135,12 +137,14 @@ def refine_down_projection(w_down: Tensor, terms: GroupTerms) -> Tensor:
 
 def fit_up_projections(w_down: Tensor, targets: list[Tensor], moments: list[Tensor]) -> Tensor:
     """Each head's `[W_UK,h; W_UV,h]` `[H, N + D, C]`: the least-squares fit Y S W_DKVᵀ G⁻¹ of every
-    block."""
-    fitted = [
-        torch.linalg.solve(regularised(w_down @ s @ w_down.T, RIDGE), (y @ s @ w_down.T).mT).mT
-        for y, s in zip(targets, moments, strict=True)
-    ]
-    return torch.cat(fitted, dim=1)
+    block (an empty block, N = 0, stays empty: LAPACK rejects a solve without right-hand sides)."""
+
+    def fit(y: Tensor, s: Tensor) -> Tensor:
+        if y.shape[1] == 0:
+            return y.new_zeros(y.shape[0], 0, w_down.shape[0])
+        return torch.linalg.solve(regularised(w_down @ s @ w_down.T, RIDGE), (y @ s @ w_down.T).mT).mT
+
+    return torch.cat([fit(y, s) for y, s in zip(targets, moments, strict=True)], dim=1)
 
 
 def fit_to_attention(
