@@ -112,7 +112,9 @@ def test_up_projections_are_least_squares_fits_on_the_data():
     data = torch.randn(3, 200, 10, dtype=torch.float64)  # [H, n, d]
     w_down, target = torch.randn(4, 10, dtype=torch.float64), torch.randn(3, 5, 10, dtype=torch.float64)
     moments = data.mT @ data / 200
-    fitted = fit_up_projections(w_down, [target], [moments])  # [H, 5, 4]
+    no_keys = torch.zeros(3, 0, 10, dtype=torch.float64)  # N = 0: an empty block stays empty
+    fitted = fit_up_projections(w_down, [no_keys, target], [moments, moments])  # [H, 5, 4]
+    assert fitted.shape == (3, 5, 4)
     for head in range(3):
         latents, outputs = data[head] @ w_down.T, data[head] @ target[head].T
         expected = torch.linalg.lstsq(latents, outputs).solution.T
