@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True, help="imported, converted and healed models")
     parser.add_argument("--out", type=Path, required=True, help="results.json, report.md, the plot")
     parser.add_argument("--caches", type=int, nargs="+", default=[320, 216, 192, 128])
-    parser.add_argument("--rope-dims", type=int, nargs="+", default=[32, 64, 96, 128, 192])
+    parser.add_argument("--rope-dims", type=int, nargs="+", default=[32, 64, 96, 128, 160, 192])
     parser.add_argument("--calibration-tokens", type=int, default=4096)
     parser.add_argument("--eval-windows", type=int, default=2, help="windows of 512 tokens per text")
     parser.add_argument("--heal-methods", nargs="*", default=["pca"], help="conversions to heal")

@@ -45,6 +45,13 @@ OUTPUT_RIDGE = 1.0
 """`fit_output_projection`'s regulariser toward the current W_O, relative to the heads' mean power."""
 
 
+def solve_positive(matrix: Tensor, rhs: Tensor) -> Tensor:
+    """X with `matrix` X = `rhs` for symmetric positive definite `matrix` `[..., n, n]`, by Cholesky
+    (MKL's batched LU solve failed on some of these shapes: "Pivots given to lu_solve must all be
+    greater or equal to 1" on finite, well-conditioned Gram matrices of width 160 and 192)."""
+    return torch.cholesky_solve(rhs, torch.linalg.cholesky(matrix))
+
+
 def _blocks(
     w_k_nope: Tensor,
     q_nope: Tensor,
@@ -106,7 +113,7 @@ class GroupTerms:
         """Σ_blocks tr(G⁻¹ W_DKV T W_DKVᵀ) / cost (1 at full rank): the share of the cost that
         `w_down: [C, d]` keeps, each block with its least-squares up-projection."""
         captured = sum(
-            torch.linalg.solve(regularised(w_down @ s @ w_down.T, RIDGE), w_down @ t @ w_down.T)
+            solve_positive(regularised(w_down @ s @ w_down.T, RIDGE), w_down @ t @ w_down.T)
             .diagonal(dim1=-2, dim2=-1)
             .sum()
             for t, s in zip(self.gains, self.moments, strict=True)
@@ -142,7 +149,7 @@ def fit_up_projections(w_down: Tensor, targets: list[Tensor], moments: list[Tens
     def fit(y: Tensor, s: Tensor) -> Tensor:
         if y.shape[1] == 0:
             return y.new_zeros(y.shape[0], 0, w_down.shape[0])
-        return torch.linalg.solve(regularised(w_down @ s @ w_down.T, RIDGE), (y @ s @ w_down.T).mT).mT
+        return solve_positive(regularised(w_down @ s @ w_down.T, RIDGE), (y @ s @ w_down.T).mT).mT
 
     return torch.cat([fit(y, s) for y, s in zip(targets, moments, strict=True)], dim=1)
 
@@ -200,7 +207,7 @@ def fit_output_projection(mla: MLA, layer: GQAAttention, windows: list[Tensor]) 
     current = weight.double()
     if mla.w_o.bias is not None:
         current = torch.cat([current, mla.w_o.bias.double()[:, None]], dim=1)
-    fitted = torch.linalg.solve(
+    fitted = solve_positive(
         regularised(heads_moment, OUTPUT_RIDGE), (cross + ridge_of(heads_moment, OUTPUT_RIDGE) * current).T
     ).T
     mla.w_o.weight.copy_(fitted[:, : mla.w_o.in_features])
