@@ -16,7 +16,7 @@ For a fixed W_DKV each head's best up-projection is a least-squares fit (`W = Y 
 G = W_DKV S W_DKVᵀ), and a block (Y, M, S) then keeps tr(G⁻¹ W_DKV T W_DKVᵀ) of its cost, T = S Yᵀ M Y S.
 `refine_down_projection` raises the kept cost summed over all blocks (`GroupTerms.kept`) by L-BFGS
 from the factorisation's W_DKV (a generalised Rayleigh quotient for one block, which PCA solves; the
-blocks' moments differ), with the heads of a kv group pooled: a proxy for the per-head fits that follow;
+blocks' moments differ);
 `fit_up_projections` then fits every head's W_UK,h and W_UV,h (free in MLA, shared in the source).
 Last, `fit_output_projection` refits W_O on the converted layer's own head outputs, by least squares
 against the source layer's output: it sees the errors as they add up across heads, beyond first order.
@@ -24,8 +24,6 @@ against the source layer's output: it sees the errors as they add up across head
 
 from __future__ import annotations
 
-import contextlib
-import math
 from dataclasses import dataclass
 
 import torch
@@ -43,13 +41,6 @@ REFINE_STEPS = 20
 
 OUTPUT_RIDGE = 1.0
 """`fit_output_projection`'s regulariser toward the current W_O, relative to the heads' mean power."""
-
-
-def solve_positive(matrix: Tensor, rhs: Tensor) -> Tensor:
-    """X with `matrix` X = `rhs` for symmetric positive definite `matrix` `[..., n, n]`, by Cholesky
-    (MKL's batched LU solve failed on some of these shapes: "Pivots given to lu_solve must all be
-    greater or equal to 1" on finite, well-conditioned Gram matrices of width 160 and 192)."""
-    return torch.cholesky_solve(rhs, torch.linalg.cholesky(matrix))
 
 
 def _blocks(
@@ -100,8 +91,6 @@ class GroupTerms:
     ) -> GroupTerms:
         gains, shared, cost = [], [], 0
         for y, m, s in zip(targets, metrics, moments, strict=True):
-            if y.shape[1] == 0:  # no NoPE keys (N = 0): nothing to keep
-                continue
             s_group = s.unflatten(0, (groups, -1)).mean(1)
             y_group, m_group = y.unflatten(0, (groups, -1))[:, 0], m.unflatten(0, (groups, -1)).sum(1)
             gains.append(s_group @ y_group.mT @ m_group @ y_group @ s_group)
@@ -113,7 +102,7 @@ class GroupTerms:
         """Σ_blocks tr(G⁻¹ W_DKV T W_DKVᵀ) / cost (1 at full rank): the share of the cost that
         `w_down: [C, d]` keeps, each block with its least-squares up-projection."""
         captured = sum(
-            solve_positive(regularised(w_down @ s @ w_down.T, RIDGE), w_down @ t @ w_down.T)
+            torch.linalg.solve(regularised(w_down @ s @ w_down.T, RIDGE), w_down @ t @ w_down.T)
             .diagonal(dim1=-2, dim2=-1)
             .sum()
             for t, s in zip(self.gains, self.moments, strict=True)
@@ -122,36 +111,32 @@ class GroupTerms:
 
 
 def refine_down_projection(w_down: Tensor, terms: GroupTerms) -> Tensor:
-    """W_DKV `[C, d]` raising `terms.kept`, by L-BFGS from `w_down`: the best point it evaluated (a
-    line-search trial that leaves a Gram matrix singular ends the search there)."""
+    """W_DKV `[C, d]` raising `terms.kept`, by L-BFGS from `w_down`."""
     scale = w_down.norm()
     variable = (w_down / scale).clone(memory_format=torch.contiguous_format).requires_grad_(True)
     optimizer = torch.optim.LBFGS([variable], max_iter=REFINE_STEPS, line_search_fn="strong_wolfe")
-    best = {"loss": math.inf, "point": variable.detach().clone()}
 
     def lost() -> Tensor:
         optimizer.zero_grad()
         loss = 1 - terms.kept(variable)
-        if torch.isfinite(loss) and loss.item() < best["loss"]:
-            best.update(loss=loss.item(), point=variable.detach().clone())
         loss.backward()
         return loss
 
-    with torch.enable_grad(), contextlib.suppress(RuntimeError):
+    with torch.enable_grad():
         optimizer.step(lost)
-    return best["point"] * scale
+    return variable.detach() * scale
 
 
 def fit_up_projections(w_down: Tensor, targets: list[Tensor], moments: list[Tensor]) -> Tensor:
     """Each head's `[W_UK,h; W_UV,h]` `[H, N + D, C]`: the least-squares fit Y S W_DKVᵀ G⁻¹ of every
-    block (an empty block, N = 0, stays empty: LAPACK rejects a solve without right-hand sides)."""
-
-    def fit(y: Tensor, s: Tensor) -> Tensor:
-        if y.shape[1] == 0:
-            return y.new_zeros(y.shape[0], 0, w_down.shape[0])
-        return solve_positive(regularised(w_down @ s @ w_down.T, RIDGE), (y @ s @ w_down.T).mT).mT
-
-    return torch.cat([fit(y, s) for y, s in zip(targets, moments, strict=True)], dim=1)
+    block."""
+    fitted = [
+        y.new_zeros(y.shape[0], 0, w_down.shape[0])  # N = 0: LAPACK rejects a solve without right-hand sides
+        if y.shape[1] == 0
+        else torch.linalg.solve(regularised(w_down @ s @ w_down.T, RIDGE), (y @ s @ w_down.T).mT).mT
+        for y, s in zip(targets, moments, strict=True)
+    ]
+    return torch.cat(fitted, dim=1)
 
 
 def fit_to_attention(
@@ -207,7 +192,7 @@ def fit_output_projection(mla: MLA, layer: GQAAttention, windows: list[Tensor]) 
     current = weight.double()
     if mla.w_o.bias is not None:
         current = torch.cat([current, mla.w_o.bias.double()[:, None]], dim=1)
-    fitted = solve_positive(
+    fitted = torch.linalg.solve(
         regularised(heads_moment, OUTPUT_RIDGE), (cross + ridge_of(heads_moment, OUTPUT_RIDGE) * current).T
     ).T
     mla.w_o.weight.copy_(fitted[:, : mla.w_o.in_features])
