@@ -121,6 +121,30 @@ def test_up_projections_are_least_squares_fits_on_the_data():
         assert relative_error(fitted[head], expected) <= 1e-6
 
 
+def test_wide_latents_fit_with_two_threads():
+    """C = 192 and a batch of heads, on two threads: torch 2.13's batched CPU LU fails there (pivot error
+    from MKL); the per-matrix solve fits, and the refine's objective evaluates."""
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        data = torch.randn(3, 400, 200, dtype=torch.float64)
+        w_down, target = (
+            torch.randn(192, 200, dtype=torch.float64),
+            torch.randn(3, 5, 200, dtype=torch.float64),
+        )
+        moments = data.mT @ data / 400
+        fitted = fit_up_projections(w_down, [target], [moments])
+        kept = GroupTerms.of(
+            [target], [torch.eye(5, dtype=torch.float64).expand(3, 5, 5)], [moments], 1
+        ).kept(w_down)
+    finally:
+        torch.set_num_threads(threads)
+    latents, outputs = data[2] @ w_down.T, data[2] @ target[2].T
+    assert relative_error(fitted[2], torch.linalg.lstsq(latents, outputs).solution.T) <= 1e-6
+    assert 0 < kept.item() < 1
+
+
 def test_refining_keeps_more_of_the_cost_than_the_start():
     """Two blocks whose moments differ: the L-BFGS W_DKV keeps more than the top eigenvectors of the
     first block's gain."""

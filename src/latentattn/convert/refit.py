@@ -31,7 +31,7 @@ from torch import Tensor
 
 from latentattn.attention import MLA, GQAAttention
 from latentattn.convert.attention_moments import AttentionMoments
-from latentattn.convert.weighting import ValueMetric, group_index, regularised, ridge_of
+from latentattn.convert.weighting import ValueMetric, group_index, regularised, ridge_of, solve
 
 RIDGE = 1e-12
 """Regulariser of G = W_DKV S W_DKVᵀ, relative to its mean eigenvalue (see weighting.regularised)."""
@@ -102,7 +102,7 @@ class GroupTerms:
         """Σ_blocks tr(G⁻¹ W_DKV T W_DKVᵀ) / cost (1 at full rank): the share of the cost that
         `w_down: [C, d]` keeps, each block with its least-squares up-projection."""
         captured = sum(
-            torch.linalg.solve(regularised(w_down @ s @ w_down.T, RIDGE), w_down @ t @ w_down.T)
+            solve(regularised(w_down @ s @ w_down.T, RIDGE), w_down @ t @ w_down.T)
             .diagonal(dim1=-2, dim2=-1)
             .sum()
             for t, s in zip(self.gains, self.moments, strict=True)
@@ -133,7 +133,7 @@ def fit_up_projections(w_down: Tensor, targets: list[Tensor], moments: list[Tens
     fitted = [
         y.new_zeros(y.shape[0], 0, w_down.shape[0])  # N = 0: LAPACK rejects a solve without right-hand sides
         if y.shape[1] == 0
-        else torch.linalg.solve(regularised(w_down @ s @ w_down.T, RIDGE), (y @ s @ w_down.T).mT).mT
+        else solve(regularised(w_down @ s @ w_down.T, RIDGE), (y @ s @ w_down.T).mT).mT
         for y, s in zip(targets, moments, strict=True)
     ]
     return torch.cat(fitted, dim=1)

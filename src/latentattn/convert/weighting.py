@@ -53,6 +53,13 @@ def regularised(matrix: Tensor, ridge: float) -> Tensor:
     return matrix + ridge_of(matrix, ridge)[..., None, None] * eye
 
 
+def solve(matrix: Tensor, rhs: Tensor) -> Tensor:
+    """X with `matrix` X = `rhs` for `matrix: [B, n, n]`, `rhs: [B, n, k]`: `torch.linalg.solve`, one
+    matrix at a time. torch 2.13's batched CPU LU fails with more than one thread for n ≥ 160
+    ("Pivots given to lu_solve must all be greater or equal to 1"); single matrices solve."""
+    return torch.stack([torch.linalg.solve(a, b) for a, b in zip(matrix, rhs, strict=True)])
+
+
 def attention_metric(
     q_nope: Tensor,
     w_v: Tensor,
