@@ -457,6 +457,19 @@ def plot(results: dict[str, Any], path: Path) -> None:
                 ms=10,
                 label=f"merge to {merge['kv_heads']} kv head",
             )
+        bytes_of = {r["cache_width"]: r["cache_bytes_per_token"] for r in results["conversions"]}
+        for longer in results.get("longer_heals", []):
+            axes.plot(
+                bytes_of[longer["cache_width"]],
+                longer["healed"][text],
+                "v",
+                color="tab:green",
+                label=f"MLA pca, healed on {longer['heal_tokens']:,} tokens",
+                alpha=min(
+                    1.0, 0.4 + 0.6 * longer["steps"] / max(h["steps"] for h in results["longer_heals"])
+                ),
+            )
+        axes.axhline(source[text] * 1.05, color="k", ls=":", lw=1, label="source + 5% (the healing goal)")
         axes.set_yscale("log")
         axes.set_xlabel("KV cache bytes per token (30 layers, bf16)")
         axes.set_ylabel(f"perplexity, {text} text (log)")
