@@ -279,7 +279,15 @@ def _interrupt(argv: list[str], started) -> subprocess.CompletedProcess:
     killed, so a test fails rather than hangs."""
     command = [sys.executable, "-m", "latentattn", *argv]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        # a shell's background job (`make test &`) ignores SIGINT and its children inherit that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     watchdog = threading.Timer(300, process.kill)
     watchdog.start()
     try:
