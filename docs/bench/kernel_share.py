@@ -64,7 +64,6 @@ def main() -> None:
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
         mla = _layers(config, dtype)["mla"]
-        weight_bytes = sum(p.nbytes for p in mla.parameters())
         for context in args.contexts:
             torch.manual_seed(0)
             x = torch.randn(1, 1, config.mla.d_model, dtype=dtype)
@@ -74,16 +73,20 @@ def main() -> None:
             keys = mla.new_cache(1, context).update(latent)[0]  # LatentKeys over the context's rows
             q = torch.randn(1, 1, config.mla.n_heads, config.mla.cache_width, dtype=dtype) * 0.05
             lengths = torch.tensor([context - 1])  # the kernel reads the context's keys, no more
+            weight_bytes = case.bytes_moved - case.cache_bytes
             attention_flops = mla_path_flops(config.mla, n_queries=1, n_keys=context + 1)["absorbed"]
-            kernel_flops = (
-                2 * config.mla.n_heads * (2 * config.mla.kv_lora_rank + config.mla.qk_rope_head_dim)
-            )
-            kernel_flops *= context
+            folding_flops = mla_path_flops(config.mla, n_queries=1, n_keys=0)["absorbed"]  # W_UK, W_UV
+            kernel_flops = mla_path_flops(config.mla, n_queries=1, n_keys=context)["absorbed"] - folding_flops
             for threads in args.threads:
                 torch.set_num_threads(threads)
                 peak = gemm_peak_gflops(dtype, "cpu")
                 kernel = functools.partial(
-                    fused_latent_attention, q, keys, lengths, 0.1, config.mla.kv_lora_rank
+                    fused_latent_attention,
+                    q,
+                    keys,
+                    lengths,
+                    mla.config.softmax_scale,
+                    config.mla.kv_lora_rank,
                 )
                 if kernel() is None:
                     raise SystemExit(
