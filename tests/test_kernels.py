@@ -230,6 +230,21 @@ def test_head_products_in_fp32_and_bf16_stay_within_rounding(dtype, data):
         assert ((got.double() - expected).abs() <= 2**-8 * expected.abs() + 1e-6 * scale).all()
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+def test_head_products_split_across_threads_equal_einsum(transposed):
+    """Weights large enough for several threads (each walks a contiguous share, requesting rows ahead
+    across head boundaries); shares that start and end inside a head; exact in fp64."""
+    torch.manual_seed(0)
+    inner, outer = (37, 301) if transposed else (301, 37)
+    w = torch.randn(3, inner + 2, outer + 5, dtype=torch.float64)[:, 1 : 1 + inner, :outer]
+    x = torch.randn(5, 3, 301, dtype=torch.float64)
+    bias = torch.randn(3, 37, dtype=torch.float64)
+    expected = head_products_oracle(x, w, transposed, bias)
+    for threads in (1, 2, 3, 4):
+        got = fused_head_products(x, w, transposed=transposed, bias=bias, threads=threads)
+        assert (got - expected).abs().max() <= 1e-12 * expected.abs().max(), threads
+
+
 @pytest.mark.parametrize(
     ("x", "w", "kwargs", "message"),
     [
