@@ -5,8 +5,9 @@
 // With one or a few rows these are matrix-vector products, bound by reading the weights: each weight
 // row is read once, in place (strided views such as w_ukv's are fine; fp32, bf16 or fp64), widened in
 // registers and used for every row. Each thread walks its share of the weights front to back and
-// requests the rows it reads next ahead of use, a line per load: rows are a few KB, over before the
-// hardware prefetcher has noticed them.
+// requests the rows it reads next into L2 ahead of use, a line per load: rows are a few KB, over
+// before the hardware prefetcher has noticed them (requests into L1 measured 15-20% slower from memory:
+// docs/bench/head_products.py).
 //
 // Notation: M rows (B·T), H heads, K reduction width, N output width, L vector lanes.
 // Plain C ABI, called through ctypes; the caller validates every argument.
@@ -24,7 +25,7 @@ enum WeightKind : int32_t { SAME = 0, BF16 = 1 };
 constexpr int SUM_ROWS = 4;                   // `rows`: rows of x whose sums share one pass over the weights
 constexpr int DOT_ROWS = 4, DOT_WEIGHTS = 4;  // `dots`: a block of dot products in registers
 constexpr int64_t LINE = 64;                  // bytes per cache line
-constexpr int64_t AHEAD = 8192;               // how far ahead weights are requested (bytes, at least)
+constexpr int64_t AHEAD = 8192;               // how far ahead weights are requested into L2 (bytes, at least)
 constexpr int64_t MIN_BYTES_PER_THREAD = 16384;  // fewer weight bytes than this are not worth a thread
 
 // Weights in loads of STEP: `load` gives PARTS vectors of the accumulation type A, part p's lane i
@@ -165,7 +166,7 @@ template <typename A, WeightKind W> class HeadProducts {
         A scales[SUM_ROWS];
         for (int i = 0; i < count; ++i) scales[i] = x_row(first + i, h)[k];
         for (int64_t n = 0; n < whole; n += STEP) {
-          if (n * ELEMENT % LINE == 0) __builtin_prefetch(next + n * ELEMENT, 0, 3);
+          if (n * ELEMENT % LINE == 0) __builtin_prefetch(next + n * ELEMENT, 0, 2);
           V weight[PARTS];
           Load::load(row + n * ELEMENT, weight);
           for (int i = 0; i < count; ++i)
@@ -224,7 +225,7 @@ template <typename A, WeightKind W> class HeadProducts {
     int64_t k = 0;
     for (; k + STEP <= a.reduce; k += STEP) {
       if (first == 0 && k * ELEMENT % LINE == 0)
-        for (int j = 0; j < DOT_WEIGHTS; ++j) __builtin_prefetch(next[j] + k * ELEMENT, 0, 3);
+        for (int j = 0; j < DOT_WEIGHTS; ++j) __builtin_prefetch(next[j] + k * ELEMENT, 0, 2);
       V weight[DOT_WEIGHTS][PARTS];
       for (int j = 0; j < DOT_WEIGHTS; ++j) Load::load(row[j] + k * ELEMENT, weight[j]);
       for (int i = 0; i < ROWS; ++i)
