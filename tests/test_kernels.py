@@ -245,6 +245,14 @@ def test_head_products_split_across_threads_equal_einsum(transposed):
         assert (got - expected).abs().max() <= 1e-12 * expected.abs().max(), threads
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize(("rows", "heads", "width"), [(0, 2, 3), (2, 0, 3), (2, 2, 0)])
+def test_head_products_of_empty_shapes_are_empty(rows, heads, width, transposed):
+    w = torch.randn(heads, width, 5) if transposed else torch.randn(heads, 5, width)
+    got = fused_head_products(torch.randn(rows, heads, 5), w, transposed=transposed, threads=2)
+    assert got.shape == (rows, heads, width)
+
+
 @pytest.mark.parametrize(
     ("x", "w", "kwargs", "message"),
     [

@@ -24,11 +24,11 @@ from rich.table import Table
 from latentattn.attention import fused_latent_attention, mla_path_flops
 from latentattn.bench import (
     BenchConfig,
-    _layers,
-    _mla_case,
+    bench_layers,
     gemm_peak_gflops,
     machine_info,
     measure_roofline,
+    mla_decode_case,
     time_interleaved,
 )
 
@@ -63,13 +63,13 @@ def main() -> None:
     default_threads = torch.get_num_threads()
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
-        mla = _layers(config, dtype)["mla"]
+        mla = bench_layers(config, dtype)["mla"]
         for context in args.contexts:
             torch.manual_seed(0)
             x = torch.randn(1, 1, config.mla.d_model, dtype=dtype)
             positions = torch.arange(context)[None]
             latent = mla.latent(torch.randn(1, context, config.mla.d_model, dtype=dtype), positions)
-            case = _mla_case(mla, x, latent, "mla-absorbed")
+            case = mla_decode_case(mla, x, latent, "mla-absorbed")
             keys = mla.new_cache(1, context).update(latent)[0]  # LatentKeys over the context's rows
             q = torch.randn(1, 1, config.mla.n_heads, config.mla.cache_width, dtype=dtype) * 0.05
             lengths = torch.tensor([context - 1])  # the kernel reads the context's keys, no more

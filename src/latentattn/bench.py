@@ -281,7 +281,7 @@ def _weight_bytes(layer: torch.nn.Module) -> int:
 
 
 @dataclass
-class _Case:
+class DecodeCase:
     """One implementation set up at one (dtype, batch, context): a step function and its cost model."""
 
     step: Callable[[], torch.Tensor]
@@ -308,7 +308,9 @@ def _fragmented_pages(mla: MLA, latent: torch.Tensor, block_size: int = 64) -> P
     return cache
 
 
-def _mla_case(mla: MLA, x: torch.Tensor, latent: torch.Tensor, impl: str) -> _Case:
+def mla_decode_case(mla: MLA, x: torch.Tensor, latent: torch.Tensor, impl: str) -> DecodeCase:
+    """An `mla-*` row (`impl`: naive, absorbed, absorbed-torch, paged or a latent format) decoding
+    `x: [B, 1, d_model]` after the cached `latent: [B, S, C + R]`, every step at the same context."""
     batch, context = latent.shape[:2]
     storage = impl.removeprefix("mla-")
     mode = "naive" if storage == "naive" else "absorbed"
@@ -335,10 +337,10 @@ def _mla_case(mla: MLA, x: torch.Tensor, latent: torch.Tensor, impl: str) -> _Ca
     path = mla_path_flops(mla.config, n_queries=1, n_keys=context + 1)[mode]
     flops = batch * (path + 2 * _linear_params(mla, skip="w_ukv.weight"))
     cache_bytes = batch * context * cache.bytes_per_token
-    return _Case(step, cache_bytes, _weight_bytes(mla) + cache_bytes, flops, attention)
+    return DecodeCase(step, cache_bytes, _weight_bytes(mla) + cache_bytes, flops, attention)
 
 
-def _hf_case(mla: MLA, x: torch.Tensor, latent: torch.Tensor) -> _Case:
+def hf_decode_case(mla: MLA, x: torch.Tensor, latent: torch.Tensor) -> DecodeCase:
     """HF transformers' DeepseekV3Attention with MLA's weights; its DynamicCache holds the same latent."""
     from transformers import DeepseekV3Config, DynamicCache
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
@@ -371,10 +373,11 @@ def _hf_case(mla: MLA, x: torch.Tensor, latent: torch.Tensor) -> _Case:
     path = mla_path_flops(c, n_queries=1, n_keys=context + 1)["naive"]
     flops = batch * (path + 2 * _linear_params(mla, skip="w_ukv.weight"))
     cache_bytes = batch * context * c.cache_width * latent.element_size()
-    return _Case(step, cache_bytes, _weight_bytes(mla) + cache_bytes, flops, "hf")
+    return DecodeCase(step, cache_bytes, _weight_bytes(mla) + cache_bytes, flops, "hf")
 
 
-def _gqa_case(layer: GQAAttention, x: torch.Tensor, context: int) -> _Case:
+def gqa_decode_case(layer: GQAAttention, x: torch.Tensor, context: int) -> DecodeCase:
+    """An MHA/GQA/MQA row decoding `x: [B, 1, d_model]` after `context` random cached keys and values."""
     c = layer.config
     batch = x.shape[0]
     cache = layer.new_cache(batch, context + 1)
@@ -389,7 +392,9 @@ def _gqa_case(layer: GQAAttention, x: torch.Tensor, context: int) -> _Case:
     cache_bytes = batch * context * cache.bytes_per_token
     queries = x.new_empty(batch, 1, c.n_heads, c.head_dim)
     fused = layer.fused_kernel and fused_kernel_serves(queries, cache.storage())
-    return _Case(step, cache_bytes, _weight_bytes(layer) + cache_bytes, flops, "fused" if fused else "sdpa")
+    return DecodeCase(
+        step, cache_bytes, _weight_bytes(layer) + cache_bytes, flops, "fused" if fused else "sdpa"
+    )
 
 
 DECOMPRESSING = ("mla-naive", "hf-deepseek-v3")
@@ -421,7 +426,7 @@ def _naive_reference(mla: MLA, x: torch.Tensor, latent: torch.Tensor) -> torch.T
     """The naive path over the full-precision latent cache, one sequence at a time (its decompressed
     keys and values are the largest tensors of the benchmark)."""
     return torch.cat(
-        [_mla_case(mla, x[b : b + 1], latent[b : b + 1], "mla-naive").step() for b in range(len(x))]
+        [mla_decode_case(mla, x[b : b + 1], latent[b : b + 1], "mla-naive").step() for b in range(len(x))]
     )
 
 
@@ -436,7 +441,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
     results: list[Result] = []
     skipped: list[dict[str, Any]] = []
     for dtype_name in config.dtypes:
-        layers = _layers(config, torch_dtype(dtype_name))
+        layers = bench_layers(config, torch_dtype(dtype_name))
         for batch in config.batch_sizes:
             for context in config.contexts:
                 rows = _bench_group(config, layers, dtype_name, batch, context, roofline, report, skipped)
@@ -450,7 +455,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
     }
 
 
-def _layers(config: BenchConfig, dtype: torch.dtype) -> dict[str, MLA | GQAAttention]:
+def bench_layers(config: BenchConfig, dtype: torch.dtype) -> dict[str, MLA | GQAAttention]:
     """The layers of one dtype: "mla" (every MLA and HF row) and one per K/V row of `config.impls`, of
     the same heads (`gqa_kv_heads` for gqa)."""
     c = config.mla
@@ -491,7 +496,7 @@ def _bench_group(
     any_latent = any(impl.startswith(("mla", "hf")) for impl in config.impls)
     reference = _naive_reference(mla, x, latent) if any_latent else None
     rows: dict[str, Result] = {}
-    built: dict[str, tuple[_Case, float | None]] = {}
+    built: dict[str, tuple[DecodeCase, float | None]] = {}
     largest = 0
 
     def time_built() -> None:
@@ -516,11 +521,11 @@ def _bench_group(
             continue
         report(where)
         if impl in KV_IMPLS:
-            case = _gqa_case(layers[impl], x, context)
+            case = gqa_decode_case(layers[impl], x, context)
         elif impl == "hf-deepseek-v3":
-            case = _hf_case(mla, x, latent)
+            case = hf_decode_case(mla, x, latent)
         else:
-            case = _mla_case(mla, x, latent, impl)
+            case = mla_decode_case(mla, x, latent, impl)
         output = case.step()
         built[impl] = case, relative_error(output, reference) if impl.startswith(("mla", "hf")) else None
         largest = max(largest, case.cache_bytes, needed)
@@ -534,7 +539,7 @@ def _result(
     dtype_name: str,
     batch: int,
     context: int,
-    case: _Case,
+    case: DecodeCase,
     times: list[float],
     roofline: Roofline,
     error: float | None,

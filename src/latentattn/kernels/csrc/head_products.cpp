@@ -101,7 +101,10 @@ template <typename A, WeightKind W> class HeadProducts {
       : a(args), x(static_cast<const A*>(args.x)), y(static_cast<A*>(args.y)),
         w(static_cast<const char*>(args.w)), bias(static_cast<const char*>(args.bias)) {}
 
-  void run() { a.transposed ? run_dots() : run_rows(); }
+  void run() {
+    if (a.rows == 0 || a.heads == 0 || a.width == 0) return;  // nothing to compute (y is empty)
+    a.transposed ? run_dots() : run_rows();
+  }
 
  private:
   const HeadProductArgs& a;
