@@ -23,6 +23,8 @@ from pathlib import Path
 SOURCES = tuple(sorted((Path(__file__).parent / "csrc").glob("*.cpp")))
 HEADERS = tuple(sorted((Path(__file__).parent / "csrc").glob("*.h")))
 COMPILE_FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp")
+MAX_THREADS = 4096
+"""Most threads a kernel call may ask for (the C ABI takes an int32)."""
 DISABLE_VARIABLE = "LATENTATTN_KERNEL"
 """Set to 0 (or off, false, torch) to run the pure torch path everywhere."""
 

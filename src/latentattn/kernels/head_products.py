@@ -18,7 +18,7 @@ import ctypes
 import torch
 from torch import Tensor
 
-from latentattn.kernels.build import function
+from latentattn.kernels.build import MAX_THREADS, function
 
 WEIGHT_KINDS = {torch.float32: 0, torch.float64: 0, torch.bfloat16: 1}
 """Weight kind codes of `csrc/head_products.cpp` (`WeightKind`): the accumulation type, or bf16."""
@@ -71,14 +71,17 @@ def fused_head_products(
         layout = "[H, N, K]" if transposed else "[H, K, N]"
         raise ValueError(f"w must be {layout} for x [M={rows}, H={heads}, K={reduce}], got {tuple(w.shape)}")
     if bias is not None and (
-        bias.dtype != w.dtype or bias.shape != (heads, width) or not bias.is_contiguous()
+        bias.dtype != w.dtype
+        or bias.shape != (heads, width)
+        or not bias.is_contiguous()
+        or bias.device.type != "cpu"
     ):
         raise ValueError(
-            f"bias must be a contiguous [H={heads}, N={width}] in w's dtype {w.dtype}, got {bias.dtype} "
-            f"{tuple(bias.shape)}"
+            f"bias must be a contiguous [H={heads}, N={width}] CPU tensor in w's dtype {w.dtype}, got "
+            f"{bias.dtype} {tuple(bias.shape)} on {bias.device}"
         )
-    if threads is not None and threads < 1:
-        raise ValueError(f"threads must be at least 1, got {threads}")
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise ValueError(f"threads must lie in [1, {MAX_THREADS}], got {threads}")
     double = w.dtype == torch.float64
     accumulate = torch.float64 if double else torch.float32
     x_in = x.to(accumulate).contiguous()

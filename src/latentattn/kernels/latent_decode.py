@@ -21,7 +21,7 @@ import ctypes
 import torch
 from torch import Tensor
 
-from latentattn.kernels.build import function
+from latentattn.kernels.build import MAX_THREADS, function
 
 FLOAT_STORAGE = {torch.float32: 0, torch.float64: 0, torch.bfloat16: 1}
 """Storage kind codes of `csrc/latent_decode.cpp` (`StorageKind`): rows in the query dtype or bf16 …"""
@@ -102,8 +102,8 @@ def fused_latent_decode(
     kind, latent_width, group_size = _check_storage(q, kv, scales, k_pe, values, value_width)
     if lengths.shape != (batch,) or lengths.dtype.is_floating_point or bool((lengths < 0).any()):
         raise ValueError(f"lengths must be {batch} integers >= 0, got {lengths.dtype} {lengths.tolist()}")
-    if threads is not None and threads < 1:
-        raise ValueError(f"threads must be at least 1, got {threads}")
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise ValueError(f"threads must lie in [1, {MAX_THREADS}], got {threads}")
     block_size, block_table, n_keys = _check_paging(kv, batch, block_table, n_keys)
 
     accumulate = torch.float64 if q.dtype == torch.float64 else torch.float32
