@@ -25,6 +25,7 @@ from latentattn.caches import PagedLatentCache, QuantizedLatentCache
 from latentattn.kernels import build as build_module
 from latentattn.kernels import fused_head_products, fused_latent_decode, kernel_status
 from latentattn.metrics import relative_error
+from latentattn.model import LanguageModel, get_preset
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 EIGHT_BIT = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
@@ -292,6 +293,31 @@ def test_projections_of_a_few_rows_run_the_kernel_and_equal_linear(bias, monkeyp
     assert [shape[0] for shape in products] == [1, 5, 16]
     project(linear, torch.randn(1, 1, 40, dtype=torch.float64))
     assert len(products) == 3
+
+
+@pytest.mark.parametrize("kind", ["mla", "gqa"])
+def test_a_model_decode_step_takes_the_kernel_for_its_mlp_and_lm_head(kind, monkeypatch):
+    """A decode step's SwiGLU (gate, up, down) and LM head run on the head-product kernel, with the
+    same logits as torch's linear layers (fp64, 1e-12); a prefill of more rows stays with torch."""
+    products = spy_on_kernel(monkeypatch, "fused_head_products")
+    torch.manual_seed(0)
+    model = LanguageModel(get_preset("debug").model(kind), dtype=torch.float64).eval()
+    config = model.config
+    tokens = torch.randint(0, config.vocab_size, (1, 40))
+    with torch.no_grad():
+        cache = model.new_cache(1, 41)
+        model(tokens[:, :40], cache)
+        prefill_calls = len(products)
+        logits = model(tokens[:, 39:40] * 0 + 3, cache)
+        step_shapes = products[prefill_calls:]
+        monkeypatch.setattr(attention_module, "PRODUCT_KERNEL_ROWS", {})
+        cache.truncate([40])
+        expected = model(tokens[:, 39:40] * 0 + 3, cache)
+    assert prefill_calls == 0
+    widths = {shape[-1] for shape in step_shapes}
+    assert {config.d_model, config.d_ff} <= widths  # gate/up/lm_head read d_model rows, down d_ff
+    assert len(step_shapes) >= 3 * config.n_layers + 1
+    assert relative_error(logits, expected) <= 1e-12
 
 
 # MLA's dispatch ------------------------------------------------------------------------------------

@@ -311,15 +311,20 @@ def head_products_serve(x: Tensor, w: Tensor, kind: str, rows: int) -> bool:
     )
 
 
-def project(linear: nn.Linear, x: Tensor, fused: bool = True) -> Tensor:
-    """`linear(x)` for `x: [..., in]`; by the head-product CPU kernel (one head) for the few rows of a
-    decode step where it serves (`fused` and `head_products_serve`)."""
-    weight = linear.weight
-    if not (fused and head_products_serve(x, weight, "linear", x.numel() // max(x.shape[-1], 1))):
-        return linear(x)
-    bias = None if linear.bias is None else linear.bias[None]
+def linear_rows(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`F.linear(x, weight, bias)` for `x: [..., in]`, `weight: [out, in]`; by the head-product CPU
+    kernel (one head) for the few rows of a decode step where it serves (`head_products_serve`)."""
+    if not head_products_serve(x, weight, "linear", x.numel() // max(x.shape[-1], 1)):
+        return F.linear(x, weight, bias)
+    bias = None if bias is None else bias[None]
     y = fused_head_products(x.reshape(-1, 1, x.shape[-1]), weight[None], transposed=True, bias=bias)
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def project(linear: nn.Linear, x: Tensor, fused: bool = True) -> Tensor:
+    """`linear(x)` for `x: [..., in]`; by `linear_rows` (the head-product kernel for a decode step's
+    few rows) unless `fused` is off."""
+    return linear_rows(x, linear.weight, linear.bias) if fused else linear(x)
 
 
 def fused_latent_attention(

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from latentattn.attention import MODES, Mode, build_attention, check_mode
+from latentattn.attention import MODES, Mode, build_attention, check_mode, linear_rows, project
 from latentattn.caches import AttentionCache, ModelCache, PagedModelCache, Step, Workspace
 from latentattn.config import (
     AttentionConfig,
@@ -157,8 +157,8 @@ class SwiGLU(nn.Module):
         self.w_down = nn.Linear(d_ff, d_model, **factory)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: [B, T, d] → [B, T, d]."""
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        """x: [B, T, d] → [B, T, d]; a decode step's few rows by the head-product kernel (`project`)."""
+        return project(self.w_down, F.silu(project(self.w_gate, x)) * project(self.w_up, x))
 
 
 class Block(nn.Module):
@@ -324,7 +324,7 @@ class LanguageModel(nn.Module):
             x = block(x, None if cache is None else cache.layers[i], step, mode)
         x = self.norm(x)
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, weight)  # [B, T, vocab]
+        return linear_rows(x, weight)  # [B, T, vocab]
 
     def _check_cache(self, cache: ModelCache | PagedModelCache, tokens: Tensor) -> None:
         """What a layer would refuse, checked before the step is planned: one cache layer per block, of
