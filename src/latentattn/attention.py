@@ -286,7 +286,7 @@ def _cpu_kernels_may_run(tensors: list[Tensor]) -> bool:
 
 
 PRODUCT_KERNEL_ROWS = {
-    ("absorb", torch.bfloat16): 16,
+    ("absorb", torch.bfloat16): 8,
     ("linear", torch.float32): 16,
     ("linear", torch.float64): 16,
     ("linear", torch.bfloat16): 2,
