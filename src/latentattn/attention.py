@@ -314,17 +314,27 @@ def head_products_serve(x: Tensor, w: Tensor, kind: str, rows: int) -> bool:
 def linear_rows(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """`F.linear(x, weight, bias)` for `x: [..., in]`, `weight: [out, in]`; by the head-product CPU
     kernel (one head) for the few rows of a decode step where it serves (`head_products_serve`)."""
-    if not head_products_serve(x, weight, "linear", x.numel() // max(x.shape[-1], 1)):
+    if not _linear_kernel_serves(x, weight):
         return F.linear(x, weight, bias)
-    bias = None if bias is None else bias[None]
-    y = fused_head_products(x.reshape(-1, 1, x.shape[-1]), weight[None], transposed=True, bias=bias)
-    return y.view(*x.shape[:-1], weight.shape[0])
+    return _kernel_linear(x, weight, bias)
 
 
 def project(linear: nn.Linear, x: Tensor, fused: bool = True) -> Tensor:
-    """`linear(x)` for `x: [..., in]`; by `linear_rows` (the head-product kernel for a decode step's
-    few rows) unless `fused` is off."""
-    return linear_rows(x, linear.weight, linear.bias) if fused else linear(x)
+    """`linear(x)` for `x: [..., in]`; by the head-product kernel for the few rows of a decode step
+    where it serves and `fused` is on (as `linear_rows`). Otherwise the module runs, with its hooks."""
+    if fused and _linear_kernel_serves(x, linear.weight):
+        return _kernel_linear(x, linear.weight, linear.bias)
+    return linear(x)
+
+
+def _linear_kernel_serves(x: Tensor, weight: Tensor) -> bool:
+    return head_products_serve(x, weight, "linear", x.numel() // max(x.shape[-1], 1))
+
+
+def _kernel_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    bias = None if bias is None else bias[None]
+    y = fused_head_products(x.reshape(-1, 1, x.shape[-1]), weight[None], transposed=True, bias=bias)
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 def fused_latent_attention(
